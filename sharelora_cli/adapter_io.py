@@ -1,0 +1,82 @@
+"""Save and load an adapter on its own: safetensors for the tensors, JSON for what built them."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sharelora_cli.atomic import atomic_directory
+from sharelora_cli.errors import UserError
+from sharelora_cli.inject import Adapter, inject_adapter, tensor_shapes
+from sharelora_cli.recipe import AdapterConfig
+
+CONFIG_FILE = "sharelora_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_adapter(adapter: Adapter, directory: Path, base_model: str | None = None, extra: dict | None = None) -> None:
+    """Write DIR/sharelora_config.json and DIR/adapter.safetensors atomically (replacing DIR)."""
+    config = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "adapter": adapter.config.model_dump(),
+        "trainable_parameters": adapter.num_trainable(),
+        "plan": adapter.plan(),
+        **(extra or {}),
+    }
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.named_tensors().items()}
+    with atomic_directory(Path(directory), replace=True) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """The saved JSON config, checked for the keys every loader needs."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: --adapter must be a directory written by sharelora (train or save)")
+    try:
+        config = json.loads(path.read_text())
+        tensor_shapes(AdapterConfig.model_validate(config["adapter"]), config["plan"])
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError) as err:
+        raise UserError(f"{path} is corrupt or not a sharelora adapter config ({type(err).__name__}: {err})") from None
+    return config
+
+
+def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: the adapter directory is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is corrupt or truncated ({err}); retrain or restore it from a checkpoint") from None
+
+
+def load_adapter(model: nn.Module, directory: Path) -> Adapter:
+    """Inject the saved adapter into model and load its tensors; bad files fail before model is touched."""
+    config = read_adapter_config(directory)
+    adapter_config = AdapterConfig.model_validate(config["adapter"])
+    tensors = read_adapter_tensors(directory)
+    check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(directory) / WEIGHTS_FILE)
+    adapter = inject_adapter(model, adapter_config, plan=config["plan"])
+    with torch.no_grad():
+        for name, param in adapter.named_tensors().items():
+            param.copy_(tensors[name])
+    return adapter
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Names and shapes of saved tensors must be exactly those the plan implies."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise UserError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+

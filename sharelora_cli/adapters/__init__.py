@@ -1,0 +1,1 @@
+"""Adapter methods: one file each, one common interface (base.py)."""

@@ -1,0 +1,120 @@
+"""The interface every adapter method implements.
+
+An adapted layer wraps a frozen base layer (nn.Linear, GPT-2 Conv1D or bitsandbytes
+Linear4bit) and adds a trainable delta: h = base(x) + delta(x). Its trainable tensors are
+*factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter shared by every
+layer of a module type: the same object is registered in each layer, so autograd sums its
+gradient over all of them and nothing is ever copied.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as (d_in, d_out), the transpose of nn.Linear."""
+    return isinstance(layer, Conv1D)
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like layer."""
+    if is_conv1d(layer):
+        d_in, d_out = layer.weight.shape
+        return int(d_in), int(d_out)
+    return int(layer.in_features), int(layer.out_features)
+
+
+def is_adaptable(layer: nn.Module) -> bool:
+    """nn.Linear and its subclasses (bitsandbytes Linear4bit/Linear8bitLt) and Conv1D."""
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters every layer of an adapter shares."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    rslora: bool
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen base layer plus a trainable delta. Subclasses define the factors and the delta."""
+
+    #: the trainable tensors of one layer, as attribute names; set by each method.
+    factor_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
+        super().__init__()
+        self.base_layer = base_layer
+        self.d_in, self.d_out = layer_shape(base_layer)
+        self.hyper = hyper
+        self.merged = False
+        for name in self.factor_names:
+            setattr(self, name, factors[name])
+        self.dropout = nn.Dropout(hyper.dropout) if hyper.dropout > 0 else nn.Identity()
+
+    @staticmethod
+    def factor_shapes(d_in: int, d_out: int, rank: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def init_factor(name: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output for input x (in the factors' dtype)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW as a (d_out, d_in) tensor in the factors' dtype, so that h = (W + ΔW) x."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        factor_dtype = getattr(self, self.factor_names[0]).dtype
+        return result + self.delta(self.dropout(x).to(factor_dtype)).to(result.dtype)
+
+    def merge(self) -> None:
+        """Fold ΔW into a full-precision base weight in place (reversible with unmerge)."""
+        self._add_to_base_weight(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self._add_to_base_weight(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError("in-place merge needs a full-precision base; use `sharelora merge` for 4-bit bases")
+        delta = delta.t() if is_conv1d(self.base_layer) else delta
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.hyper.rank}"
+
+
+def lora_scaling(hyper: Hyper) -> float:
+    return hyper.alpha / (hyper.rank**0.5 if hyper.rslora else hyper.rank)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method: its layer type and which factors one module type shares across layers."""
+
+    name: str
+    layer_cls: type[AdaptedLayer]
+    shared: frozenset[str] = frozenset()
+    summary: str = ""

@@ -1,0 +1,9 @@
+"""Method name -> Method. Adding a method means adding its file and one line here."""
+
+from sharelora_cli.adapters.base import Method
+from sharelora_cli.adapters.lora import LORA
+from sharelora_cli.adapters.miss import MISS
+from sharelora_cli.adapters.sharelora import SHAREA, SHAREAB, SHAREB
+
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, MISS)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -1,0 +1,201 @@
+"""Recipes: YAML (OmegaConf) + key=value overrides, validated against one typed schema.
+
+The schema below is the single source of defaults. Every validation failure becomes a
+UserError whose message names the key and what is allowed.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from yaml import YAMLError
+
+from sharelora_cli.adapters.registry import METHOD_NAMES
+from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.paths import RECIPES_DIR, data_dir
+
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "artifacts/tiny-llama"
+    revision: str | None = None
+    # auto: bfloat16 on CUDA, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ASLoRAConfig(Section):
+    """Adaptive B merging for method=aslora (see README, 'ASLoRA schedule')."""
+
+    merge_start: float = Field(0.1, ge=0, le=1)
+    merge_end: float = Field(0.5, ge=0, le=1)
+    merge_every: int = Field(10, gt=0)
+    target_groups: int | None = Field(None, gt=0)
+    target_ratio: float = Field(0.25, gt=0, le=1)
+    similarity: Literal["cosine", "l2"] = "cosine"
+
+
+class AdapterConfig(Section):
+    method: Method = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # When set, a module is adapted if its full dotted name matches this regex (targets ignored).
+    target_regex: str | None = None
+    # Scale by alpha/sqrt(rank) instead of alpha/rank.
+    rslora: bool = False
+    aslora: ASLoRAConfig = Field(default_factory=ASLoRAConfig)
+
+
+class DataConfig(Section):
+    # Local json/jsonl/csv/parquet file, or a hub dataset id.
+    path: str = "${data:gsm8k/train.jsonl}"
+    format: Literal["gsm8k", "alpaca", "chat", "text"] = "gsm8k"
+    split: str = "train"
+    max_length: int = Field(512, gt=0)
+    # What to do with an example longer than max_length.
+    overlength: Literal["error", "truncate", "drop"] = "error"
+    mask_prompt: bool = True
+    packing: bool = False
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    max_examples: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    # auto: bf16 on CUDA, none on CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/quickstart"
+    resume: bool = False
+
+
+def _data_resolver(relative: str = "") -> str:
+    return str(data_dir() / relative)
+
+
+if not OmegaConf.has_resolver("data"):
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("data", _data_resolver)
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path, or the name of a shipped recipe (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"recipe '{name}' not found: give a YAML path or one of: {', '.join(shipped_recipes())}")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file, apply key=value overrides, resolve interpolations and validate."""
+    path = find_recipe(name)
+    base = OmegaConf.structured(Recipe().model_dump())
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.load(path), _parse_overrides(overrides or []))
+        plain = OmegaConf.to_container(merged, resolve=True)
+    except YAMLError as err:
+        raise UserError(f"recipe {path}: invalid YAML: {first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"recipe {path}: {_omegaconf_message(err)}") from None
+    if not isinstance(plain, dict):
+        raise UserError(f"recipe {path}: expected a mapping of sections, got {type(plain).__name__}")
+    return validate(plain, source=str(path))
+
+
+def validate(values: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(values)
+    except ValidationError as err:
+        raise UserError(f"{source}: {_describe(err.errors()[0])}") from None
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump()))
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' must look like key=value, e.g. adapter.rank=16")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise UserError(f"overrides: {_omegaconf_message(err)}") from None
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    """The schema class that owns the last key of loc."""
+    model: type[BaseModel] = Recipe
+    for key in loc[:-1]:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc) or "recipe"
+    got = error.get("input")
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_section_model(loc).model_fields)
+        return f"unknown key '{key}'; allowed keys here: {allowed}"
+    if error["type"] == "literal_error":
+        allowed = error["ctx"]["expected"].replace("'", "")
+        return f"{key} must be one of {allowed}; got {got!r}"
+    return f"{key}: {error['msg'].lower()}; got {got!r}"
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    text = first_line(err)
+    return f"{key}: {text}" if key else text
+

@@ -1,0 +1,209 @@
+"""Training data: rows from a file or the hub -> tokenized, loss-masked examples -> batches.
+
+Every bad-data condition is found here, before any model is loaded, and reported as one line
+naming the file and the field.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.recipe import DataConfig
+
+IGNORE_INDEX = -100
+LOCAL_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+
+
+def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
+    """Load, check, tokenize and split the data deterministically (the split depends only on seed)."""
+    rows = load_rows(cfg)
+    examples = [ex for i, row in enumerate(rows) if (ex := _to_example(row, i, cfg, tokenizer)) is not None]
+    if not examples:
+        raise UserError(f"data.path {cfg.path}: no example fits data.max_length={cfg.max_length}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = int(len(examples) * cfg.validation_fraction)
+    if cfg.validation_fraction > 0 and n_val == 0:
+        n_val = 1
+    if n_val >= len(examples):
+        raise UserError(f"data.path {cfg.path}: {len(examples)} examples leave none for training; lower data.validation_fraction")
+    train = [examples[i] for i in order[n_val:]]
+    validation = [examples[i] for i in order[:n_val]]
+    if cfg.packing:
+        train = pack(train, cfg.max_length)
+    return Splits(train, validation)
+
+
+def load_rows(cfg: DataConfig) -> list[dict]:
+    """Rows as dicts from a local json/jsonl/csv/parquet file or a hub dataset id."""
+    import datasets
+
+    path = Path(cfg.path)
+    loader = LOCAL_LOADERS.get(path.suffix.lower())
+    if path.exists() and not path.is_file():
+        raise UserError(f"data.path {path} is a directory; give a .json, .jsonl, .csv or .parquet file")
+    if loader is None and (path.suffix or path.is_absolute() or cfg.path.startswith(".")):
+        if not path.exists():
+            raise UserError(f"data.path {path} not found")
+        raise UserError(f"data.path {path}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+    if loader and not path.is_file():
+        raise UserError(f"data.path {path} not found")
+    if loader and path.stat().st_size == 0:
+        raise UserError(f"data.path {path} is empty")
+    datasets.disable_progress_bars()
+    try:
+        if loader:
+            dataset = datasets.load_dataset(loader, data_files=str(path), split="train")
+        else:
+            dataset = datasets.load_dataset(cfg.path, split=cfg.split)
+    except Exception as err:  # datasets raises many types for unreadable files and unknown ids
+        raise UserError(f"data.path {cfg.path}: cannot read it ({first_line(err)})") from None
+    rows = dataset.to_list()
+    if cfg.max_examples:
+        rows = rows[: cfg.max_examples]
+    if not rows:
+        raise UserError(f"data.path {cfg.path} has no rows")
+    return rows
+
+
+def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | None:
+    for name in REQUIRED_FIELDS[cfg.format]:
+        if row.get(name) in (None, ""):
+            raise UserError(
+                f"data.path {cfg.path}: row {index} has no field '{name}' "
+                f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])})"
+            )
+    segments = _segments(row, cfg.format, tokenizer)
+    input_ids, labels = [], []
+    for text, trained, is_first in segments:
+        ids = tokenizer(text, add_special_tokens=is_first)["input_ids"]
+        input_ids += ids
+        labels += ids if (trained or not cfg.mask_prompt) else [IGNORE_INDEX] * len(ids)
+    if cfg.format != "chat":
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    # Packed examples are cut into max_length blocks anyway, so only unpacked ones can be too long.
+    if len(input_ids) > cfg.max_length and not cfg.packing:
+        if cfg.overlength == "error":
+            raise UserError(
+                f"data.path {cfg.path}: row {index} has {len(input_ids)} tokens, more than "
+                f"data.max_length={cfg.max_length}; raise data.max_length or set data.overlength=truncate or drop"
+            )
+        if cfg.overlength == "drop":
+            return None
+        input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(input_ids, labels)
+
+
+def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool, bool]]:
+    """(text, is_trained_on, is_first) pieces of one example; prompts are not trained on."""
+    if fmt == "gsm8k":
+        # The same "Question: ...\nAnswer:" format as lm-evaluation-harness's gsm8k task.
+        return [(f"Question: {row['question']}\nAnswer:", False, True), (f" {row['answer']}", True, False)]
+    if fmt == "alpaca":
+        extra = row.get("input") or ""
+        input_block = f"### Input:\n{extra}\n\n" if extra else ""
+        prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=input_block)
+        return [(prompt, False, True), (str(row["output"]), True, False)]
+    if fmt == "chat":
+        return _chat_segments(row["messages"], tokenizer)
+    return [(str(row["text"]), True, True)]
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool, bool]]:
+    """Render with the tokenizer's chat template; only assistant turns are trained on."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.format=chat needs a tokenizer with a chat template (model.name_or_path has none)")
+    segments, rendered = [], ""
+    for i, message in enumerate(messages):
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if message.get("role") == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            segments.append((prompt[len(rendered):], False, not rendered))
+            segments.append((full[len(prompt):], True, False))
+        else:
+            segments.append((full[len(rendered):], False, not rendered))
+        rendered = full
+    # Chat templates usually write their own bos; avoid a second one from the tokenizer.
+    return [(text, trained, False) for text, trained, _ in segments if text]
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples and cut into max_length blocks (attention spans example boundaries)."""
+    ids = [t for ex in examples for t in ex.input_ids]
+    labels = [t for ex in examples for t in ex.labels]
+    return [Example(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids) - max_length + 1, max_length)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padded positions are masked from attention and loss."""
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+class StepSampler:
+    """Which examples each process uses at each optimizer step, derived from the step alone.
+
+    The examples form an endless stream of seeded per-epoch permutations; step s takes the
+    next global batch (batch_size x grad_accum x world_size) from it. Resuming needs only the
+    step, and any split of the global batch across processes or accumulation sees the same
+    examples.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int):
+        self.num_examples = num_examples
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.global_batch = batch_size * grad_accum * world_size
+        if self.global_batch > num_examples:
+            raise UserError(
+                f"train.batch_size x train.grad_accum x processes = {self.global_batch} exceeds the "
+                f"{num_examples} training examples; lower train.batch_size or train.grad_accum"
+            )
+        self._epoch, self._perm = -1, []
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """grad_accum lists of example indices for this process at this step."""
+        start = step * self.global_batch
+        stream = [self._index(start + i) for i in range(self.global_batch)]
+        return [
+            stream[(m * self.world_size + self.rank) * self.batch_size :][: self.batch_size]
+            for m in range(self.grad_accum)
+        ]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.num_examples
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_examples)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_examples, generator=generator).tolist()
+        return self._perm[offset]

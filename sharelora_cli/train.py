@@ -1,0 +1,311 @@
+"""`sharelora train`: set-up, loop, checkpoint, in that order, on Accelerate.
+
+The loss of a step is the mean over *every target token of the global batch* (all
+micro-batches, all processes): each micro-batch's summed loss is divided by the global token
+count. Gradient accumulation and any number of processes therefore give the same update as
+one process with the whole batch.
+"""
+
+import json
+import math
+import os
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sharelora_cli.adapter_io import save_adapter
+from sharelora_cli.checkpoint import (
+    TrainerState,
+    checkpoint_plan,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+)
+from sharelora_cli.data import IGNORE_INDEX, Example, StepSampler, build_splits, collate
+from sharelora_cli.adapters.registry import METHODS
+from sharelora_cli.errors import UserError
+from sharelora_cli.inject import Adapter, inject_adapter
+from sharelora_cli.modeling import load_model, load_tokenizer
+from sharelora_cli.recipe import Recipe, TrainConfig, to_yaml
+
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the loop finished its step and wrote a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.exit_code = EXIT_CODES[signum]
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} after {checkpoint.name}; "
+            "continue with the same command plus resume=true"
+        )
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    tokens: int
+    seconds: float
+    peak_memory_bytes: int
+    trainable_parameters: int
+    final_loss: float
+    final_val_loss: float | None
+    output_dir: str
+    is_main_process: bool
+
+
+def train(recipe: Recipe) -> RunSummary:
+    """Train an adapter as the recipe says; resumable, and safe to kill at any point."""
+    cfg = recipe.train
+    method = METHODS[recipe.adapter.method]
+    accelerator = make_accelerator(cfg, find_unused_parameters=method.drops_parameters)
+    output_dir = Path(recipe.output_dir)
+    resume_from = prepare_output_dir(recipe, accelerator)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    splits = build_splits(recipe.data, tokenizer, cfg.seed)
+    model = load_model(recipe.model, recipe.quantization, accelerator.device)
+    adapter = inject_adapter(model, recipe.adapter, plan=checkpoint_plan(resume_from, recipe.adapter) if resume_from else None)
+    hook = method.make_trainer_hook(adapter, cfg.max_steps) if method.make_trainer_hook else None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    optimizer = make_optimizer(adapter, cfg, accelerator.device)
+    scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, cfg.warmup_steps, cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainerState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, adapter, optimizer, scheduler, accelerator.process_index)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+    sampler = StepSampler(len(splits.train), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    log = MetricsLog(output_dir, accelerator.is_main_process)
+    stop = StopSignal()
+    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
+
+    loss, val_loss = math.nan, None
+    while state.step < cfg.max_steps:
+        started = time.perf_counter()
+        batches = [collate([splits.train[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(state.step)]
+        loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step)
+        state.step += 1
+        state.tokens_seen += tokens
+        state.elapsed_s += time.perf_counter() - started
+        record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
+                  "epoch": sampler.epoch_of(state.step)}
+        if hook is not None and hook.after_step(state.step, optimizer):
+            record["trainable_parameters"] = adapter.num_trainable()
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            val_loss = record["val_loss"] = validation_loss(model, splits.validation, tokenizer, cfg, accelerator)
+        if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
+            log.write(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
+            checkpoint = write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, checkpoint)
+    progress.close()
+    stop.restore()
+
+    summary = RunSummary(state.step, state.tokens_seen, state.elapsed_s, peak_memory(accelerator.device),
+                         adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_adapter(adapter, output_dir / "adapter", base_model=recipe.model.name_or_path, extra=quantization_note(recipe))
+        tokenizer.save_pretrained(output_dir / "tokenizer")
+        (output_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+        log.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> Accelerator:
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
+    """Check the output directory is writable and decide what to resume from; write recipe.yaml."""
+    output_dir = Path(recipe.output_dir)
+    latest = latest_checkpoint(output_dir) if output_dir.is_dir() else None
+    if latest is not None and not recipe.resume:
+        raise UserError(f"output_dir {output_dir} already holds {latest.name}; pass resume=true to continue it, or choose another output_dir")
+    if (output_dir / "adapter").is_dir() and latest is None and not recipe.resume:
+        raise UserError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+            (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
+        except OSError as err:
+            raise UserError(f"output_dir {output_dir} is not writable ({err.strerror}); choose another output_dir") from None
+    accelerator.wait_for_everyone()
+    return latest if recipe.resume else None
+
+
+def make_optimizer(adapter: Adapter, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = adapter.parameters()
+    if cfg.optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise UserError("train.optimizer=paged_adamw_8bit needs a CUDA GPU; use train.optimizer=adamw on CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
+    """One optimizer step over grad_accum micro-batches; returns (global mean loss, global tokens, grad norm)."""
+    counts = torch.tensor([float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches] + [float(sum(int(b["attention_mask"].sum()) for b in batches))])
+    counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
+    target_tokens, input_tokens = counts[:-1].sum(), int(counts[-1])
+    total_loss = torch.zeros((), device=accelerator.device)
+    model.train()
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = i == len(batches) - 1
+        with accelerator.no_sync(model) if not sync else nullcontext():
+            summed = token_loss_sum(model, batch)
+            # DDP averages gradients over processes, so scale by their number to get the global token mean.
+            accelerator.backward(summed * accelerator.num_processes / target_tokens)
+        total_loss += summed.detach()
+    loss = float(accelerator.reduce(total_loss, reduction="sum") / target_tokens)
+    if not math.isfinite(loss):
+        return handle_nonfinite(loss, optimizer, scheduler, cfg, step, input_tokens)
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, input_tokens, grad_norm
+
+
+def handle_nonfinite(loss: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int):
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.on_nonfinite == "stop":
+        raise UserError(
+            f"non-finite loss ({loss}) at step {step + 1}; stopped, the last checkpoint is kept. "
+            "Lower train.lr, or set train.on_nonfinite=skip to skip such steps"
+        )
+    tqdm.write(f"warning: non-finite loss ({loss}) at step {step + 1}; step skipped")
+    scheduler.step()
+    return loss, tokens, None
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], tokenizer, cfg: TrainConfig, accelerator: Accelerator) -> float | None:
+    """Token-weighted mean loss over a fixed validation subset: eval_batches global batches."""
+    if not examples:
+        return None
+    model.eval()
+    chosen = examples[: cfg.eval_batches * cfg.batch_size * accelerator.num_processes]
+    mine = chosen[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(mine[start : start + cfg.batch_size], tokenizer.pad_token_id).items()}
+        totals[0] += token_loss_sum(model, batch)
+        totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    return float(totals[0] / totals[1])
+
+
+def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe: Recipe) -> Path:
+    rng_states = gather_object([rng_state()])
+    target = output_dir / f"checkpoint-{state.step}"
+    if accelerator.is_main_process:
+        save_checkpoint(output_dir, state, adapter, optimizer, scheduler, rng_states, extra={"base_model": recipe.model.name_or_path})
+        prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def quantization_note(recipe: Recipe) -> dict:
+    """Recorded with the adapter so merge knows the base it was trained on."""
+    return {"quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log has no repeats."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) and TensorBoard scalars, main process only."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.file = open(output_dir / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+class StopSignal:
+    """Turn SIGINT/SIGTERM into a flag so the loop can finish its step and checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_CODES}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

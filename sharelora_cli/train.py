@@ -96,35 +96,34 @@ def train(recipe: Recipe) -> RunSummary:
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
     sampler = StepSampler(len(splits.train), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
     log = MetricsLog(output_dir, accelerator.is_main_process)
-    stop = StopSignal()
     progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
 
     loss, val_loss = math.nan, None
-    while state.step < cfg.max_steps:
-        started = time.perf_counter()
-        batches = [collate([splits.train[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(state.step)]
-        loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step)
-        state.step += 1
-        state.tokens_seen += tokens
-        state.elapsed_s += time.perf_counter() - started
-        record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
-                  "epoch": sampler.epoch_of(state.step)}
-        if hook is not None and hook.after_step(state.step, optimizer):
-            record["trainable_parameters"] = adapter.num_trainable()
-        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-            val_loss = record["val_loss"] = validation_loss(model, splits.validation, tokenizer, cfg, accelerator)
-        if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
-            log.write(record)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
-            checkpoint = write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, checkpoint)
+    with StopSignal() as stop:
+        while state.step < cfg.max_steps:
+            started = time.perf_counter()
+            batches = [collate([splits.train[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(state.step)]
+            loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step)
+            state.step += 1
+            state.tokens_seen += tokens
+            state.elapsed_s += time.perf_counter() - started
+            record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
+                      "epoch": sampler.epoch_of(state.step)}
+            if hook is not None and hook.after_step(state.step, optimizer):
+                record["trainable_parameters"] = adapter.num_trainable()
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                val_loss = record["val_loss"] = validation_loss(model, splits.validation, tokenizer, cfg, accelerator)
+            if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
+                log.write(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
+                checkpoint = write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, checkpoint)
     progress.close()
-    stop.restore()
 
     summary = RunSummary(state.step, state.tokens_seen, state.elapsed_s, peak_memory(accelerator.device),
                          adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
@@ -297,15 +296,16 @@ class MetricsLog:
 
 
 class StopSignal:
-    """Turn SIGINT/SIGTERM into a flag so the loop can finish its step and checkpoint."""
+    """While active, SIGINT/SIGTERM only set a flag, so the loop can finish its step and checkpoint."""
 
-    def __init__(self):
+    def __enter__(self) -> "StopSignal":
         self.signum: int | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_CODES}
+        return self
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def restore(self) -> None:
+    def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

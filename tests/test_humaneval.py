@@ -1,0 +1,149 @@
+"""HumanEval scoring on the real problems: canonical solutions pass, wrong ones fail, pass@k is exact."""
+
+import gzip
+import json
+import math
+from fractions import Fraction
+
+import pytest
+
+from sharelora_cli.errors import UserError
+from sharelora_cli.evaluation.humaneval import (
+    STOP_SEQUENCES,
+    load_problems,
+    pass_at_k,
+    read_samples,
+    score_samples,
+    truncate_completion,
+)
+
+
+@pytest.fixture(scope="module")
+def problems(shared_data):
+    return load_problems()
+
+
+def test_all_164_canonical_solutions_pass(problems):
+    samples = [{"task_id": task, "completion": problem["canonical_solution"]} for task, problem in problems.items()]
+    # A generous timeout: a correct solution must not fail because other jobs share the CPU.
+    scores = score_samples(problems, samples, timeout=10.0, allow_code_execution=True)
+    failures = [(r["task_id"], r["result"]) for r in scores["records"] if not r["passed"]]
+    assert failures == []
+    assert scores["pass@1"] == 1.0
+    assert (scores["num_tasks"], scores["num_samples"]) == (164, 164)
+    assert "pass@10" not in scores  # one sample per task: pass@10 is undefined, not reported
+
+
+def test_wrong_solutions_fail_and_pass_at_k_averages_over_tasks(problems):
+    canonical = problems["HumanEval/0"]["canonical_solution"]
+    samples = [
+        {"task_id": "HumanEval/0", "completion": canonical},
+        {"task_id": "HumanEval/0", "completion": "    return False\n"},
+        {"task_id": "HumanEval/2", "completion": "    return number\n"},
+        {"task_id": "HumanEval/2", "completion": "    return 0.5\n"},
+    ]
+    scores = score_samples(problems, samples, ks=(1, 2, 10), allow_code_execution=True)
+    assert [r["passed"] for r in scores["records"]] == [True, False, False, False]
+    assert all(r["result"].startswith("failed: AssertionError") for r in scores["records"][1:])
+    assert scores["pass@1"] == pytest.approx((1 / 2 + 0) / 2)
+    assert scores["pass@2"] == pytest.approx((1 + 0) / 2)
+    assert "pass@10" not in scores
+    assert (scores["num_tasks"], scores["num_samples"]) == (2, 4)
+
+
+def test_scoring_refuses_without_explicit_consent(problems):
+    samples = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}]
+    with pytest.raises(UserError, match="without --allow-code-execution"):
+        score_samples(problems, samples)
+
+
+def test_scoring_rejects_unknown_tasks_and_bad_settings(problems):
+    with pytest.raises(UserError, match="HumanEval/999"):
+        score_samples(problems, [{"task_id": "HumanEval/999", "completion": ""}], allow_code_execution=True)
+    sample = [{"task_id": "HumanEval/0", "completion": ""}]
+    with pytest.raises(UserError, match="positive integers"):
+        score_samples(problems, sample, ks=(0,), allow_code_execution=True)
+    with pytest.raises(UserError, match="timeout > 0"):
+        score_samples(problems, sample, timeout=0, allow_code_execution=True)
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_pass_at_k_matches_the_closed_form(n):
+    for c in range(n + 1):
+        assert pass_at_k(n, c, 1) == pytest.approx(c / n, abs=1e-12)
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_stays_accurate_for_many_samples():
+    exact = 1 - Fraction(math.comb(995, 100), math.comb(1000, 100))
+    assert pass_at_k(1000, 5, 100) == pytest.approx(float(exact), rel=1e-12)
+    assert pass_at_k(200, 0, 100) == 0.0
+    assert pass_at_k(200, 101, 100) == 1.0
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+def test_truncate_completion_stops_at_the_first_top_level_statement():
+    body = "    if x:\n        return 1\n    # keep\n    return 2\n"
+    assert truncate_completion(body) == body  # indented if/# belong to the body
+    assert truncate_completion(body + "\n\ndef helper():\n    pass\n") == body + "\n"
+    assert truncate_completion(body + "\nprint(f(1))\n# note\n") == body
+    assert truncate_completion("\nclass A: pass") == ""
+    assert STOP_SEQUENCES == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
+def test_load_problems_reads_plain_jsonl_too(problems, tmp_path):
+    plain = tmp_path / "HumanEval.jsonl"
+    plain.write_text("".join(json.dumps(problems[t]) + "\n" for t in ("HumanEval/0", "HumanEval/163")))
+    assert list(load_problems(plain)) == ["HumanEval/0", "HumanEval/163"]
+
+
+def test_load_problems_names_a_missing_or_corrupt_file(tmp_path):
+    missing = tmp_path / "nowhere.jsonl.gz"
+    with pytest.raises(UserError, match="nowhere.jsonl.gz"):
+        load_problems(missing)
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b'{"task_id": "HumanEval/0"}\n')[:20])
+    with pytest.raises(UserError, match="corrupt.jsonl.gz"):
+        load_problems(corrupt)
+    incomplete = tmp_path / "incomplete.jsonl.gz"
+    incomplete.write_bytes(gzip.compress(b'{"task_id": "HumanEval/0"}\n'))
+    with pytest.raises(UserError, match="entry_point"):
+        load_problems(incomplete)
+
+
+def test_read_samples_keeps_several_per_task(problems, tmp_path):
+    path = tmp_path / "samples.jsonl"
+    rows = [{"task_id": "HumanEval/3", "completion": "    return True\n"}, {"task_id": "HumanEval/3", "completion": ""}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    assert read_samples(path, problems) == rows
+
+
+@pytest.mark.parametrize(
+    "second_line, message",
+    [
+        ("{not json", r"samples.jsonl:2: not valid JSON"),
+        ('{"task_id": "HumanEval/0"}', r"samples.jsonl:2: .*string completion"),
+        ('{"task_id": "HumanEval/400", "completion": ""}', r"samples.jsonl:2: unknown task_id 'HumanEval/400'"),
+        ("[1, 2]", r"samples.jsonl:2: .*task_id"),
+    ],
+)
+def test_read_samples_names_file_and_line_of_a_bad_sample(problems, tmp_path, second_line, message):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n" + second_line + "\n")
+    with pytest.raises(UserError, match=message):
+        read_samples(path, problems)
+
+
+def test_read_samples_rejects_an_empty_or_missing_file(problems, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty.jsonl has no samples"):
+        read_samples(empty, problems)
+    with pytest.raises(UserError, match="absent.jsonl"):
+        read_samples(tmp_path / "absent.jsonl", problems)

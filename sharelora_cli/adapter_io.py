@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sharelora_cli.atomic import atomic_directory
-from sharelora_cli.errors import UserError
+from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.inject import Adapter, inject_adapter, tensor_shapes
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -41,9 +41,11 @@ def read_adapter_config(directory: Path) -> dict:
         raise UserError(f"{path} not found: --adapter must be a directory written by sharelora (train or save)")
     try:
         config = json.loads(path.read_text())
-        tensor_shapes(AdapterConfig.model_validate(config["adapter"]), config["plan"])
+        tensor_shapes(validate({"adapter": config["adapter"]}, source=str(path)).adapter, config["plan"])
     except (json.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError) as err:
-        raise UserError(f"{path} is corrupt or not a sharelora adapter config ({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"{path} is corrupt or not a sharelora adapter config ({type(err).__name__}: {first_line(err)})"
+        ) from None
     return config
 
 

@@ -37,6 +37,13 @@ def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
+def remove_directory(path: Path) -> None:
+    """Delete a directory so that it vanishes at once: rename it aside, then remove that."""
+    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_stale_staging(parent: Path) -> None:
     """Delete temporary directories left by a process killed mid-write."""
     for leftover in Path(parent).glob(".*.tmp-*"):

@@ -4,18 +4,19 @@ A checkpoint directory `checkpoint-N` exists only once it is complete (see atomi
 newest one found is always safe to resume from.
 """
 
+import io
 import json
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from sharelora_cli.adapter_io import read_adapter_config, read_adapter_tensors, save_adapter
-from sharelora_cli.atomic import atomic_directory, remove_stale_staging
+from sharelora_cli.atomic import atomic_directory, remove_directory, remove_stale_staging
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.inject import Adapter
 from sharelora_cli.recipe import AdapterConfig
@@ -56,15 +57,23 @@ def save_checkpoint(
     try:
         with atomic_directory(target, replace=True) as staging:
             save_adapter(adapter, staging / "adapter", extra=extra)
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-            torch.save(rng_states, staging / "rng.pt")
+            (staging / "optimizer.pt").write_bytes(torch_bytes(optimizer.state_dict()))
+            (staging / "scheduler.pt").write_bytes(torch_bytes(scheduler.state_dict()))
+            (staging / "rng.pt").write_bytes(torch_bytes(rng_states))
             (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
         previous = latest_checkpoint(output_dir)
         kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise UserError(f"could not write {target}: {first_line(err)}; {kept}. Free space, then resume with resume=true") from None
     return target
+
+
+def torch_bytes(obj) -> bytes:
+    """torch.save into memory: writing the bytes ourselves turns a full disk into an OSError naming the file,
+    where torch.save to a path raises an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -75,7 +84,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     found = sorted(int(m.group(1)) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))
     for step in found[:-keep]:
-        shutil.rmtree(Path(output_dir) / f"checkpoint-{step}", ignore_errors=True)
+        remove_directory(Path(output_dir) / f"checkpoint-{step}")
     remove_stale_staging(output_dir)
 
 
@@ -92,16 +101,12 @@ def checkpoint_plan(path: Path, config: AdapterConfig) -> dict:
 
 def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: int) -> TrainerState:
     """Restore tensors, optimizer, scheduler and this process's RNG; return the trainer state."""
-    try:
-        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-        tensors = read_adapter_tensors(path / "adapter")
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-        scheduler_state = torch.load(path / "scheduler.pt", weights_only=False)
-        rng_states = torch.load(path / "rng.pt", weights_only=False)
-    except UserError:
-        raise
-    except Exception as err:  # torch.load and json raise many types on truncated files
-        raise UserError(f"checkpoint {path} is unreadable ({first_line(err)}); delete it to resume from an earlier one") from None
+    state = read_checkpoint_file(path / STATE_FILE, lambda file: TrainerState(**json.loads(file.read_text())))
+    tensors = read_adapter_tensors(path / "adapter")
+    optimizer_state, scheduler_state, rng_states = (
+        read_checkpoint_file(path / name, lambda file: torch.load(file, weights_only=False))
+        for name in ("optimizer.pt", "scheduler.pt", "rng.pt")
+    )
     named = adapter.named_tensors()
     if set(named) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
@@ -112,3 +117,13 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     scheduler.load_state_dict(scheduler_state)
     set_rng_state(rng_states[rank])
     return state
+
+
+def read_checkpoint_file(path: Path, reader):
+    """reader(path), with any failure reported as one line naming the file."""
+    try:
+        return reader(path)
+    except Exception as err:  # torch.load and json raise many types on truncated or corrupt files
+        raise UserError(
+            f"checkpoint file {path} is unreadable ({first_line(err)}); delete {path.parent} to resume from an earlier checkpoint"
+        ) from None

@@ -64,6 +64,103 @@ def inspect_command(
         typer.echo(format_table(rows))
 
 
+@app.command("train")
+def train_command(
+    recipe: str = typer.Argument(..., help="recipe path or shipped name"),
+    overrides: Optional[list[str]] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+) -> None:
+    """Train an adapter from a recipe; writes OUTPUT_DIR/adapter, metrics.jsonl, recipe.yaml, checkpoint-N/."""
+    from sharelora_cli.launch import relaunch_as_workers, requested_cpu_processes
+    from sharelora_cli.recipe import load_recipe
+    from sharelora_cli.train import Interrupted, train
+
+    loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
+    processes = requested_cpu_processes()
+    if processes > 1:
+        raise typer.Exit(relaunch_as_workers(processes, sys.argv[1:]))
+    try:
+        summary = train(loaded)
+    except Interrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(stop.exit_code) from None
+    if summary.is_main_process:
+        typer.echo(summary_line(summary))
+
+
+def summary_line(summary) -> str:
+    return (
+        f"done: {summary.steps} steps, {summary.tokens} tokens, {summary.seconds:.1f} s, "
+        f"peak memory {summary.peak_memory_bytes / 2**20:.0f} MiB, {summary.trainable_parameters} trainable parameters, "
+        f"final loss {summary.final_loss:.4f}, validation loss {summary.final_val_loss}; adapter in {summary.output_dir}/adapter"
+    )
+
+
+@app.command("merge")
+def merge_command(
+    adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
+    out: str = typer.Option(..., "--out", help="new directory for the merged checkpoint"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model directory or hub id [default: the adapter's base_model]"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (keep the base's), bf16, fp16 or fp32"),
+    full_precision_base: bool = typer.Option(
+        False, "--full-precision-base", help="for an adapter trained on a 4-bit base: merge into the full-precision weights"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Fold the adapter into its base and write a plain transformers checkpoint (safetensors, config, tokenizer)."""
+    from sharelora_cli.merge import merge_adapter
+
+    typer.echo(merge_adapter(adapter, out, base, dtype, full_precision_base, overwrite).summary())
+
+
+@app.command("export")
+def export_command(
+    adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
+    out: str = typer.Option(..., "--out", help="new directory for the exported adapter"),
+    fmt: str = typer.Option("peft", "--format", help="peft: a PEFT LoRA (or MiSS) adapter for PeftModel.from_pretrained"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+) -> None:
+    """Write the adapter in another library's format, without merging it."""
+    from sharelora_cli.export import export_adapter
+
+    typer.echo(export_adapter(adapter, out, fmt, base, overwrite))
+
+
+@app.command("eval")
+def eval_command(
+    recipe: Optional[str] = typer.Argument(None, help="recipe whose model, OUTPUT_DIR/adapter and eval section to use"),
+    overrides: Optional[list[str]] = OverridesArg,
+    recipe_option: Optional[str] = typer.Option(None, "--recipe", help="the recipe, as an option"),
+    model: Optional[str] = typer.Option(None, "--model", help="model directory or hub id"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="adapter directory written by sharelora"),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="evaluate the recipe's base model without its adapter"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="auto or a number"),
+    data: Optional[str] = typer.Option(None, "--data", help="perplexity dataset: .txt/.jsonl/.json/.csv/.parquet or hub id"),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
+    samples: Optional[str] = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
+    results_file: Optional[str] = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let humaneval run model-written code"),
+) -> None:
+    """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON."""
+    from sharelora_cli.evaluation.results import format_table
+    from sharelora_cli.evaluation.runner import EvalRequest, run_eval
+
+    if recipe and recipe_option:
+        raise UserError("give the recipe once: as RECIPE or as --recipe")
+    report = run_eval(
+        EvalRequest(
+            recipe=recipe or recipe_option, overrides=overrides or [], model=model, adapter=adapter, no_adapter=no_adapter,
+            tasks=tasks, limit=limit, batch_size=batch_size, data=data, text_field=text_field, samples=samples,
+            results_file=results_file, allow_code_execution=allow_code_execution,
+        )
+    )  # fmt: skip
+    typer.echo(format_table(report.results))
+    typer.echo(f"results written to {report.results_file}")
+
+
 def main() -> None:
     try:
         app()

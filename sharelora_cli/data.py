@@ -23,6 +23,8 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # The data row it came from (for a packed block, the row it starts in), so errors can name it.
+    row: int | None = None
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | 
         input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Example(input_ids, labels)
+    return Example(input_ids, labels, index)
 
 
 def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool, bool]]:
@@ -151,7 +153,8 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Concatenate examples and cut into max_length blocks (attention spans example boundaries)."""
     ids = [t for ex in examples for t in ex.input_ids]
     labels = [t for ex in examples for t in ex.labels]
-    return [Example(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids) - max_length + 1, max_length)]
+    rows = [ex.row for ex in examples for _ in ex.input_ids]
+    return [Example(ids[i : i + max_length], labels[i : i + max_length], rows[i]) for i in range(0, len(ids) - max_length + 1, max_length)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

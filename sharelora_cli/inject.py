@@ -30,9 +30,12 @@ class Group:
     d_out: int
     index: dict[str, list[int]]
     tensors: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    # Changes made to the plan while training (ASLoRA's B merges), oldest first; saved with it.
+    merges: list[dict] = field(default_factory=list)
 
     def plan(self) -> dict:
-        return {"modules": self.modules, "d_in": self.d_in, "d_out": self.d_out, "index": self.index}
+        plan = {"modules": self.modules, "d_in": self.d_in, "d_out": self.d_out, "index": self.index}
+        return {**plan, "merges": self.merges} if self.merges else plan
 
 
 class Adapter:
@@ -75,9 +78,10 @@ class Adapter:
 
 def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = None) -> Adapter:
     """Freeze the model and wrap its target modules; with a saved plan, rebuild exactly that sharing."""
+    # Plan first: a target or plan that does not fit raises before the model is changed at all.
+    groups = _groups_from_plan(model, plan) if plan is not None else _plan_groups(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
-    groups = _groups_from_plan(model, plan) if plan is not None else _plan_groups(model, config)
     method = METHODS[config.method]
     hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora)
     for group in groups.values():
@@ -100,10 +104,19 @@ def tensor_shapes(config: AdapterConfig, plan: dict) -> dict[str, tuple[int, ...
     return shapes
 
 
+def planned_plan(model: nn.Module, config: AdapterConfig) -> dict:
+    """The sharing plan inject_adapter would start from, without creating any tensor."""
+    return {name: group.plan() for name, group in _plan_groups(model, config).items()}
+
+
+def plan_trainable(config: AdapterConfig, plan: dict) -> int:
+    """Trainable parameters of a sharing plan."""
+    return sum(math.prod(shape) for shape in tensor_shapes(config, plan).values())
+
+
 def planned_trainable(model: nn.Module, config: AdapterConfig) -> int:
     """Trainable parameters inject_adapter would create, without creating them."""
-    plan = {name: group.plan() for name, group in _plan_groups(model, config).items()}
-    return sum(math.prod(shape) for shape in tensor_shapes(config, plan).values())
+    return plan_trainable(config, planned_plan(model, config))
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -181,7 +194,8 @@ def _groups_from_plan(model: nn.Module, plan: dict) -> dict[str, Group]:
                     f"adapter does not fit this model: '{path}' has shape (d_in, d_out)={shape}, "
                     f"the adapter expects ({entry['d_in']}, {entry['d_out']})"
                 )
-        groups[name] = Group(name, list(entry["modules"]), entry["d_in"], entry["d_out"], dict(entry["index"]))
+        groups[name] = Group(name, list(entry["modules"]), entry["d_in"], entry["d_out"], dict(entry["index"]),
+                             merges=list(entry.get("merges", [])))
     return groups
 
 

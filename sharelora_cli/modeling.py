@@ -51,9 +51,9 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
     """The base model, frozen, on device; 4-bit NF4 with double quantisation when asked and on CUDA."""
     path = resolve_model_path(model_cfg.name_or_path)
     kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
-    use_4bit = quant.load_in_4bit and device.type == "cuda"
-    if quant.load_in_4bit and not use_4bit:
-        log.warning("quantization.load_in_4bit needs CUDA; loading a full-precision base on %s instead", device)
+    use_4bit = quant.load_in_4bit
+    if use_4bit and device.type != "cuda":
+        log.warning("quantization.load_in_4bit on %s uses bitsandbytes' CPU kernels: it works, but slower than a full-precision base (docs/benchmarks.md)", device)
     if use_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
         kwargs["device_map"] = {"": device}

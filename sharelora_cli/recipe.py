@@ -7,7 +7,7 @@ UserError whose message names the key and what is allowed.
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from yaml import YAMLError
@@ -98,12 +98,71 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
+class GSM8KTaskConfig(Section):
+    # A folder holding train.jsonl and test.jsonl, or a hub dataset id (config "main", e.g. openai/gsm8k).
+    path: str = "${data:gsm8k}"
+    # Worked solutions from the start of the train split, "Question: ...\nAnswer: ..." like lm-eval's gsm8k.
+    num_fewshot: int = Field(8, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+
+
+class MMLUTaskConfig(Section):
+    # A folder holding dev/<subject>_dev.csv and test/<subject>_test.csv, or a hub dataset id (cais/mmlu).
+    path: str = "${data:mmlu}"
+    num_fewshot: int = Field(5, ge=0, le=5)
+    # None: all 57 subjects.
+    subjects: list[str] | None = None
+
+
+class HumanEvalTaskConfig(Section):
+    path: str = "${data:humaneval/HumanEval.jsonl.gz}"
+    # 1: one greedy completion per problem; more: sampled with temperature/top_p, for pass@k.
+    num_samples: int = Field(1, gt=0)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    ks: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    max_new_tokens: int = Field(512, gt=0)
+    timeout: float = Field(3.0, gt=0)
+    workers: int = Field(2, gt=0)
+
+
+class PerplexityTaskConfig(Section):
+    # A .txt/.json/.jsonl/.csv/.parquet file or a hub dataset id; required when the task runs.
+    path: str | None = None
+    split: str = "test"
+    field: str = "text"
+    # Tokens a window advances; None: max_length (non-overlapping chunks). Smaller gives each token more context.
+    stride: int | None = Field(None, gt=0)
+
+
+class EvalConfig(Section):
+    """`sharelora eval`: which benchmarks, on how many examples, with what batching."""
+
+    tasks: list[Literal["gsm8k", "mmlu", "humaneval", "perplexity"]] = Field(default_factory=lambda: ["gsm8k", "mmlu"])
+    # First N examples per task (per subject for MMLU); None: all.
+    limit: int | None = Field(None, gt=0)
+    # auto: the largest that fits on CUDA (halved on out-of-memory), 8 on CPU.
+    batch_size: int | Literal["auto"] = "auto"
+    # Context window in tokens; None: the model config's max_position_embeddings.
+    max_length: int | None = Field(None, gt=0)
+    # Adapter directory; None: OUTPUT_DIR/adapter when a recipe is evaluated, no adapter otherwise.
+    adapter: str | None = None
+    # None: OUTPUT_DIR/eval.json when a recipe is evaluated, eval_results.json otherwise.
+    results_file: str | None = None
+    seed: int = 1234
+    gsm8k: GSM8KTaskConfig = Field(default_factory=GSM8KTaskConfig)
+    mmlu: MMLUTaskConfig = Field(default_factory=MMLUTaskConfig)
+    humaneval: HumanEvalTaskConfig = Field(default_factory=HumanEvalTaskConfig)
+    perplexity: PerplexityTaskConfig = Field(default_factory=PerplexityTaskConfig)
+
+
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs/quickstart"
     resume: bool = False
 
@@ -135,15 +194,16 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file, apply key=value overrides, resolve interpolations and validate."""
     path = find_recipe(name)
     base = OmegaConf.structured(Recipe().model_dump())
+    from_overrides = _parse_overrides(overrides or [])
     try:
-        merged = OmegaConf.merge(base, OmegaConf.load(path), _parse_overrides(overrides or []))
-        plain = OmegaConf.to_container(merged, resolve=True)
+        from_file = OmegaConf.load(path)
+        if not isinstance(from_file, DictConfig):
+            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), got a list")
+        plain = OmegaConf.to_container(OmegaConf.merge(base, from_file, from_overrides), resolve=True)
     except YAMLError as err:
-        raise UserError(f"recipe {path}: invalid YAML: {first_line(err)}") from None
+        raise UserError(f"recipe {path}: invalid YAML: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"recipe {path}: {_omegaconf_message(err)}") from None
-    if not isinstance(plain, dict):
-        raise UserError(f"recipe {path}: expected a mapping of sections, got {type(plain).__name__}")
     return validate(plain, source=str(path))
 
 
@@ -165,8 +225,18 @@ def _parse_overrides(overrides: list[str]):
             raise UserError(f"override '{item}' must look like key=value, e.g. adapter.rank=16")
     try:
         return OmegaConf.from_dotlist(overrides)
+    except YAMLError as err:
+        raise UserError(f"overrides: invalid YAML value: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"overrides: {_omegaconf_message(err)}") from None
+
+
+def _yaml_message(err: YAMLError) -> str:
+    """The problem and where it is; PyYAML's own text spans several lines."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return first_line(err)
 
 
 def _section_model(loc: tuple) -> type[BaseModel]:

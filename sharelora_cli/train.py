@@ -103,8 +103,10 @@ def train(recipe: Recipe) -> RunSummary:
     with StopSignal() as stop:
         while state.step < cfg.max_steps:
             started = time.perf_counter()
-            batches = [collate([splits.train[i] for i in idx], tokenizer.pad_token_id) for idx in sampler.micro_batches(state.step)]
-            loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step)
+            micro = [[splits.train[i] for i in idx] for idx in sampler.micro_batches(state.step)]
+            batches = [collate(examples, tokenizer.pad_token_id) for examples in micro]
+            rows = [ex.row for examples in micro for ex in examples]
+            loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step, rows)
             state.step += 1
             state.tokens_seen += tokens
             state.elapsed_s += time.perf_counter() - started
@@ -176,8 +178,11 @@ def make_optimizer(adapter: Adapter, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int):
-    """One optimizer step over grad_accum micro-batches; returns (global mean loss, global tokens, grad norm)."""
+def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int]):
+    """One optimizer step over grad_accum micro-batches; returns (global mean loss, global tokens, grad norm).
+
+    rows: the data rows of this process's examples, to name them if the loss is not finite.
+    """
     counts = torch.tensor([float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches] + [float(sum(int(b["attention_mask"].sum()) for b in batches))])
     counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
     target_tokens, input_tokens = counts[:-1].sum(), int(counts[-1])
@@ -193,7 +198,7 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
         total_loss += summed.detach()
     loss = float(accelerator.reduce(total_loss, reduction="sum") / target_tokens)
     if not math.isfinite(loss):
-        return handle_nonfinite(loss, optimizer, scheduler, cfg, step, input_tokens)
+        return handle_nonfinite(loss, optimizer, scheduler, cfg, step, input_tokens, rows)
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm))
@@ -203,14 +208,15 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
     return loss, input_tokens, grad_norm
 
 
-def handle_nonfinite(loss: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int):
+def handle_nonfinite(loss: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]):
     optimizer.zero_grad(set_to_none=True)
+    where = f"at step {step + 1} (batch of data rows {rows})"
     if cfg.on_nonfinite == "stop":
         raise UserError(
-            f"non-finite loss ({loss}) at step {step + 1}; stopped, the last checkpoint is kept. "
-            "Lower train.lr, or set train.on_nonfinite=skip to skip such steps"
+            f"non-finite loss ({loss}) {where}; stopped, the last checkpoint is kept. "
+            "Check those rows, lower train.lr, or set train.on_nonfinite=skip to skip such steps"
         )
-    tqdm.write(f"warning: non-finite loss ({loss}) at step {step + 1}; step skipped")
+    tqdm.write(f"warning: non-finite loss ({loss}) {where}; step skipped")
     scheduler.step()
     return loss, tokens, None
 
@@ -259,8 +265,16 @@ def quantization_note(recipe: Recipe) -> dict:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log has no repeats."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if (logged := logged_step(line)) is not None and logged <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short by a crash mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def peak_memory(device: torch.device) -> int:

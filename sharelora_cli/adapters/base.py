@@ -7,7 +7,9 @@ layer of a module type: the same object is registered in each layer, so autograd
 gradient over all of them and nothing is ever copied.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -86,13 +88,15 @@ class AdaptedLayer(nn.Module):
         return result + self.delta(self.dropout(x).to(factor_dtype)).to(result.dtype)
 
     def merge(self) -> None:
-        """Fold ΔW into a full-precision base weight in place (reversible with unmerge)."""
-        self._add_to_base_weight(self.delta_weight())
-        self.merged = True
+        """Fold ΔW into a full-precision base weight in place (reversible with unmerge); idempotent."""
+        if not self.merged:
+            self._add_to_base_weight(self.delta_weight())
+            self.merged = True
 
     def unmerge(self) -> None:
-        self._add_to_base_weight(-self.delta_weight())
-        self.merged = False
+        if self.merged:
+            self._add_to_base_weight(-self.delta_weight())
+            self.merged = False
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
@@ -110,6 +114,14 @@ def lora_scaling(hyper: Hyper) -> float:
     return hyper.alpha / (hyper.rank**0.5 if hyper.rslora else hyper.rank)
 
 
+class TrainerHook(Protocol):
+    """What the training loop calls after every optimizer step of a method whose sharing plan changes."""
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Act after optimizer step `step` (1-based); True when the plan and the optimizer's parameters changed."""
+        ...
+
+
 @dataclass(frozen=True)
 class Method:
     """An adapter method: its layer type and which factors one module type shares across layers."""
@@ -118,3 +130,7 @@ class Method:
     layer_cls: type[AdaptedLayer]
     shared: frozenset[str] = frozenset()
     summary: str = ""
+    # (adapter, max_steps) -> hook the loop calls after each optimizer step; None: the plan is fixed.
+    make_trainer_hook: Callable[[Any, int], TrainerHook] | None = None
+    # Parameters may stop being used mid-run, so DDP must look for unused ones (find_unused_parameters).
+    drops_parameters: bool = False

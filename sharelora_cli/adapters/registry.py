@@ -1,9 +1,10 @@
 """Method name -> Method. Adding a method means adding its file and one line here."""
 
+from sharelora_cli.adapters.aslora import ASLORA
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LORA
 from sharelora_cli.adapters.miss import MISS
 from sharelora_cli.adapters.sharelora import SHAREA, SHAREAB, SHAREB
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, MISS)}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS)}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -1,0 +1,75 @@
+"""Trainable-parameter counts equal the methods.md formulas, for the tiny model and for real architectures."""
+
+import json
+
+import pytest
+from cli_runner import run_cli
+from reference import METHODS, llama_module_types, trainable_count
+from tiny_architectures import LLAMA_TARGETS
+
+from sharelora_cli.inject import inject_adapter, planned_trainable
+from sharelora_cli.modeling import build_on_meta, load_config
+from sharelora_cli.param_counts import count_methods
+from sharelora_cli.recipe import AdapterConfig
+
+# The worked counts table of methods.md, rows: LLaMA-7B r=64 all seven, LLaMA-7B r=8 q v, LLaMA-13B r=64 all seven.
+LLAMA7B_R64_ALL = {"lora": 159907840, "sharea": 89309184, "shareb": 75595776, "shareab": 4997120, "miss": 87031808}
+LLAMA7B_R8_QV = {"lora": 4194304, "sharea": 2162688, "shareb": 2162688, "shareab": 131072, "miss": 2097152}
+LLAMA13B_R64_ALL = {"lora": 250347520, "sharea": 139165696, "shareb": 117440512, "shareab": 6258688, "miss": 136314880}
+
+
+def counts_by_method(model_name: str, rank: int, targets: list[str]) -> dict[str, int]:
+    rows = count_methods(model_name, AdapterConfig(rank=rank, targets=targets))
+    return {row.method: row.trainable for row in rows if row.method in METHODS}
+
+
+def formula_counts(hidden: int, ffn: int, layers: int, kv_dim: int, rank: int, targets: list[str]) -> dict[str, int]:
+    module_types = llama_module_types(hidden, ffn, layers, kv_dim, targets)
+    return {method: trainable_count(method, rank, module_types) for method in METHODS}
+
+
+@pytest.mark.parametrize("rank", [8, 12])
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_model_trainable_count_matches_formula(tiny_model, method, rank):
+    c = tiny_model.config
+    kv_dim = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    expected = formula_counts(c.hidden_size, c.intermediate_size, c.num_hidden_layers, kv_dim, rank, LLAMA_TARGETS)
+    config = AdapterConfig(method=method, rank=rank, targets=LLAMA_TARGETS)
+    planned = planned_trainable(tiny_model, config)
+    adapter = inject_adapter(tiny_model, config)
+    in_model = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
+    assert adapter.num_trainable() == planned == in_model == expected[method]
+
+
+def test_formulas_reproduce_methods_md_table():
+    assert formula_counts(4096, 11008, 32, 4096, 64, LLAMA_TARGETS) == LLAMA7B_R64_ALL
+    assert formula_counts(4096, 11008, 32, 4096, 8, ["q_proj", "v_proj"]) == LLAMA7B_R8_QV
+    assert formula_counts(5120, 13824, 40, 5120, 64, LLAMA_TARGETS) == LLAMA13B_R64_ALL
+
+
+def test_inspect_cli_prints_llama7b_counts_from_methods_md():
+    result = run_cli("inspect", "--model", "llama-7b", "--rank", "64", "--targets", ",".join(LLAMA_TARGETS), "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert {method: printed[method] for method in LLAMA7B_R64_ALL} == LLAMA7B_R64_ALL
+
+
+def test_llama7b_rank8_query_value_counts():
+    assert counts_by_method("llama-7b", 8, ["q_proj", "v_proj"]) == LLAMA7B_R8_QV
+
+
+def test_llama13b_rank64_all_targets_counts():
+    assert counts_by_method("llama-13b", 64, LLAMA_TARGETS) == LLAMA13B_R64_ALL
+
+
+def test_sharea_and_shareab_reductions_match_the_abstract():
+    rows = {row.method: row for row in count_methods("llama-7b", AdapterConfig(rank=64, targets=LLAMA_TARGETS))}
+    assert round(rows["sharea"].reduction, 3) == 0.441
+    assert round(rows["shareab"].reduction, 3) == 0.969
+
+
+def test_llama3_8b_grouped_query_key_value_are_1024_wide():
+    model = build_on_meta(load_config("llama3-8b"))
+    attention = model.get_submodule("model.layers.0.self_attn")
+    assert (attention.k_proj.out_features, attention.v_proj.out_features, attention.q_proj.out_features) == (1024, 1024, 4096)
+    assert counts_by_method("llama3-8b", 16, LLAMA_TARGETS) == formula_counts(4096, 14336, 32, 1024, 16, LLAMA_TARGETS)

@@ -1,0 +1,122 @@
+"""Run lm-evaluation-harness and `sharelora eval` on the same GSM8K and MMLU samples, offline.
+
+Both see the same prompts (the harness's own gsm8k / mmlu YAML on the local data files, GSM8K shots taken
+with its first_n sampler) and the same model directory. Prints how often the two agree on the MMLU answer
+chosen and on the GSM8K answer extracted (and on the raw generation), and the wall time of each.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_lm_eval.py --gsm8k-limit 8 --mmlu-limit 4
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from sharelora_cli.evaluation import gsm8k, harness_tasks, mmlu  # noqa: E402
+from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
+from sharelora_cli.modeling import load_model, load_tokenizer  # noqa: E402
+from sharelora_cli.paths import data_dir  # noqa: E402
+from sharelora_cli.recipe import GSM8KTaskConfig, MMLUTaskConfig, ModelConfig, QuantizationConfig  # noqa: E402
+from sharelora_cli.tiny_model import build_tiny_model  # noqa: E402
+
+DEFAULT_SUBJECTS = ["abstract_algebra", "anatomy", "high_school_us_history", "sociology", "virology"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: build the tiny offline Llama in a temp dir)")
+    parser.add_argument("--gsm8k-limit", type=int, default=8)
+    parser.add_argument("--gsm8k-shots", type=int, default=8)
+    parser.add_argument("--mmlu-limit", type=int, default=4, help="questions per subject")
+    parser.add_argument("--subjects", default=",".join(DEFAULT_SUBJECTS), help="comma-separated MMLU subjects")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    return parser.parse_args()
+
+
+def run_ours(model_dir: str, args: argparse.Namespace, subjects: list[str]) -> tuple[dict, float]:
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(ModelConfig(name_or_path=model_dir), QuantizationConfig(), torch.device("cpu"))
+    engine = Engine(model, tokenizer, args.batch_size, context_window(model, None))
+    gsm = gsm8k.evaluate(engine, GSM8KTaskConfig(path=str(data_dir() / "gsm8k"), num_fewshot=args.gsm8k_shots), args.gsm8k_limit)
+    mm = mmlu.evaluate(engine, MMLUTaskConfig(path=str(data_dir() / "mmlu"), subjects=subjects), args.mmlu_limit)
+    return {"gsm8k": gsm, "mmlu": mm}, time.perf_counter() - started
+
+
+def run_harness(model_dir: str, args: argparse.Namespace, subjects: list[str]) -> tuple[dict, float]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    started = time.perf_counter()
+    lm = HFLM(pretrained=model_dir, batch_size=args.batch_size, device="cpu")
+    gsm_task = harness_tasks.gsm8k_task(data_dir() / "gsm8k", args.gsm8k_shots)
+    mmlu_tasks = [harness_tasks.mmlu_task(data_dir() / "mmlu", subject, 5) for subject in subjects]
+    samples = {}
+    for tasks, limit in (([gsm_task], args.gsm8k_limit), (mmlu_tasks, args.mmlu_limit)):
+        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=True, bootstrap_iters=0)
+        samples.update(out["samples"])
+    return samples, time.perf_counter() - started
+
+
+def gsm8k_agreement(ours: list[dict], theirs: list[dict]) -> dict:
+    """Extracted answers (harness: strict-match, else flexible-extract, both normalised) and raw outputs."""
+    by_filter: dict[str, dict[int, dict]] = {}
+    for sample in theirs:
+        by_filter.setdefault(sample["filter"], {})[sample["doc_id"]] = sample
+    same_answer = same_output = 0
+    for doc_id, record in enumerate(ours):
+        strict = by_filter["strict-match"][doc_id]["filtered_resps"][0]
+        flexible = by_filter["flexible-extract"][doc_id]["filtered_resps"][0]
+        harness_answer = strict if strict != "[invalid]" else flexible
+        harness_answer = None if harness_answer == "[invalid]" else gsm8k.normalize(harness_answer)
+        our_answer = None if record["extracted"] is None else gsm8k.normalize(record["extracted"])
+        same_answer += our_answer == harness_answer
+        same_output += record["output"] == by_filter["strict-match"][doc_id]["resps"][0][0]
+    return {"samples": len(ours), "answer_agreement": same_answer / len(ours), "output_agreement": same_output / len(ours)}
+
+
+def mmlu_agreement(ours: list[dict], theirs: dict[str, list[dict]]) -> dict:
+    agree, total, max_logprob_diff = 0, 0, 0.0
+    for subject, samples in theirs.items():
+        if not subject.startswith("mmlu_"):
+            continue
+        mine = [r for r in ours if r["subject"] == subject.removeprefix("mmlu_")]
+        for sample in samples:
+            logprobs = [float(resp[0]) for resp in sample["filtered_resps"]]
+            chosen = mmlu.LETTERS[max(range(4), key=logprobs.__getitem__)]
+            record = mine[sample["doc_id"]]
+            agree += chosen == record["extracted"]
+            total += 1
+            max_logprob_diff = max(max_logprob_diff, *(abs(a - b) for a, b in zip(logprobs, record["logprobs"])))
+    return {"questions": total, "answer_agreement": agree / total, "max_logprob_difference": max_logprob_diff}
+
+
+def main() -> None:
+    args = parse_args()
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model or str(build_tiny_model(Path(scratch) / "tiny-llama"))
+        ours, our_seconds = run_ours(model_dir, args, subjects)
+        theirs, harness_seconds = run_harness(model_dir, args, subjects)
+    figures = {
+        "model": args.model or "tiny offline Llama (sharelora_cli.tiny_model)",
+        "torch_threads": torch.get_num_threads(),
+        "gsm8k": {**gsm8k_agreement(ours["gsm8k"].records, theirs["gsm8k"]), "num_fewshot": args.gsm8k_shots},
+        "mmlu": {**mmlu_agreement(ours["mmlu"].records, theirs), "subjects": subjects, "num_fewshot": 5},
+        "seconds": {"sharelora": round(our_seconds, 1), "lm_eval": round(harness_seconds, 1)},
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`sharelora eval`: benchmarks as data (prompt, few-shot source, answer extraction, metric) run by one engine."""

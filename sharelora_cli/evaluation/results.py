@@ -1,0 +1,46 @@
+"""What a task returns, the terminal table, and the results file.
+
+The file maps each task name to its metrics ({"gsm8k": {"exact_match": ...}, ...}); the per-sample records
+sit under "records" and the run's model, adapter and settings under "config".
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Metric = float | int
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Metric]
+    records: list[dict] = field(default_factory=list)
+
+
+def format_table(results: dict[str, TaskResult]) -> str:
+    """task / metric / value lines; per-subject MMLU accuracies are left to the results file."""
+    lines = [f"{'task':<12}{'metric':<28}{'value':>12}"]
+    for task, result in results.items():
+        for name, value in result.metrics.items():
+            if name.startswith("subject/"):
+                continue
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{task:<12}{name:<28}{shown:>12}")
+    return "\n".join(lines)
+
+
+def results_document(results: dict[str, TaskResult], config: dict) -> dict:
+    return {
+        **{task: result.metrics for task, result in results.items()},
+        "records": {task: result.records for task, result in results.items()},
+        "config": config,
+    }
+
+
+def write_json(document: dict, path: Path) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(staging, path)

@@ -1,0 +1,164 @@
+"""`sharelora eval`: settle the settings (recipe, then command-line flags), load the model once, run each task.
+
+With a recipe, the model, the eval section and OUTPUT_DIR/adapter come from it; flags override them.
+Without one, --model is required and the defaults of EvalConfig apply.
+"""
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import set_seed
+
+from sharelora_cli.errors import UserError
+from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity
+from sharelora_cli.evaluation.engine import Engine, context_window
+from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
+from sharelora_cli.recipe import Recipe, load_recipe, validate
+
+DEFAULT_RESULTS_FILE = "eval_results.json"
+
+
+@dataclass
+class EvalRequest:
+    """What the command line asked for; None means "as the recipe (or EvalConfig) says"."""
+
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    model: str | None = None
+    adapter: str | None = None
+    no_adapter: bool = False
+    tasks: str | None = None
+    limit: int | None = None
+    batch_size: str | None = None
+    data: str | None = None
+    text_field: str | None = None
+    samples: str | None = None
+    results_file: str | None = None
+    allow_code_execution: bool = False
+
+
+@dataclass
+class EvalReport:
+    results: dict[str, TaskResult]
+    results_file: Path
+
+
+def resolve_recipe(request: EvalRequest) -> Recipe:
+    """The recipe (or the defaults) with the command-line flags applied, validated."""
+    if request.recipe:
+        values = load_recipe(request.recipe, request.overrides).model_dump()
+    elif request.overrides:
+        raise UserError("key=value overrides need a RECIPE; without one use the flags (--tasks, --limit, ...)")
+    else:
+        values = OmegaConf.to_container(OmegaConf.create(Recipe().model_dump()), resolve=True)
+    flags = {
+        ("model", "name_or_path"): request.model,
+        ("eval", "tasks"): [t.strip() for t in request.tasks.split(",") if t.strip()] if request.tasks else None,
+        ("eval", "limit"): request.limit,
+        ("eval", "batch_size"): _batch_size(request.batch_size),
+        ("eval", "adapter"): request.adapter,
+        ("eval", "results_file"): request.results_file,
+        ("eval", "perplexity", "path"): request.data,
+        ("eval", "perplexity", "field"): request.text_field,
+    }
+    for keys, value in flags.items():
+        if value is not None:
+            section = values
+            for key in keys[:-1]:
+                section = section[key]
+            section[keys[-1]] = value
+    return validate(values, source="eval")
+
+
+def _batch_size(text: str | None) -> int | str | None:
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:
+    if request.no_adapter:
+        return None
+    if recipe.eval.adapter:
+        return Path(recipe.eval.adapter)
+    if not request.recipe:
+        return None
+    path = Path(recipe.output_dir) / "adapter"
+    if not (path / "sharelora_config.json").is_file():
+        raise UserError(f"{path} has no adapter: run `sharelora train {request.recipe}` first, pass --adapter DIR, or --no-adapter")
+    return path
+
+
+def results_path(request: EvalRequest, recipe: Recipe) -> Path:
+    if recipe.eval.results_file:
+        return Path(recipe.eval.results_file)
+    return Path(recipe.output_dir) / "eval.json" if request.recipe else Path(DEFAULT_RESULTS_FILE)
+
+
+def needs_model(request: EvalRequest, tasks: list[str]) -> bool:
+    return any(task != "humaneval" or request.samples is None for task in tasks)
+
+
+def build_engine(recipe: Recipe, adapter: Path | None) -> Engine:
+    from sharelora_cli.adapter_io import load_adapter
+    from sharelora_cli.modeling import load_model, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(recipe.model, recipe.quantization, device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return Engine(model, tokenizer, recipe.eval.batch_size, context_window(model, recipe.eval.max_length))
+
+
+def run_task(task: str, engine: Engine | None, recipe: Recipe, request: EvalRequest) -> TaskResult:
+    cfg = recipe.eval
+    if task == "humaneval":
+        samples = Path(request.samples) if request.samples else None
+        return humaneval_task.evaluate(engine, cfg.humaneval, cfg.limit, samples, request.allow_code_execution)
+    assert engine is not None  # needs_model() holds for every other task
+    module = {"gsm8k": gsm8k, "mmlu": mmlu, "perplexity": perplexity}[task]
+    return module.evaluate(engine, getattr(cfg, task), cfg.limit)
+
+
+def run_eval(request: EvalRequest) -> EvalReport:
+    """Run the requested tasks and write the results file; returns what the table shows."""
+    recipe = resolve_recipe(request)
+    tasks = list(dict.fromkeys(recipe.eval.tasks))
+    if "humaneval" in tasks:
+        humaneval_task.require_permission(request.allow_code_execution)
+    if request.samples is not None and "humaneval" not in tasks:
+        raise UserError("--samples scores HumanEval completions: add humaneval to --tasks")
+    engine, adapter = None, None
+    if needs_model(request, tasks):
+        if not request.recipe and not request.model:
+            raise UserError("eval needs --model PATH_OR_ID (or a RECIPE) to run " + ", ".join(tasks))
+        adapter = adapter_dir(request, recipe)
+        engine = build_engine(recipe, adapter)
+    results, seconds = {}, {}
+    for task in tasks:
+        set_seed(recipe.eval.seed)
+        started = time.perf_counter()
+        results[task] = run_task(task, engine, recipe, request)
+        seconds[task] = round(time.perf_counter() - started, 3)
+    path = results_path(request, recipe)
+    write_json(results_document(results, run_config(request, recipe, engine, adapter, seconds)), path)
+    return EvalReport(results, path)
+
+
+def run_config(request: EvalRequest, recipe: Recipe, engine: Engine | None, adapter: Path | None, seconds: dict) -> dict:
+    """What produced the numbers: model, adapter, settings, machine, timings."""
+    return {
+        "model": recipe.model.name_or_path if engine else None,
+        "adapter": str(adapter) if adapter else None,
+        "recipe": request.recipe,
+        "samples_file": str(request.samples) if request.samples else None,
+        "device": str(engine.device) if engine else None,
+        "dtype": str(next(engine.model.parameters()).dtype) if engine else None,
+        "max_length": engine.max_length if engine else None,
+        "eval": recipe.eval.model_dump(),
+        "seconds": seconds,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

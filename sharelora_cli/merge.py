@@ -6,8 +6,9 @@ targets, and output shards are written as they fill. Peak memory is about one ou
 (MAX_SHARD_BYTES) plus the runtime, never two copies of the model (docs/merge.md).
 
 A base the adapter was trained on in 4-bit is merged QLoRA-style: the base is loaded in
-4-bit with bitsandbytes (CUDA) exactly as training loaded it, each Linear4bit weight is
-dequantised, and ΔW is added in float32, so the merged model is the model training saw.
+4-bit with bitsandbytes (on CUDA when present, else with its CPU kernels) exactly as training
+loaded it, each Linear4bit weight is dequantised, and ΔW is added in float32, so the merged
+model is the model training saw.
 """
 
 import json
@@ -90,7 +91,7 @@ def merge_adapter(
     """Write base + ΔW as a transformers checkpoint in out (atomically: all of it or nothing).
 
     dtype: auto keeps the base's dtypes (the compute dtype for a 4-bit base), else bf16/fp16/fp32.
-    device: where a 4-bit base is loaded for dequantisation; defaults to CUDA when present.
+    device: where a 4-bit base is loaded for dequantisation; defaults to CUDA when present, else CPU.
     """
     adapter_dir, out = Path(adapter_dir), Path(out)
     out_dtype = _parse_dtype(dtype)
@@ -103,8 +104,9 @@ def merge_adapter(
         raise UserError(f"--base {base_dir} holds pre-quantised weights: merge needs the full-precision base model")
     saved = load_on_meta(adapter_dir, config, model_config)
     entries = plan_entries(files, saved)
-    quant = _trained_quantization(saved, full_precision_base, device)
-    read = _dequantizing_reader(base_dir, quant, device or "cuda") if quant else _read_tensor
+    quant = _trained_quantization(saved, full_precision_base)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    read = _dequantizing_reader(base_dir, quant, device) if quant else _read_tensor
     if quant and out_dtype is None:
         out_dtype = DTYPES[quant.compute_dtype]
     with atomic_directory(out, replace=overwrite) as staging:
@@ -122,8 +124,8 @@ def _parse_dtype(name: str) -> torch.dtype | None:
     return OUT_DTYPES[name]
 
 
-def _trained_quantization(saved: SavedAdapter, full_precision_base: bool, device: str | None) -> QuantizationConfig | None:
-    """The 4-bit config to reproduce, or None for a full-precision merge; refuses where it cannot be reproduced."""
+def _trained_quantization(saved: SavedAdapter, full_precision_base: bool) -> QuantizationConfig | None:
+    """The 4-bit config to reproduce, or None for a full-precision merge."""
     quant = saved.quantization()
     if quant is None:
         return None
@@ -131,12 +133,6 @@ def _trained_quantization(saved: SavedAdapter, full_precision_base: bool, device
         log.warning("the adapter was trained on a 4-bit base; merging into the full-precision weights as asked "
                     "(--full-precision-base): the result differs from the 4-bit base by its quantisation error")
         return None
-    if device is None and not torch.cuda.is_available():
-        raise UserError(
-            "this adapter was trained on a 4-bit base (quantization.load_in_4bit) and reproducing that base needs "
-            "CUDA: run merge on a GPU machine, or pass --full-precision-base to merge into the full-precision "
-            "weights (which differ from the 4-bit base by its quantisation error)"
-        )
     return quant
 
 

@@ -72,6 +72,8 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(CPU_MODEL, "cpu", torch.float32, False, batch_size=4, seq_len=256, rank=16),
+    # bitsandbytes' CPU kernels for the NF4 base, float32 compute: what quantization.load_in_4bit does on CPU.
+    "cpu-nf4": Preset(CPU_MODEL, "cpu", torch.float32, True, batch_size=4, seq_len=256, rank=16),
     "smoke": Preset(SMOKE_MODEL, "cpu", torch.float32, False, batch_size=1, seq_len=16, rank=4),
     "llama-3.2-1b-bf16": Preset("llama-3.2-1b", "cuda", torch.bfloat16, False, batch_size=4, seq_len=512, rank=16),
     "llama-3.2-1b-nf4": Preset("llama-3.2-1b", "cuda", torch.bfloat16, True, batch_size=4, seq_len=512, rank=16),

@@ -85,7 +85,9 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             return result
         factor_dtype = getattr(self, self.factor_names[0]).dtype
-        return result + self.delta(self.dropout(x).to(factor_dtype)).to(result.dtype)
+        # In place: the base output is not saved for backward (its weight is frozen), and adding into
+        # it spares a new (batch, seq, d_out) tensor per adapted layer.
+        return result.add_(self.delta(self.dropout(x).to(factor_dtype)).to(result.dtype))
 
     def merge(self) -> None:
         """Fold ΔW into a full-precision base weight in place (reversible with unmerge); idempotent."""

@@ -1,0 +1,33 @@
+"""scripts/bench_train.py runs end to end at tiny sizes and writes the documented JSON rows (timings unchecked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sharelora_cli.paths import PROJECT_ROOT
+
+FIELDS = {"name", "step_time_s", "peak_mem_bytes", "optimizer_state_bytes", "trainable_params", "ratio_to_floor",
+          "ratio_to_peft_lora"}
+NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora"]
+
+
+def test_bench_train_smoke_writes_every_row(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/bench_train.py", "--preset", "smoke", "--rounds", "1", "--steps", "2",
+               "--warmup", "1", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "bench.md")]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())}
+    assert list(rows) == NAMES and all(set(row) == FIELDS for row in rows.values())
+    assert rows["floor"]["trainable_params"] == 0 and rows["floor"]["optimizer_state_bytes"] == 0
+    # Same targets and rank: sharelora's LoRA has PEFT's parameter count, and sharing only removes parameters.
+    assert rows["lora"]["trainable_params"] == rows["peft-lora"]["trainable_params"]
+    assert rows["miss"]["trainable_params"] == rows["peft-miss"]["trainable_params"]
+    assert rows["shareab"]["trainable_params"] < rows["sharea"]["trainable_params"] < rows["lora"]["trainable_params"]
+    # AdamW keeps two float32 moments per trainable parameter (plus a step counter per tensor).
+    for name in NAMES[1:]:
+        moments = 2 * 4 * rows[name]["trainable_params"]
+        assert moments <= rows[name]["optimizer_state_bytes"] <= moments + 64 * 4 * 8
+    assert rows["lora"]["ratio_to_peft_lora"] > 0 and rows["floor"]["ratio_to_floor"] == 1.0
+    assert "| lora |" in (tmp_path / "bench.md").read_text()

@@ -62,10 +62,15 @@ def save_checkpoint(
             (staging / "rng.pt").write_bytes(torch_bytes(rng_states))
             (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
-        previous = latest_checkpoint(output_dir)
-        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write {target}: {first_line(err)}; {kept}. Free space, then resume with resume=true") from None
+        raise UserError(f"could not write {target}: {first_line(err)}; {kept_checkpoint(output_dir)}. "
+                        "Free space, then resume with resume=true") from None
     return target
+
+
+def kept_checkpoint(output_dir: Path) -> str:
+    """What a failed write leaves to resume from, for its error message."""
+    previous = latest_checkpoint(output_dir)
+    return f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
 
 
 def torch_bytes(obj) -> bytes:

@@ -20,7 +20,8 @@ Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # No setting has a use for inf or nan, and `lr: .inf` would otherwise pass the gt=0 checks.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -190,6 +191,12 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+# What OmegaConf and PyYAML raise besides their own errors: OSError for a scalar document, ValueError
+# for an integer over Python's 4300-digit limit, TypeError for a list merged over a mapping (or the
+# reverse), RecursionError for very deep nesting.
+LOADER_ERRORS = (OSError, ValueError, TypeError, RecursionError)
+
+
 def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file, apply key=value overrides, resolve interpolations and validate."""
     path = find_recipe(name)
@@ -204,6 +211,9 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"recipe {path}: invalid YAML: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"recipe {path}: {_omegaconf_message(err)}") from None
+    except LOADER_ERRORS as err:
+        raise UserError(f"recipe {path}: cannot use it ({type(err).__name__}: {first_line(err)}); "
+                        "a recipe is a YAML mapping of sections (model:, adapter:, ...)") from None
     return validate(plain, source=str(path))
 
 
@@ -222,13 +232,15 @@ def _parse_overrides(overrides: list[str]):
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"override '{item}' must look like key=value, e.g. adapter.rank=16")
+            raise UserError(f"override {item!r} must look like key=value, e.g. adapter.rank=16")
     try:
         return OmegaConf.from_dotlist(overrides)
     except YAMLError as err:
         raise UserError(f"overrides: invalid YAML value: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"overrides: {_omegaconf_message(err)}") from None
+    except LOADER_ERRORS as err:
+        raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _yaml_message(err: YAMLError) -> str:
@@ -257,7 +269,7 @@ def _describe(error: dict) -> str:
     got = error.get("input")
     if error["type"] == "extra_forbidden":
         allowed = ", ".join(_section_model(loc).model_fields)
-        return f"unknown key '{key}'; allowed keys here: {allowed}"
+        return f"unknown key {key!r}; allowed keys here: {allowed}"
     if error["type"] == "literal_error":
         allowed = error["ctx"]["expected"].replace("'", "")
         return f"{key} must be one of {allowed}; got {got!r}"
@@ -267,5 +279,8 @@ def _describe(error: dict) -> str:
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     text = first_line(err)
-    return f"{key}: {text}" if key else text
+    if not key:
+        return text
+    # A key typed by the user may hold control or line-separator characters: quote it then, to stay on one line.
+    return f"{key if key.isprintable() else repr(key)}: {text}"
 

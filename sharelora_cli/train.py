@@ -27,6 +27,7 @@ from sharelora_cli.adapter_io import save_adapter
 from sharelora_cli.checkpoint import (
     TrainerState,
     checkpoint_plan,
+    kept_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -100,7 +101,8 @@ def train(recipe: Recipe) -> RunSummary:
     accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
 
     loss, val_loss = math.nan, None
-    with StopSignal() as stop:
+    # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
+    with StopSignal() as stop, progress:
         while state.step < cfg.max_steps:
             started = time.perf_counter()
             micro = [[splits.train[i] for i in idx] for idx in sampler.micro_batches(state.step)]
@@ -125,7 +127,6 @@ def train(recipe: Recipe) -> RunSummary:
                 checkpoint = write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe)
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, checkpoint)
-    progress.close()
 
     summary = RunSummary(state.step, state.tokens_seen, state.elapsed_s, peak_memory(accelerator.device),
                          adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
@@ -197,26 +198,28 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
             accelerator.backward(summed * accelerator.num_processes / target_tokens)
         total_loss += summed.detach()
     loss = float(accelerator.reduce(total_loss, reduction="sum") / target_tokens)
-    if not math.isfinite(loss):
-        return handle_nonfinite(loss, optimizer, scheduler, cfg, step, input_tokens, rows)
-    grad_norm = None
-    if cfg.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm))
+    # A finite loss can still overflow in backward, so the gradient norm is checked too (max_grad_norm
+    # unset: measured against inf, which scales nothing); with fp16 the GradScaler skips such steps itself.
+    grad_norm = float(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm or math.inf))
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and accelerator.scaler is None):
+        return handle_nonfinite(loss, grad_norm, optimizer, scheduler, cfg, step, input_tokens, rows)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, input_tokens, grad_norm
 
 
-def handle_nonfinite(loss: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]):
+def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]):
+    """Stop, or skip the update, when the loss or the gradient norm is not finite."""
     optimizer.zero_grad(set_to_none=True)
+    what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) at finite loss {loss:.4f}"
     where = f"at step {step + 1} (batch of data rows {rows})"
     if cfg.on_nonfinite == "stop":
         raise UserError(
-            f"non-finite loss ({loss}) {where}; stopped, the last checkpoint is kept. "
+            f"non-finite {what} {where}; stopped, the last checkpoint is kept. "
             "Check those rows, lower train.lr, or set train.on_nonfinite=skip to skip such steps"
         )
-    tqdm.write(f"warning: non-finite loss ({loss}) {where}; step skipped")
+    tqdm.write(f"warning: non-finite {what} {where}; step skipped")
     scheduler.step()
     return loss, tokens, None
 
@@ -287,18 +290,22 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard scalars, main process only."""
 
     def __init__(self, output_dir: Path, enabled: bool):
-        self.enabled = enabled
+        self.enabled, self.output_dir = enabled, output_dir
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.file = open(output_dir / "metrics.jsonl", "a")
+            # Unbuffered: a failed write raises here, not again when the file is closed at exit.
+            self.file = open(output_dir / "metrics.jsonl", "ab", buffering=0)
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write((json.dumps(record) + "\n").encode())
+        except OSError as err:  # written every step, so a full disk usually shows here first
+            raise UserError(f"could not write {self.file.name}: {err.strerror}; {kept_checkpoint(self.output_dir)}. "
+                            "Free space, then resume with resume=true") from None
         for key, value in record.items():
             if key != "step" and value is not None:
                 self.writer.add_scalar(f"train/{key}", value, record["step"])

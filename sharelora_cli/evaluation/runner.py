@@ -82,6 +82,9 @@ def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:
     if request.no_adapter:
         return None
     if recipe.eval.adapter:
+        from sharelora_cli.adapter_io import read_adapter_config
+
+        read_adapter_config(Path(recipe.eval.adapter))  # a wrong --adapter fails before the model loads
         return Path(recipe.eval.adapter)
     if not request.recipe:
         return None

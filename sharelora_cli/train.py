@@ -286,6 +286,11 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def strict_json(record: dict) -> dict:
+    """NaN and inf as null: json.dumps would write bare NaN/Infinity, which strict JSON parsers reject."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
 class MetricsLog:
     """metrics.jsonl (one object per logged step) and TensorBoard scalars, main process only."""
 
@@ -302,7 +307,7 @@ class MetricsLog:
         if not self.enabled:
             return
         try:
-            self.file.write((json.dumps(record) + "\n").encode())
+            self.file.write((json.dumps(strict_json(record)) + "\n").encode())
         except OSError as err:  # written every step, so a full disk usually shows here first
             raise UserError(f"could not write {self.file.name}: {err.strerror}; {kept_checkpoint(self.output_dir)}. "
                             "Free space, then resume with resume=true") from None

@@ -1,6 +1,7 @@
 """Hostile recipes, kills, full disks, non-finite losses and corrupt checkpoints: each run either
 fails with one line naming the cause or resumes to exactly the weights of an uninterrupted run."""
 
+import json
 import os
 import random
 import re
@@ -342,6 +343,9 @@ def test_nonfinite_steps_are_skipped_and_reported_when_asked(tmp_path, tiny_mode
     final = load_file(run / "adapter" / "adapter.safetensors")
     after_step_1 = load_file(run / "checkpoint-1" / "adapter" / "adapter.safetensors")
     assert all(torch.equal(final[name], after_step_1[name]) and final[name].isfinite().all() for name in final)
+    # Every step is logged, skipped ones too, as strict JSON (no bare NaN or Infinity).
+    logged = [json.loads(line, parse_constant=pytest.fail) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
 
 
 # --- corrupt checkpoints ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ from sharelora_cli.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from sharelora_cli.data import IGNORE_INDEX, Example, StepSampler, build_splits, collate
+from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
+from sharelora_cli.adapters.base import TrainerHook
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
 from sharelora_cli.inject import Adapter, inject_adapter
@@ -69,12 +71,54 @@ class RunSummary:
     is_main_process: bool
 
 
+@dataclass
+class Session:
+    """Everything one training run holds between its set-up and its end."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    tokenizer: Any
+    splits: Splits
+    model: torch.nn.Module
+    adapter: Adapter
+    hook: TrainerHook | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: StepSampler
+    log: "MetricsLog"
+    state: TrainerState
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
 def train(recipe: Recipe) -> RunSummary:
     """Train an adapter as the recipe says; resumable, and safe to kill at any point."""
+    run = set_up(recipe)
+    cfg = recipe.train
+    progress = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train")
+    record: dict = {"loss": math.nan}
+    val_loss = None
+    # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
+    with StopSignal() as stop, progress:
+        while run.state.step < cfg.max_steps:
+            record = run_step(run)
+            val_loss = record.get("val_loss", val_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if run.state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
+                checkpoint = write_checkpoint(run.output_dir, run.state, run.adapter, run.optimizer, run.scheduler, run.accelerator, recipe)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, checkpoint)
+    return finish(run, record["loss"], val_loss)
+
+
+def set_up(recipe: Recipe) -> Session:
+    """Check the output directory, load data, model and adapter, and restore the newest checkpoint when resuming."""
     cfg = recipe.train
     method = METHODS[recipe.adapter.method]
     accelerator = make_accelerator(cfg, find_unused_parameters=method.drops_parameters)
-    output_dir = Path(recipe.output_dir)
     resume_from = prepare_output_dir(recipe, accelerator)
     set_seed(cfg.seed)
 
@@ -90,51 +134,51 @@ def train(recipe: Recipe) -> RunSummary:
     scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    output_dir = Path(recipe.output_dir)
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, adapter, optimizer, scheduler, accelerator.process_index)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
     sampler = StepSampler(len(splits.train), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
-    log = MetricsLog(output_dir, accelerator.is_main_process)
-    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
+    return Session(recipe, accelerator, tokenizer, splits, model, adapter, hook, optimizer, scheduler, sampler,
+                   MetricsLog(output_dir, accelerator.is_main_process), state)
 
-    loss, val_loss = math.nan, None
-    # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
-    with StopSignal() as stop, progress:
-        while state.step < cfg.max_steps:
-            started = time.perf_counter()
-            micro = [[splits.train[i] for i in idx] for idx in sampler.micro_batches(state.step)]
-            batches = [collate(examples, tokenizer.pad_token_id) for examples in micro]
-            rows = [ex.row for examples in micro for ex in examples]
-            loss, tokens, grad_norm = train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg, state.step, rows)
-            state.step += 1
-            state.tokens_seen += tokens
-            state.elapsed_s += time.perf_counter() - started
-            record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
-                      "epoch": sampler.epoch_of(state.step)}
-            if hook is not None and hook.after_step(state.step, optimizer):
-                record["trainable_parameters"] = adapter.num_trainable()
-            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-                val_loss = record["val_loss"] = validation_loss(model, splits.validation, tokenizer, cfg, accelerator)
-            if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
-                log.write(record)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
-                checkpoint = write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, checkpoint)
 
-    summary = RunSummary(state.step, state.tokens_seen, state.elapsed_s, peak_memory(accelerator.device),
-                         adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
+def run_step(run: Session) -> dict:
+    """One optimizer step, the method's hook, validation when due, and the log; returns the step's record."""
+    cfg, state = run.recipe.train, run.state
+    started = time.perf_counter()
+    micro = [[run.splits.train[i] for i in idx] for idx in run.sampler.micro_batches(state.step)]
+    batches = [collate(examples, run.tokenizer.pad_token_id) for examples in micro]
+    rows = [ex.row for examples in micro for ex in examples]
+    loss, tokens, grad_norm = train_step(run.model, batches, run.adapter, run.optimizer, run.scheduler, run.accelerator, cfg, state.step, rows)
+    state.step += 1
+    state.tokens_seen += tokens
+    state.elapsed_s += time.perf_counter() - started
+    record = {"step": state.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
+              "epoch": run.sampler.epoch_of(state.step)}
+    if run.hook is not None and run.hook.after_step(state.step, run.optimizer):
+        record["trainable_parameters"] = run.adapter.num_trainable()
+    if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+        record["val_loss"] = validation_loss(run.model, run.splits.validation, run.tokenizer, cfg, run.accelerator)
+    if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
+        run.log.write(record)
+    return record
+
+
+def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
+    """Write the adapter, tokenizer and summary (main process), once every process is done."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    summary = RunSummary(run.state.step, run.state.tokens_seen, run.state.elapsed_s, peak_memory(accelerator.device),
+                         run.adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
     if accelerator.is_main_process:
-        save_adapter(adapter, output_dir / "adapter", base_model=recipe.model.name_or_path, extra=quantization_note(recipe))
-        tokenizer.save_pretrained(output_dir / "tokenizer")
+        save_adapter(run.adapter, output_dir / "adapter", base_model=run.recipe.model.name_or_path, extra=quantization_note(run.recipe))
+        run.tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
-        log.close()
+        run.log.close()
     accelerator.wait_for_everyone()
     return summary
 

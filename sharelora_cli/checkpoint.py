@@ -62,15 +62,15 @@ def save_checkpoint(
             (staging / "rng.pt").write_bytes(torch_bytes(rng_states))
             (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
-        raise UserError(f"could not write {target}: {first_line(err)}; {kept_checkpoint(output_dir)}. "
-                        "Free space, then resume with resume=true") from None
+        raise write_failure(target, first_line(err), output_dir) from None
     return target
 
 
-def kept_checkpoint(output_dir: Path) -> str:
-    """What a failed write leaves to resume from, for its error message."""
+def write_failure(path: Path, reason: str, output_dir: Path) -> UserError:
+    """The error for a run's output that could not be written: what failed, and what is left to resume from."""
     previous = latest_checkpoint(output_dir)
-    return f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+    kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+    return UserError(f"could not write {path}: {reason}; {kept}. Free space, then resume with resume=true")
 
 
 def torch_bytes(obj) -> bytes:
@@ -81,15 +81,20 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoint directories of a run, oldest step first."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    found = sorted(int(m.group(1)) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))
-    for step in found[:-keep]:
-        remove_directory(Path(output_dir) / f"checkpoint-{step}")
+    for path in checkpoints(output_dir)[:-keep]:
+        remove_directory(path)
     remove_stale_staging(output_dir)
 
 

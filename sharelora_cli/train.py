@@ -28,12 +28,12 @@ from sharelora_cli.adapter_io import save_adapter
 from sharelora_cli.checkpoint import (
     TrainerState,
     checkpoint_plan,
-    kept_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
+    write_failure,
 )
 from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
 from sharelora_cli.adapters.base import TrainerHook
@@ -353,8 +353,7 @@ class MetricsLog:
         try:
             self.file.write((json.dumps(strict_json(record)) + "\n").encode())
         except OSError as err:  # written every step, so a full disk usually shows here first
-            raise UserError(f"could not write {self.file.name}: {err.strerror}; {kept_checkpoint(self.output_dir)}. "
-                            "Free space, then resume with resume=true") from None
+            raise write_failure(Path(self.file.name), err.strerror, self.output_dir) from None
         for key, value in record.items():
             if key != "step" and value is not None:
                 self.writer.add_scalar(f"train/{key}", value, record["step"])

@@ -62,14 +62,21 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     """Inject the saved adapter into model and load its tensors; bad files fail before model is touched."""
     config = read_adapter_config(directory)
-    adapter_config = AdapterConfig.model_validate(config["adapter"])
-    tensors = read_adapter_tensors(directory)
-    check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(directory) / WEIGHTS_FILE)
+    adapter_config, tensors = read_checked_tensors(directory, config)
     adapter = inject_adapter(model, adapter_config, plan=config["plan"])
     with torch.no_grad():
         for name, param in adapter.named_tensors().items():
             param.copy_(tensors[name])
     return adapter
+
+
+def read_checked_tensors(directory: Path, config: dict) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The adapter settings of a config (from read_adapter_config) and its tensors, whose names and
+    shapes are checked against the plan before anything uses them."""
+    adapter_config = AdapterConfig.model_validate(config["adapter"])
+    tensors = read_adapter_tensors(directory)
+    check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(directory) / WEIGHTS_FILE)
+    return adapter_config, tensors
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 from torch import nn
 from transformers import PretrainedConfig
 
-from sharelora_cli.adapter_io import check_tensors, read_adapter_tensors, WEIGHTS_FILE
+from sharelora_cli.adapter_io import read_checked_tensors
 from sharelora_cli.adapters.base import AdaptedLayer
 from sharelora_cli.errors import UserError
-from sharelora_cli.inject import Adapter, inject_adapter, tensor_shapes
+from sharelora_cli.inject import Adapter, inject_adapter
 from sharelora_cli.modeling import build_on_meta
-from sharelora_cli.recipe import AdapterConfig, QuantizationConfig
+from sharelora_cli.recipe import QuantizationConfig
 
 
 @dataclass
@@ -48,9 +48,7 @@ def base_model_name(config: dict, base: str | None) -> str:
 
 def load_on_meta(adapter_dir: Path, config: dict, model_config: PretrainedConfig) -> SavedAdapter:
     """Inject the adapter (config from read_adapter_config) into a meta model; factors as float32 CPU tensors."""
-    adapter_config = AdapterConfig.model_validate(config["adapter"])
-    tensors = read_adapter_tensors(adapter_dir)
-    check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(adapter_dir) / WEIGHTS_FILE)
+    adapter_config, tensors = read_checked_tensors(adapter_dir, config)
     model = build_on_meta(model_config)
     try:
         adapter = inject_adapter(model, adapter_config, plan=config["plan"])

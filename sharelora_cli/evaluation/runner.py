@@ -81,15 +81,15 @@ def _batch_size(text: str | None) -> int | str | None:
 def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:
     if request.no_adapter:
         return None
-    if recipe.eval.adapter:
-        from sharelora_cli.adapter_io import read_adapter_config
+    from sharelora_cli.adapter_io import CONFIG_FILE, read_adapter_config
 
+    if recipe.eval.adapter:
         read_adapter_config(Path(recipe.eval.adapter))  # a wrong --adapter fails before the model loads
         return Path(recipe.eval.adapter)
     if not request.recipe:
         return None
     path = Path(recipe.output_dir) / "adapter"
-    if not (path / "sharelora_config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path} has no adapter: run `sharelora train {request.recipe}` first, pass --adapter DIR, or --no-adapter")
     return path
 

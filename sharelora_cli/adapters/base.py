@@ -1,7 +1,8 @@
 """The interface every adapter method implements.
 
 An adapted layer wraps a frozen base layer (nn.Linear, GPT-2 Conv1D or bitsandbytes
-Linear4bit) and adds a trainable delta: h = base(x) + delta(x). Its trainable tensors are
+Linear4bit) and adds a trainable delta: h = base(x) + s · B A x, every method giving its ΔW as
+a low-rank product (adapters/low_rank_function.py runs it; ΔW itself is never materialised). Its trainable tensors are
 *factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter shared by every
 layer of a module type: the same object is registered in each layer, so autograd sums its
 gradient over all of them and nothing is ever copied.
@@ -13,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from sharelora_cli.adapters.low_rank_function import LowRankFunction, compute_dtype
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -33,6 +36,19 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     return int(layer.in_features), int(layer.out_features)
 
 
+def plain_frozen_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight in nn.Linear's (d_out, d_in) layout, bias) when the layer is a plain frozen product.
+
+    Only then may an adapter compute the base product itself, fused with its delta. None for
+    layers with their own forward (4-bit, subclasses), trainable weights, or hooks it would skip.
+    """
+    if type(layer) not in (nn.Linear, Conv1D) or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if any(p.requires_grad for p in layer.parameters()):
+        return None
+    return (layer.weight.t() if is_conv1d(layer) else layer.weight), layer.bias
+
+
 def is_adaptable(layer: nn.Module) -> bool:
     """nn.Linear and its subclasses (bitsandbytes Linear4bit/Linear8bitLt) and Conv1D."""
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
@@ -49,7 +65,7 @@ class Hyper:
 
 
 class AdaptedLayer(nn.Module):
-    """A frozen base layer plus a trainable delta. Subclasses define the factors and the delta."""
+    """A frozen base layer plus a trainable delta. Subclasses define the factors and ΔW's A, B and s."""
 
     #: the trainable tensors of one layer, as attribute names; set by each method.
     factor_names: tuple[str, ...] = ()
@@ -72,22 +88,28 @@ class AdaptedLayer(nn.Module):
     def init_factor(name: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution to the output for input x (in the factors' dtype)."""
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as a (d_out, d_in) tensor in the factors' dtype, so that h = (W + ΔW) x."""
-        raise NotImplementedError
+        lora_A, lora_B, scaling = self.low_rank()
+        return (lora_B @ lora_A) * scaling
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        factor_dtype = getattr(self, self.factor_names[0]).dtype
+            return self.base_layer(x, *args, **kwargs)
+        lora_A, lora_B, scaling = self.low_rank()
+        x_a = self.dropout(x)
+        base = plain_frozen_weight(self.base_layer)
+        if base is not None and not (args or kwargs) and base[0].dtype == compute_dtype(x, lora_A):
+            return LowRankFunction.apply(x_a, lora_A, lora_B, scaling, x, *base)
+        result = self.base_layer(x, *args, **kwargs)
         # In place: the base output is not saved for backward (its weight is frozen), and adding into
         # it spares a new (batch, seq, d_out) tensor per adapted layer.
-        return result.add_(self.delta(self.dropout(x).to(factor_dtype)).to(result.dtype))
+        delta = LowRankFunction.apply(x_a, lora_A, lora_B, scaling, None, None, None)
+        return result.add_(delta.to(result.dtype))
 
     def merge(self) -> None:
         """Fold ΔW into a full-precision base weight in place (reversible with unmerge); idempotent."""

@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method, lora_scaling
@@ -27,13 +26,8 @@ class LoraLayer(AdaptedLayer):
         else:
             nn.init.zeros_(tensor)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        # Two thin matmuls; ΔW is never materialised. Scaling the rank-r intermediate rather than the
-        # d_out-wide output saves an elementwise pass over the largest tensor, forward and backward.
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.lora_A, self.lora_B, self.scaling
 
 
 LORA = Method("lora", LoraLayer, summary="A and B per layer: ΔW = (α/r) B A")

@@ -8,7 +8,7 @@ from pathlib import Path
 from sharelora_cli.paths import PROJECT_ROOT
 
 FIELDS = {"name", "step_time_s", "peak_mem_bytes", "optimizer_state_bytes", "trainable_params", "ratio_to_floor",
-          "ratio_to_peft_lora"}
+          "ratio_to_peft_lora", "ratio_to_lora"}
 NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora"]
 
 
@@ -30,4 +30,5 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
         moments = 2 * 4 * rows[name]["trainable_params"]
         assert moments <= rows[name]["optimizer_state_bytes"] <= moments + 64 * 4 * 8
     assert rows["lora"]["ratio_to_peft_lora"] > 0 and rows["floor"]["ratio_to_floor"] == 1.0
+    assert rows["lora"]["ratio_to_lora"] == 1.0 and rows["sharea"]["ratio_to_lora"] > 0
     assert "| lora |" in (tmp_path / "bench.md").read_text()

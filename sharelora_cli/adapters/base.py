@@ -3,9 +3,9 @@
 An adapted layer wraps a frozen base layer (nn.Linear, GPT-2 Conv1D or bitsandbytes
 Linear4bit) and adds a trainable delta: h = base(x) + s · B A x, every method giving its ΔW as
 a low-rank product (run by adapters/low_rank_function.py; ΔW is never materialised). Its
-trainable tensors are *factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter shared by every
-layer of a module type: the same object is registered in each layer, so autograd sums its
-gradient over all of them and nothing is ever copied.
+trainable tensors are *factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter
+shared by every layer of a module type: the same object is registered in each layer, so autograd
+sums its gradient over all of them and nothing is ever copied.
 """
 
 from collections.abc import Callable

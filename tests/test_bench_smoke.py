@@ -32,3 +32,12 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
     assert rows["lora"]["ratio_to_peft_lora"] > 0 and rows["floor"]["ratio_to_floor"] == 1.0
     assert rows["lora"]["ratio_to_lora"] == 1.0 and rows["sharea"]["ratio_to_lora"] > 0
     assert "| lora |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_adapter_layer_smoke_prints_every_shape():
+    command = [sys.executable, "scripts/bench_adapter_layer.py", "--tokens", "16", "--repeats", "1", "--threads", "1"]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for shape in ("512→512", "512→256", "512→1536", "1536→512"):
+        assert f"{shape}: floor" in result.stdout
+    assert result.stdout.count("LowRankFunction +") == 4

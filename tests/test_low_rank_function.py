@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import randomize_factors
+from tiny_architectures import LLAMA_TARGETS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -10,6 +12,8 @@ from sharelora_cli.adapters.base import Hyper, plain_frozen_weight
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer, chunk_sum_matrix
 from sharelora_cli.adapters.low_rank_function import LowRankFunction
+from sharelora_cli.inject import inject_adapter
+from sharelora_cli.recipe import AdapterConfig
 
 D_IN, D_OUT, RANK = 6, 5, 3
 
@@ -129,3 +133,21 @@ def test_chunk_sum_matrix_first_built_in_inference_mode_can_still_be_trained_thr
     layer(torch.ones(1, 11)).sum().backward()
     # Chunks of 11 ones at rank 4: columns 0-2 appear three times, column 3 twice.
     torch.testing.assert_close(layer.miss_D.grad, torch.tensor([[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [2.0, 2.0]]))
+
+
+@pytest.mark.parametrize("method", ["sharea", "miss"])
+def test_gradient_checkpointing_recomputes_to_the_same_factor_gradients(tiny_model, method):
+    adapter = inject_adapter(tiny_model, AdapterConfig(method=method, rank=4, targets=LLAMA_TARGETS))
+    randomize_factors(adapter)
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny_model.train()
+        tiny_model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append([p.grad.clone() for p in adapter.parameters()])
+        adapter.model.zero_grad(set_to_none=True)
+    for plain, recomputed in zip(*grads):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(recomputed, plain)

@@ -8,7 +8,7 @@ from tiny_architectures import LLAMA_TARGETS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sharelora_cli.adapters.base import Hyper, plain_frozen_weight
+from sharelora_cli.adapters.base import Hyper, layer_shape, plain_frozen_weight
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer, chunk_sum_matrix
 from sharelora_cli.adapters.low_rank_function import LowRankFunction
@@ -54,7 +54,7 @@ def test_input_without_grad_still_trains_the_factors():
 
 
 def lora_layer(base: nn.Module) -> LoraLayer:
-    d_in, d_out = (base.weight.shape if isinstance(base, Conv1D) else (base.in_features, base.out_features))
+    d_in, d_out = layer_shape(base)
     factors = {"lora_A": nn.Parameter(torch.randn(RANK, d_in)), "lora_B": nn.Parameter(torch.randn(d_out, RANK))}
     return LoraLayer(base.requires_grad_(False), factors, Hyper(rank=RANK, alpha=2.0, dropout=0.0, rslora=False))
 

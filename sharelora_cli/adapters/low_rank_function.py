@@ -4,7 +4,7 @@ Each method gives its ΔW as s · B A (MiSS with a fixed A; adapters/miss.py).
 
 Why not let autograd differentiate F.linear(F.linear(x, A), B): its backward multiplies by B
 (d_out × r) and forms B's gradient as dyᵀ h, layouts for which oneDNN/MKL's thin products run
-3–7× slower on CPU than the transposed forms used here (docs/benchmarks.md, "Profile"). Fusing
+2–4× slower on CPU than the transposed forms used here (docs/benchmarks.md, "Profile"). Fusing
 the frozen base product into the same node also lets the adapter's terms accumulate in place
 (addmm_) into the output and the input gradient instead of allocating and adding new tensors.
 

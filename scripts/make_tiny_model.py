@@ -24,11 +24,15 @@ RANDOM_DIR, PRETRAINED_DIR, TASKS_DIR = "artifacts/tiny-llama", "artifacts/tiny-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", type=Path, help=f"model directory [default: {RANDOM_DIR}, with --pretrain {PRETRAINED_DIR}]")
+    parser.add_argument("out", nargs="?", type=Path,
+                        help=f"model directory [default: {RANDOM_DIR}, with --pretrain {PRETRAINED_DIR}]")
     parser.add_argument("--pretrain", action="store_true", help="pretrain on synthetic arithmetic instead of random weights")
-    parser.add_argument("--tasks", type=Path, default=Path(TASKS_DIR), help="with --pretrain: where the task folders go")
-    parser.add_argument("--seed", type=int, default=PretrainConfig.seed, help="with --pretrain: seed of corpus, tokenizer, weights and tasks")
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps, help="with --pretrain: optimizer steps")
+    parser.add_argument("--tasks", type=Path, default=Path(TASKS_DIR),
+                        help=f"with --pretrain: where the task folders go [default: {TASKS_DIR}]")
+    parser.add_argument("--seed", type=int, default=PretrainConfig.seed,
+                        help=f"with --pretrain: seed of corpus, tokenizer, weights and tasks [default: {PretrainConfig.seed}]")
+    parser.add_argument("--steps", type=int, default=PretrainConfig.steps,
+                        help=f"with --pretrain: optimizer steps of {PretrainConfig.batch_size} rows [default: {PretrainConfig.steps}]")
     args = parser.parse_args()
     if not args.pretrain:
         print(f"tiny model written to {build_tiny_model(args.out or Path(RANDOM_DIR))}")

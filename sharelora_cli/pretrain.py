@@ -27,11 +27,11 @@ SUMMARY_FILE = "pretraining.json"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """The defaults build artifacts/tiny-llama-arith (0.6M parameters).
+    """The defaults build artifacts/tiny-llama-arith (0.4M parameters).
 
-    Chosen on held-out problems of each skill: 800 steps of a 4-layer model left sums at 86% right, 1000
-    steps of this 3-layer one at 96% (800: 81.5%; compare and recall 100% in all). Packing examples into
-    blocks or batching them by length saved padding but cost most of the arithmetic (60% and 12% right).
+    Chosen on held-out problems of each skill, 1000 steps of 48: hidden 96 and 3 layers got 97% of the
+    sums right (compare and recall 100%), in 40% less compute than hidden 128 (96%); 4 layers got 80%.
+    Packing examples into blocks or batching them by length saved padding but cost most of the arithmetic.
     """
 
     seed: int = 0
@@ -40,7 +40,7 @@ class PretrainConfig:
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 3
     vocab_size: int = 512
     max_length: int = 96

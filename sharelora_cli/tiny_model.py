@@ -1,6 +1,7 @@
 """A tiny Llama-architecture causal LM with a BPE tokenizer trained on local GSM8K text.
 
-Random weights, real tokenizer: for tests, the quickstart and demos, with no hub access.
+Random weights, real tokenizer: for tests and benchmarks, with no hub access. pretrain.py builds the
+pretrained base of the quickstart from the same config and tokenizer trainer.
 """
 
 import json

@@ -13,8 +13,8 @@ from sharelora_cli import merge
 from sharelora_cli.adapter_io import load_adapter, save_adapter
 from sharelora_cli.cli import main
 from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import bnb_config
-from sharelora_cli.recipe import AdapterConfig, QuantizationConfig
+from sharelora_cli.modeling import load_model
+from sharelora_cli.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -256,11 +256,12 @@ FP32_4BIT = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
 
 
 @pytest.fixture
-def qlora_adapter(tiny_model_dir, tmp_path):
-    """An adapter trained on the 4-bit base (fp32 compute); returns (dir, ids, 4-bit base + adapter logits)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, quantization_config=bnb_config(FP32_4BIT), dtype=torch.float32, device_map={"": "cpu"}
-    )
+def qlora_adapter(tiny_model_dir, tmp_path, bnb_cpu_path):
+    """An adapter on the 4-bit base (fp32 compute), on either bitsandbytes CPU path; returns (dir, ids, logits).
+
+    The logits come from an eval-mode pass, the one that would repack the weights for bf16 on AVX512-BF16 CPUs.
+    """
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), FP32_4BIT, torch.device("cpu"))
     ids = token_ids(model.config.vocab_size)
     adapter = inject_adapter(model, AdapterConfig(method="shareab", rank=4, targets=LLAMA_TARGETS))
     torch.manual_seed(1)

@@ -106,10 +106,10 @@ class AdaptedLayer(nn.Module):
         if base is not None and not (args or kwargs) and base[0].dtype == compute_dtype(x, lora_A):
             return LowRankFunction.apply(x_a, lora_A, lora_B, scaling, x, *base)
         result = self.base_layer(x, *args, **kwargs)
-        # In place: the base output is not saved for backward (its weight is frozen), and adding into
-        # it spares a new (batch, seq, d_out) tensor per adapted layer.
+        # Never in place: another module's output may be a view, or saved for its own backward
+        # (bitsandbytes' CPU bf16 kernel returns a view of a leaf), and then an in-place add fails or is wrong.
         delta = LowRankFunction.apply(x_a, lora_A, lora_B, scaling, None, None, None)
-        return result.add_(delta.to(result.dtype))
+        return result + delta.to(result.dtype)
 
     def merge(self) -> None:
         """Fold ΔW into a full-precision base weight in place (reversible with unmerge); idempotent."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import set_seed
+from accelerate.utils import set_seed
 
 from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity

@@ -12,10 +12,12 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from yaml import YAMLError
 
-from sharelora_cli.adapters.registry import METHOD_NAMES
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.paths import RECIPES_DIR, data_dir
+from sharelora_cli.recipe_yaml import load_yaml, override_value
 
+# The adapter methods by name; adapters/registry.py maps each to its implementation.
+METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss")
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 
@@ -203,9 +205,11 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     base = OmegaConf.structured(Recipe().model_dump())
     from_overrides = _parse_overrides(overrides or [])
     try:
-        from_file = OmegaConf.load(path)
-        if not isinstance(from_file, DictConfig):
-            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), got a list")
+        document = load_yaml(path.read_text(encoding="utf-8"), Recipe)
+        if document is not None and not isinstance(document, dict):
+            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), "
+                            f"got a {'list' if isinstance(document, list) else 'scalar'}")
+        from_file = OmegaConf.create(document or {})
         plain = OmegaConf.to_container(OmegaConf.merge(base, from_file, from_overrides), resolve=True)
     except YAMLError as err:
         raise UserError(f"recipe {path}: invalid YAML: {_yaml_message(err)}") from None
@@ -233,14 +237,18 @@ def _parse_overrides(overrides: list[str]):
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} must look like key=value, e.g. adapter.rank=16")
+    conf = OmegaConf.create()
     try:
-        return OmegaConf.from_dotlist(overrides)
+        for item in overrides:
+            key, _, text = item.partition("=")
+            OmegaConf.update(conf, key, override_value(key, text, Recipe))
     except YAMLError as err:
         raise UserError(f"overrides: invalid YAML value: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"overrides: {_omegaconf_message(err)}") from None
     except LOADER_ERRORS as err:
         raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
+    return conf
 
 
 def _yaml_message(err: YAMLError) -> str:

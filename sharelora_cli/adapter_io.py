@@ -10,7 +10,8 @@ from torch import nn
 
 from sharelora_cli.atomic import atomic_directory
 from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.inject import Adapter, inject_adapter, tensor_shapes
+from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.inject import inject_adapter, tensor_shapes
 from sharelora_cli.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"

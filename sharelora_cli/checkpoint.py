@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from sharelora_cli.adapter_io import read_adapter_config, read_adapter_tensors, save_adapter
 from sharelora_cli.atomic import atomic_directory, remove_directory, remove_stale_staging
 from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.inject import Adapter
+from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.recipe import AdapterConfig
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")

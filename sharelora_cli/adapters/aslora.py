@@ -20,7 +20,6 @@ stored copy of the paper says nothing more, so the rest is our choice, set by th
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +27,14 @@ from torch import nn
 
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LoraLayer
+from sharelora_cli.adapters.plan import Adapter, Group
 from sharelora_cli.errors import UserError
-
-if TYPE_CHECKING:  # inject imports the registry, which imports this file
-    from sharelora_cli.inject import Adapter, Group
-    from sharelora_cli.recipe import ASLoRAConfig
+from sharelora_cli.recipe import ASLoRAConfig
 
 MERGED_FACTOR = "lora_B"
 
 
-def merge_steps(cfg: "ASLoRAConfig", max_steps: int) -> list[int]:
+def merge_steps(cfg: ASLoRAConfig, max_steps: int) -> list[int]:
     """The optimizer steps (1-based) after which B's are merged."""
     start = max(1, round(cfg.merge_start * max_steps))
     end = round(cfg.merge_end * max_steps)
@@ -49,7 +46,7 @@ def merge_steps(cfg: "ASLoRAConfig", max_steps: int) -> list[int]:
     return list(range(start, end + 1, cfg.merge_every))
 
 
-def target_groups(cfg: "ASLoRAConfig", layers: int, module_type: str) -> int:
+def target_groups(cfg: ASLoRAConfig, layers: int, module_type: str) -> int:
     """K: how many B tensors a module type with `layers` layers keeps at the end."""
     if cfg.target_groups is None:
         # Round first: 0.1·30 is 3.0000000000000004 in floating point and must give 3, not 4.
@@ -62,7 +59,7 @@ def target_groups(cfg: "ASLoRAConfig", layers: int, module_type: str) -> int:
     return cfg.target_groups
 
 
-def target_plan(plan: dict, cfg: "ASLoRAConfig") -> dict:
+def target_plan(plan: dict, cfg: ASLoRAConfig) -> dict:
     """The plan's shape once every type has K B tensors (which layers share is only known after training)."""
     result = {}
     for name, entry in plan.items():
@@ -101,7 +98,7 @@ def forget_in_optimizer(optimizer: torch.optim.Optimizer, removed: nn.Parameter,
 class BMerger:
     """Merges each module type's most similar B's on the recipe's schedule; called after optimizer steps."""
 
-    def __init__(self, adapter: "Adapter", max_steps: int):
+    def __init__(self, adapter: Adapter, max_steps: int):
         cfg = adapter.config.aslora
         self.adapter = adapter
         self.measure = cfg.similarity
@@ -124,7 +121,7 @@ class BMerger:
                 changed = True
         return changed
 
-    def merge(self, group: "Group", keep: int, drop: int, step: int, similarity: float,
+    def merge(self, group: Group, keep: int, drop: int, step: int, similarity: float,
               optimizer: torch.optim.Optimizer) -> None:
         """Point drop's layers at keep's tensor, set to the layer-weighted mean of both (keep < drop)."""
         tensors, index = group.tensors[MERGED_FACTOR], group.index[MERGED_FACTOR]

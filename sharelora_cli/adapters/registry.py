@@ -1,4 +1,4 @@
-"""Method name -> Method. Adding a method means adding its file and one line here."""
+"""Method name -> Method. Adding a method means adding its file, one line here and its name in recipe.METHOD_NAMES."""
 
 from sharelora_cli.adapters.aslora import ASLORA
 from sharelora_cli.adapters.base import Method
@@ -7,4 +7,3 @@ from sharelora_cli.adapters.miss import MISS
 from sharelora_cli.adapters.sharelora import SHAREA, SHAREAB, SHAREB
 
 METHODS: dict[str, Method] = {m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS)}
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

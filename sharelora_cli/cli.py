@@ -145,7 +145,8 @@ def eval_command(
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let humaneval run model-written code"),
     allow_weak_sandbox: bool = typer.Option(
         False, "--allow-weak-sandbox",
-        help="where Linux namespaces are unavailable (no root, no user namespaces, no bwrap), run humaneval anyway with only rlimits and the in-process guard (docs/sandbox.md)",
+        help="where Linux namespaces are unavailable (no root, no user namespaces), run humaneval anyway with only"
+        " rlimits and an in-process guard that hostile code can switch off (docs/sandbox.md)",
     ),  # fmt: skip
 ) -> None:
     """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON."""

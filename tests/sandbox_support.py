@@ -39,6 +39,12 @@ def require(isolation: Isolation) -> Isolation:
     return isolation
 
 
+@pytest.fixture(params=STRONG, ids=lambda isolation: isolation.value)
+def strong(request) -> Isolation:
+    """Each isolation that builds namespaces, skipped with the reason where this machine cannot."""
+    return require(request.param)
+
+
 def marker() -> str:
     """A name no other process or file has; short enough to be a whole process name (15 characters)."""
     return f"sl{secrets.token_hex(6)}"

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sandbox_support import STRONG, require
+from sandbox_support import STRONG, require, strong  # noqa: F401 (strong is a fixture)
 
 from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
@@ -36,10 +36,6 @@ SHARELORA = Path(sys.executable).parent / "sharelora"
 def isolation(request) -> Isolation:
     return require(request.param)
 
-
-@pytest.fixture(params=STRONG, ids=lambda isolation: isolation.value)
-def strong(request) -> Isolation:
-    return require(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +117,8 @@ def test_hostile_completions_fail_while_benign_ones_pass(problems, canary, liste
 
 def test_a_strong_sandbox_works_in_a_private_tmp_that_vanishes(strong):
     name = f"scratch-{os.getpid()}-{strong.value}"
-    program = f"import os\nassert os.getcwd() == '/tmp' and os.listdir() == []\nopen({name!r}, 'w').write('x')\nassert os.listdir('/tmp') == [{name!r}]"
+    program = f"import os\nassert os.getcwd() == '/tmp' and os.listdir() == []\nopen({name!r}, 'w').write('x')\n"
+    program += f"assert os.listdir('/tmp') == [{name!r}]"
     assert run_program(program, isolation=strong) == Outcome(True, "passed")
     assert not os.path.exists(os.path.join("/tmp", name))
 
@@ -276,5 +273,6 @@ def test_without_namespaces_the_cli_refuses_in_one_line_unless_the_weak_guard_is
 
 
 def test_eval_help_documents_the_weak_sandbox_flag():
-    shown = subprocess.run([str(SHARELORA), "eval", "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    wide = {**os.environ, "COLUMNS": "200"}
+    shown = subprocess.run([str(SHARELORA), "eval", "--help"], capture_output=True, text=True, timeout=120, env=wide)
     assert "--allow-weak-sandbox" in shown.stdout

@@ -6,12 +6,9 @@ Every attack starts with sandbox_support.DISABLE_GUARD, which also proves the gu
 this machine cannot provide it.
 """
 
-import errno
-import gzip
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,19 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox_support import DISABLE_GUARD, STRONG, hostile, marker, processes_named, require
+from sandbox_support import DISABLE_GUARD, hostile, marker, processes_named, strong  # noqa: F401 (strong is a fixture)
 
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox import NOBODY, Isolation, Limits, Sandbox, SandboxStopped
+from sharelora_cli.evaluation.sandbox import NOBODY, Isolation, Limits, Sandbox, SampleRaised, SandboxStopped
 from sharelora_cli.paths import PROJECT_ROOT, data_dir
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a root-only file and a victim owned by nobody need root")
-
-
-@pytest.fixture(params=STRONG, ids=lambda isolation: isolation.value)
-def strong(request) -> Isolation:
-    return require(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +52,16 @@ def _attack(source: str, isolation: Isolation, function: str = "attack", *args, 
 def _host_entries(name: str) -> list[str]:
     """Paths on the host, in the places a sample tries to write, whose name contains `name`."""
     places = ["/tmp", "/dev/shm", "/var/tmp", str(PROJECT_ROOT), str(Path.home()), "/"]
-    return [os.path.join(place, entry) for place in places if os.path.isdir(place) for entry in os.listdir(place) if name in entry]
+    return [
+        os.path.join(place, entry) for place in places if os.path.isdir(place) for entry in os.listdir(place) if name in entry
+    ]
 
 
 def test_the_attacks_really_switch_the_guard_off(strong):
     # With the guard on, ctypes is refused; after DISABLE_GUARD it loads and calls into libc.
     with Sandbox("def pid():\n    import ctypes\n    return ctypes.CDLL(None).getpid()\n", Limits(), strong) as guarded:
-        assert "ctypes" in str(pytest.raises(Exception, guarded.call, "pid").value)
+        with pytest.raises(SampleRaised, match=r"^PermissionError: sandbox: ctypes\.dlopen is not allowed$"):
+            guarded.call("pid")
     assert _attack("def attack():\n    return libc.getpid()\n", strong) == 2  # PID 2: init is 1, in its own namespace
 
 
@@ -150,14 +145,14 @@ def test_no_process_outlives_the_sample(strong):
 
 
 @as_root
-def test_a_sample_can_signal_nothing_outside_itself(strong):
+def test_a_sample_can_signal_or_trace_nothing_outside_itself(strong):
     victim = subprocess.Popen(["sleep", "300"], user=NOBODY, group=NOBODY, extra_groups=[])  # same uid as the sample
     try:
         report = _attack(
             """
             import ctypes, errno, os
             def outcome(result):
-                return "delivered" if result == 0 else errno.errorcode[ctypes.get_errno()]
+                return "succeeded" if result == 0 else errno.errorcode[ctypes.get_errno()]
             def attack(victim, evaluator):
                 visible = [pid for pid in range(1, 70000) if libc.kill(pid, 0) == 0 or ctypes.get_errno() == errno.EPERM]
                 report = {"visible": visible, "me": os.getpid(), "parent": os.getppid()}
@@ -165,13 +160,19 @@ def test_a_sample_can_signal_nothing_outside_itself(strong):
                     report[name] = outcome(libc.kill(pid, 9))
                 report["pidfd victim"] = outcome(libc.syscall(434, victim, 0))  # pidfd_open
                 report["everyone"] = outcome(libc.kill(-1, 9))
+                report["ptrace init"] = outcome(libc.ptrace(16, 1, 0, 0))  # PTRACE_ATTACH
+                report["init's capabilities"] = next(line.split()[1] for line in open("/proc/1/status") if line.startswith("CapEff"))
                 return report
             """,
-            strong, "attack", victim.pid, os.getpid(),
+            strong,
+            "attack",
+            victim.pid,
+            os.getpid(),
         )
         assert report == {
             "visible": [1, 2], "me": 2, "parent": 1,  # its own PID namespace: only init and itself
             "victim": "ESRCH", "evaluator": "ESRCH", "init": "EPERM", "pidfd victim": "ESRCH", "everyone": "ESRCH",
+            "ptrace init": "EPERM", "init's capabilities": "0" * 16,  # init keeps no privilege a sample could borrow
         }  # fmt: skip
         assert victim.poll() is None
     finally:
@@ -187,7 +188,10 @@ def test_concurrent_killers_leave_every_other_sample_scored_as_when_alone(strong
                 libc.kill(pid, 9)
         libc.kill(-1, 9)
         """
-    benign = [{"task_id": task, "completion": problems[task]["canonical_solution"]} for task in ("HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4")]
+    benign = [
+        {"task_id": task, "completion": problems[task]["canonical_solution"]}
+        for task in ("HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4")
+    ]
     benign += [{"task_id": "HumanEval/5", "completion": "    return numbers\n"}]
     killers = [{"task_id": "HumanEval/0", "completion": hostile(problems["HumanEval/0"]["canonical_solution"], killer)}] * 3
     alone = score_samples(problems, benign, ks=(1,), timeout=30, workers=1, allow_code_execution=True, isolation=strong)
@@ -208,7 +212,13 @@ def test_secrets_home_and_benchmark_data_stay_unreadable(strong, visible_dir, pr
     problems_copy = visible_dir / "problems.jsonl.gz"
     shutil.copy(data_dir() / "humaneval" / "HumanEval.jsonl.gz", problems_copy)
     problems_copy.chmod(0o644)
-    paths = [str(secret), str(public), str(home_dir / "token"), str(data_dir() / "humaneval" / "HumanEval.jsonl.gz"), str(problems_copy)]
+    paths = [
+        str(secret),
+        str(public),
+        str(home_dir / "token"),
+        str(data_dir() / "humaneval" / "HumanEval.jsonl.gz"),
+        str(problems_copy),
+    ]
     source = """
         import errno
         def attack(paths):
@@ -278,7 +288,10 @@ def test_the_network_and_host_sockets_are_unreachable(strong):
             def attack(port, name):
                 return {"tcp": connect(socket.AF_INET, ("127.0.0.1", port)), "abstract": connect(socket.AF_UNIX, "\\0" + name)}
             """,
-            strong, "attack", server.getsockname()[1], name,
+            strong,
+            "attack",
+            server.getsockname()[1],
+            name,
         )
         # The sample's own network namespace: bwrap brings its loopback up (nothing listens), the launcher leaves it down.
         assert report["tcp"] in {"ECONNREFUSED", "ENETUNREACH"} and report["abstract"] == "ECONNREFUSED"
@@ -308,7 +321,60 @@ def test_the_process_holds_no_privilege(strong):
     )
     expected_uid = NOBODY if os.geteuid() == 0 else os.getuid()
     zero = "0" * 16
-    assert report == {"CapInh": zero, "CapPrm": zero, "CapEff": zero, "CapAmb": zero, "NoNewPrivs": "1", "uid": expected_uid, "setuid(0)": "refused"}
+    assert report == {
+        "CapInh": zero,
+        "CapPrm": zero,
+        "CapEff": zero,
+        "CapAmb": zero,
+        "NoNewPrivs": "1",
+        "uid": expected_uid,
+        "setuid(0)": "refused",
+    }
+
+
+_UNPRIVILEGED_ATTACK = """
+import errno, os
+def attack(data_file):
+    def attempt(action):
+        try:
+            action()
+            return "succeeded"
+        except OSError as err:
+            return errno.errorcode[err.errno]
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    return {
+        "uid": os.getuid(), "visible": sorted(int(pid) for pid in os.listdir("/proc") if pid.isdigit()),
+        "CapEff": status["CapEff"].strip(), "NoNewPrivs": status["NoNewPrivs"].strip(),
+        "read data": attempt(lambda: open(data_file, "rb").close()),
+        "write /tmp": attempt(lambda: open("/tmp/x", "w").close()),
+        "write /var/tmp": attempt(lambda: open("/var/tmp/sharelora-unprivileged-probe", "w").close()),
+    }
+"""
+_UNPRIVILEGED_EVALUATOR = """
+import json, sys
+from sharelora_cli.evaluation.sandbox import Isolation, Sandbox, isolation_problem
+isolation, source, data_file = Isolation(sys.argv[1]), sys.argv[2], sys.argv[3]
+with Sandbox(source, isolation=isolation) as sandbox:
+    print(json.dumps({"problem": isolation_problem(isolation), "report": sandbox.call("attack", data_file)}))
+"""
+
+
+def test_without_root_the_sandbox_holds_through_a_user_namespace(strong):
+    # util-linux's unshare starts the evaluator as uid 1000 in a user namespace of its own, without capabilities:
+    # bwrap and the kernel launcher then need the user namespace that root does without.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and util-linux's unshare to start an unprivileged evaluator")
+    source = DISABLE_GUARD + textwrap.dedent(_UNPRIVILEGED_ATTACK)
+    data_file = str(data_dir() / "humaneval" / "HumanEval.jsonl.gz")
+    command = ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", _UNPRIVILEGED_EVALUATOR]
+    done = subprocess.run([*command, strong.value, source, data_file], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["problem"] is None
+    assert result["report"] == {
+        "uid": 1000, "visible": [1, 2], "CapEff": "0" * 16, "NoNewPrivs": "1",
+        "read data": "ENOENT", "write /tmp": "succeeded", "write /var/tmp": "EROFS",
+    }  # fmt: skip
 
 
 def test_verdicts_cannot_be_forged_from_inside(strong, problems):
@@ -329,7 +395,9 @@ def test_verdicts_cannot_be_forged_from_inside(strong, problems):
         "early exit": ("HumanEval/0", "    return True\nimport os\nos._exit(0)\n"),
         "frame walk to the reply channel": ("HumanEval/0", "    return True\n" + DISABLE_GUARD + textwrap.dedent(walk_to_the_channel)),
         "always-equal object": ("HumanEval/0", "    class Yes:\n        __eq__ = lambda self, other: True\n    return Yes()\n"),
-        "always-equal str subclass": ("HumanEval/27", "    class S(str):\n        __eq__ = lambda self, other: True\n        __hash__ = str.__hash__\n    return S('?')\n"),
+        "always-equal str subclass": (
+            "HumanEval/27", "    class S(str):\n        __eq__ = lambda self, other: True\n        __hash__ = str.__hash__\n    return S('?')\n"
+        ),
         "redefined test helper": ("HumanEval/32", "    return 0.0\ndef poly(xs, x):\n    return 0.0\n"),
         "patched abs": ("HumanEval/2", "    return 0.5\nimport builtins\nbuiltins.abs = lambda x: 0\n"),
         "canonical solution from the data file": ("HumanEval/2", hostile(textwrap.indent(textwrap.dedent(f"""
@@ -342,9 +410,14 @@ def test_verdicts_cannot_be_forged_from_inside(strong, problems):
             """), "    "), "")),
     }  # fmt: skip
     samples = [{"task_id": task, "completion": completion} for task, completion in forgeries.values()]
-    samples += [{"task_id": task, "completion": problems[task]["canonical_solution"]} for task in ("HumanEval/0", "HumanEval/27", "HumanEval/32", "HumanEval/2")]
+    samples += [
+        {"task_id": task, "completion": problems[task]["canonical_solution"]}
+        for task in ("HumanEval/0", "HumanEval/27", "HumanEval/32", "HumanEval/2")
+    ]
     scores = score_samples(problems, samples, ks=(1,), timeout=30, workers=2, allow_code_execution=True, isolation=strong)
-    results = dict(zip([*forgeries, "canonical 0", "canonical 27", "canonical 32", "canonical 2"], (r["result"] for r in scores["records"])))
+    results = dict(
+        zip([*forgeries, "canonical 0", "canonical 27", "canonical 32", "canonical 2"], (r["result"] for r in scores["records"]))
+    )
     assert results["early exit"] == "failed: exited with code 0 before finishing"
     assert results["always-equal object"] == "failed: WireError: not plain data: a Yes value"
     assert results["canonical solution from the data file"].startswith("failed: FileNotFoundError")
@@ -369,7 +442,10 @@ def test_hostile_replies_fail_only_their_own_sample(strong, problems):
         "an unknown tag": frame(b'{"code": "print(1)"}'),
     }
     samples = [
-        {"task_id": "HumanEval/0", "completion": "    return True\n" + DISABLE_GUARD + f"PAYLOAD = {payload!r}\n" + textwrap.dedent(raw_reply)}
+        {
+            "task_id": "HumanEval/0",
+            "completion": "    return True\n" + DISABLE_GUARD + f"PAYLOAD = {payload!r}\n" + textwrap.dedent(raw_reply),
+        }
         for payload in payloads.values()
     ]
     samples.append({"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]})
@@ -413,7 +489,11 @@ def test_a_3000_deep_tree_cannot_stop_the_cli_from_writing_its_json(problems, tm
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     records = json.loads(results.read_text())["records"]["humaneval"]
-    assert [(record["task_id"], record["passed"]) for record in records] == [("HumanEval/0", True), ("HumanEval/1", True), ("HumanEval/2", False)]
+    assert [(record["task_id"], record["passed"]) for record in records] == [
+        ("HumanEval/0", True),
+        ("HumanEval/1", True),
+        ("HumanEval/2", False),
+    ]
     assert not Path(f"{results}.humaneval-progress.jsonl").exists()
 
 
@@ -452,7 +532,9 @@ def test_killing_the_evaluator_keeps_the_finished_records_and_leaves_no_process(
     lingering = hostile("    return True\n", f"libc.prctl(15, {name!r}.encode(), 0, 0, 0)\nimport time\ntime.sleep(3600)\n")
     samples = [{"task_id": "HumanEval/0", "completion": lingering}]
     samples += [{"task_id": task, "completion": problems[task]["canonical_solution"]} for task in ("HumanEval/1", "HumanEval/2")]
-    evaluator = subprocess.Popen([sys.executable, "-c", _EVALUATOR, json.dumps(samples), strong.value, str(progress)], cwd=PROJECT_ROOT)
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", _EVALUATOR, json.dumps(samples), strong.value, str(progress)], cwd=PROJECT_ROOT
+    )
     try:
         _wait_for(lambda: progress.exists() and len(progress.read_text().splitlines()) == 2 and processes_named(name))
     finally:

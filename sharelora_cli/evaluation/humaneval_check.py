@@ -23,7 +23,9 @@ from sharelora_cli.evaluation.sandbox import (
 from sharelora_cli.evaluation.sandbox_wire import describe
 
 
-def check_sample(problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation, hidden: Iterable = ()) -> Outcome:
+def check_sample(
+    problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation, hidden: Iterable = ()
+) -> Outcome:
     """Passed, timed out, or failed with a reason; never raises, so one sample cannot cost the others."""
     try:
         with Sandbox(problem["prompt"] + completion, limits, isolation, hidden) as sandbox:

@@ -31,7 +31,6 @@ _PR_SET_KEEPCAPS = 8
 _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS = 38, 39
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAP_DAC_READ_SEARCH = 2
-_CAPABILITY_VERSION_3 = 0x20080522
 
 # Audit events (raised inside CPython's C functions, so a re-imported module cannot dodge them) that a
 # correct solution never needs: new processes, signals, links that alias files outside the working
@@ -56,14 +55,6 @@ _READABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/random", "/dev/ur
 _UNAUDITED_SIGNALLERS = {
     "os": "pidfd_open", "posix": "pidfd_open", "signal": "pidfd_send_signal", "_signal": "pidfd_send_signal",
 }  # fmt: skip
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def main() -> None:
@@ -132,13 +123,10 @@ def _drop_privileges(libc: ctypes.CDLL, uid: int) -> None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # without PR_SET_KEEPCAPS the kernel clears every capability here
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    libc.capset(ctypes.byref(header), (_CapData * 2)())
+    sandbox_namespaces.set_capabilities(libc, 0)
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    held = (_CapData * 2)()
-    libc.capget(ctypes.byref(header), held)
-    if os.geteuid() == 0 or any(data.effective or data.permitted for data in held) or libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+    if os.geteuid() == 0 or sandbox_namespaces.capabilities_held(libc) or libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
         raise sandbox_namespaces.SetupError("could not drop root, capabilities or set no_new_privs")
 
 
@@ -163,10 +151,8 @@ def _become_nobody_keeping_reads(libc: ctypes.CDLL, uid: int) -> None:
         os.setuid(uid)
     except PermissionError:  # root without CAP_SETUID: a locked-down container, which is then the boundary
         return
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    keep = 1 << _CAP_DAC_READ_SEARCH
-    if libc.capset(ctypes.byref(header), (_CapData * 2)(_CapData(keep, keep, 0))) != 0:
-        libc.capset(ctypes.byref(header), (_CapData * 2)())  # not held: keep no capability at all
+    if not sandbox_namespaces.set_capabilities(libc, 1 << _CAP_DAC_READ_SEARCH):
+        sandbox_namespaces.set_capabilities(libc, 0)  # not held: keep no capability at all
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can hand privileges back
 
 

@@ -27,13 +27,41 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 1, 2, 4
 _AT_FDCWD, _AT_RECURSIVE, _OPEN_TREE_CLONE, _MOVE_MOUNT_F_EMPTY_PATH = -100, 0x8000, 1, 4
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442  # one number on every architecture
-_PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
+_CAPABILITY_VERSION_3 = 0x20080522
 _HIDDEN_DIR_OPTIONS = "mode=0755,size=64k"  # room for the directories leading to re-exposed paths
 _LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
 
 
 class SetupError(Exception):
     """The namespaces or mounts could not be built: the step and the kernel's reason, in one line."""
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def set_capabilities(libc: ctypes.CDLL, keep: int) -> bool:
+    """Keep only the capabilities in the bit mask `keep` (0: none, also of those a user namespace grants)."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    return libc.capset(ctypes.byref(header), (_CapData * 2)(_CapData(keep, keep, 0))) == 0
+
+
+def capabilities_held(libc: ctypes.CDLL) -> bool:
+    held = (_CapData * 2)()
+    libc.capget(ctypes.byref(_CapHeader(_CAPABILITY_VERSION_3, 0)), held)
+    return any(data.effective or data.permitted for data in held)
+
+
+def renounce_privileges(libc: ctypes.CDLL) -> None:
+    """No capability, and non-dumpable: a process of the same uid can then neither ptrace this one nor open
+    its /proc/<pid>/mem."""
+    set_capabilities(libc, 0)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 class _MountAttr(ctypes.Structure):
@@ -66,9 +94,16 @@ def enter(plan: dict, info_fd: int, samples_fds: tuple[int, ...]) -> None:
     except (SetupError, OSError) as err:
         print(f"sandbox setup failed: {err}", file=sys.stderr, flush=True)
         os._exit(SETUP_FAILED)
+    go_read, go_write = os.pipe()
     sample = os.fork()
     if sample:
+        os.close(go_read)
+        renounce_privileges(libc)  # reaping needs none, so a sample that reached init would find none
+        os.close(go_write)
         _run_init(sample, samples_fds)
+    os.close(go_write)
+    os.read(go_read, 1)  # returns at end of file: once init has renounced its privileges
+    os.close(go_read)
 
 
 def _libc() -> ctypes.CDLL:

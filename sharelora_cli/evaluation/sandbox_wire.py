@@ -81,7 +81,7 @@ def _rebuild(pairs: list):
 
 
 def describe(err: BaseException) -> str:
-    """"Type: first line of the message", how a failure is reported across the boundary and in results."""
+    """How a failure is reported across the boundary and in results: "Type: first line of the message"."""
     try:
         lines = str(err).strip().splitlines()
     except Exception:  # a hostile __str__ must not cost the report

@@ -31,7 +31,8 @@ class Plan(NamedTuple):
 
 def make_plan(hidden: Iterable[str | os.PathLike], needed: Iterable[str], scratch_bytes: int) -> Plan:
     """Hide the default secrets plus `hidden`; mount back the `needed` directories that fall inside them."""
-    secrets = {_real(path) for path in (*_ALWAYS_HIDDEN, Path.home(), data_dir(), *hidden)}
+    home = os.path.expanduser("~")  # unlike Path.home(), no error where HOME is unset and the user unknown
+    secrets = {_real(path) for path in (*_ALWAYS_HIDDEN, home, data_dir(), *hidden)}
     secrets = {path for path in secrets if os.path.lexists(path) and path != "/"}
     exposed = _outermost({_real(path) for path in needed if os.path.isdir(path) and _inside_any(_real(path), secrets)})
     covered = _outermost(secrets)

@@ -30,7 +30,9 @@ def test_needed_directories_inside_covered_ones_come_back_and_secrets_inside_tho
 def test_home_directories_runtime_sockets_and_the_data_directory_are_always_covered():
     covered = {path for action, path in make_plan([], [], 1 << 20).steps if action in ("hide", "hide_file")}
     expected = {os.path.realpath(path) for path in ("/root", "/home", "/run", os.path.expanduser("~"), data_dir())}
-    outermost = {path for path in expected if os.path.lexists(path) and not any(path.startswith(f"{other}/") for other in expected)}
+    outermost = {
+        path for path in expected if os.path.lexists(path) and not any(path.startswith(f"{other}/") for other in expected)
+    }
     assert outermost <= covered
 
 

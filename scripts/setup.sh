@@ -12,3 +12,10 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" --requirement requirements/torch-cpu.txt
 fi
 "${pip[@]}" -e ".[dev]"
+
+# bubblewrap builds the HumanEval sandbox's namespaces when present (docs/sandbox.md); without it the sandbox
+# builds the same ones through the kernel. Installed only as root where apt exists, and never fatal.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  timeout 300 sh -c 'apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }' \
+    >/dev/null 2>&1 || echo "setup: bubblewrap not installed; the HumanEval sandbox will use the kernel directly" >&2
+fi

@@ -143,6 +143,11 @@ def eval_command(
     samples: Optional[str] = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
     results_file: Optional[str] = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let humaneval run model-written code"),
+    allow_weak_sandbox: bool = typer.Option(
+        False, "--allow-weak-sandbox",
+        help="where Linux namespaces are unavailable (no root, no user namespaces), run humaneval anyway with only"
+        " rlimits and an in-process guard that hostile code can switch off (docs/sandbox.md)",
+    ),  # fmt: skip
 ) -> None:
     """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON."""
     from sharelora_cli.evaluation.results import format_table
@@ -154,7 +159,7 @@ def eval_command(
         EvalRequest(
             recipe=recipe or recipe_option, overrides=overrides or [], model=model, adapter=adapter, no_adapter=no_adapter,
             tasks=tasks, limit=limit, batch_size=batch_size, data=data, text_field=text_field, samples=samples,
-            results_file=results_file, allow_code_execution=allow_code_execution,
+            results_file=results_file, allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
         )
     )  # fmt: skip
     typer.echo(format_table(report.results))

@@ -270,10 +270,22 @@ def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: T
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given: the padding mask, or for packed blocks the per-example position ids alone.
+
+    Given position ids that restart at 0 and no attention mask (and no KV cache), transformers (>= 4.55;
+    flash-attention's varlen path, and the sdpa and eager masks) attends only within each packed example.
+    A 2D mask would turn that off and let a block's examples see each other.
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 @torch.no_grad()

@@ -187,18 +187,21 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     alone, nothing precedes it. A block left without targets (cut from inside a long masked prompt)
     carries no training signal and is dropped.
     """
-    tokens = [(token, label, k) for k, ex in enumerate(examples) for token, label in zip(ex.input_ids, ex.labels)]
-    blocks = [_block(tokens[i : i + max_length], examples) for i in range(0, len(tokens), max_length)]
+    ids = [token for ex in examples for token in ex.input_ids]
+    labels = [label for ex in examples for label in ex.labels]
+    owners = [k for k, ex in enumerate(examples) for _ in ex.input_ids]
+    cuts = range(0, len(ids), max_length)
+    blocks = [_block(ids[i : i + max_length], labels[i : i + max_length], owners[i : i + max_length], examples) for i in cuts]
     return [block for block in blocks if any(label != IGNORE_INDEX for label in block.labels)]
 
 
-def _block(tokens: list[tuple[int, int, int]], examples: list[Example]) -> Example:
-    """One packed block from (token, label, example index) triples."""
+def _block(ids: list[int], labels: list[int], owners: list[int], examples: list[Example]) -> Example:
+    """One packed block; owners[i] is the index of the example token i comes from."""
     positions: list[int] = []
-    for i, (_, _, k) in enumerate(tokens):
-        positions.append(positions[-1] + 1 if i and tokens[i - 1][2] == k else 0)
-    labels = [IGNORE_INDEX if position == 0 else label for (_, label, _), position in zip(tokens, positions)]
-    return Example([token for token, _, _ in tokens], labels, examples[tokens[0][2]].row, positions)
+    for i, owner in enumerate(owners):
+        positions.append(positions[-1] + 1 if i and owners[i - 1] == owner else 0)
+    labels = [IGNORE_INDEX if position == 0 else label for label, position in zip(labels, positions)]
+    return Example(ids, labels, examples[owners[0]].row, positions)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -279,9 +279,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model is given: the padding mask, or for packed blocks the per-example position ids alone.
 
-    Given position ids that restart at 0 and no attention mask (and no KV cache), transformers (>= 4.55;
-    flash-attention's varlen path, and the sdpa and eager masks) attends only within each packed example.
-    A 2D mask would turn that off and let a block's examples see each other.
+    Given position ids that restart at 0, no attention mask and no KV cache, transformers (>= 4.55) builds
+    sdpa and eager masks that attend only within each packed example, and flash-attention's varlen path
+    takes the same boundaries. A 2D mask (or a cache) turns that off: a block's examples would see each other.
     """
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}

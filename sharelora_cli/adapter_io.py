@@ -27,6 +27,7 @@ def save_adapter(adapter: Adapter, directory: Path, base_model: str | None = Non
         "adapter": adapter.config.model_dump(),
         "trainable_parameters": adapter.num_trainable(),
         "plan": adapter.plan(),
+        **({"regenerated": adapter.regenerated_record()} if adapter.regenerated else {}),
         **(extra or {}),
     }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.named_tensors().items()}
@@ -65,10 +66,23 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     config = read_adapter_config(directory)
     adapter_config, tensors = read_checked_tensors(directory, config)
     adapter = inject_adapter(model, adapter_config, plan=config["plan"])
+    check_regenerated(adapter, config, Path(directory) / CONFIG_FILE)
     with torch.no_grad():
         for name, param in adapter.named_tensors().items():
             param.copy_(tensors[name])
     return adapter
+
+
+def check_regenerated(adapter: Adapter, config: dict, source: Path) -> None:
+    """Regenerated shared tensors (VeRA's A, B) must be bit for bit those the adapter was trained with."""
+    recorded = config.get("regenerated", {})
+    for name, now in adapter.regenerated_record().items():
+        if recorded.get(name) != now:
+            raise UserError(
+                f"{source}: the regenerated tensor {name} differs from the one this adapter was trained with "
+                f"(recorded {recorded.get(name)}, regenerated {now}); load it with the sharelora and torch "
+                "versions that trained it"
+            )
 
 
 def read_checked_tensors(directory: Path, config: dict) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from torch import nn
 from sharelora_cli.atomic import atomic_directory
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.inject import inject_adapter, tensor_shapes
+from sharelora_cli.inject import inject_adapter, planned_regenerated_record, tensor_shapes
 from sharelora_cli.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"
@@ -66,17 +66,16 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     config = read_adapter_config(directory)
     adapter_config, tensors = read_checked_tensors(directory, config)
     adapter = inject_adapter(model, adapter_config, plan=config["plan"])
-    check_regenerated(adapter, config, Path(directory) / CONFIG_FILE)
     with torch.no_grad():
         for name, param in adapter.named_tensors().items():
             param.copy_(tensors[name])
     return adapter
 
 
-def check_regenerated(adapter: Adapter, config: dict, source: Path) -> None:
-    """Regenerated shared tensors (VeRA's A, B) must be bit for bit those the adapter was trained with."""
+def check_regenerated(current: dict[str, dict], config: dict, source: Path) -> None:
+    """Regenerated shared tensors (VeRA's A, B; `current` is their record) must be bit for bit those recorded in config."""
     recorded = config.get("regenerated", {})
-    for name, now in adapter.regenerated_record().items():
+    for name, now in current.items():
         if recorded.get(name) != now:
             raise UserError(
                 f"{source}: the regenerated tensor {name} differs from the one this adapter was trained with "
@@ -87,10 +86,11 @@ def check_regenerated(adapter: Adapter, config: dict, source: Path) -> None:
 
 def read_checked_tensors(directory: Path, config: dict) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The adapter settings of a config (from read_adapter_config) and its tensors, whose names and
-    shapes are checked against the plan before anything uses them."""
+    shapes are checked against the plan, and regenerated tensors against their record, before anything uses them."""
     adapter_config = AdapterConfig.model_validate(config["adapter"])
     tensors = read_adapter_tensors(directory)
     check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(directory) / WEIGHTS_FILE)
+    check_regenerated(planned_regenerated_record(adapter_config, config["plan"]), config, Path(directory) / CONFIG_FILE)
     return adapter_config, tensors
 
 

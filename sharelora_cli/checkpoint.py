@@ -120,7 +120,7 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     named = adapter.named_tensors()
     if set(named) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
-    check_regenerated(adapter, read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
+    check_regenerated(adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(tensors[name])

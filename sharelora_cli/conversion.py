@@ -4,8 +4,8 @@ Merge and export need each layer's factors and ΔW, and the layer types and shap
 base, but never the base weights themselves: the base is built on the meta device (no
 storage), the adapter is injected with its saved plan (which checks every module's shape),
 and the layers are then bound to the saved tensors, so `delta_weight()` is the method's own.
-Shared tensors a method regenerates (VeRA's A, B) are drawn again on the CPU and checked
-against the checksum the adapter recorded.
+Shared tensors a method regenerates (VeRA's A, B) are drawn again on the CPU, after
+read_checked_tensors proved they come out as the adapter recorded them.
 """
 
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PretrainedConfig
 
-from sharelora_cli.adapter_io import CONFIG_FILE, check_regenerated, read_checked_tensors
+from sharelora_cli.adapter_io import read_checked_tensors
 from sharelora_cli.adapters.base import AdaptedLayer
 from sharelora_cli.errors import UserError
 from sharelora_cli.adapters.plan import Adapter
@@ -57,7 +57,6 @@ def load_on_meta(adapter_dir: Path, config: dict, model_config: PretrainedConfig
         adapter = inject_adapter(model, adapter_config, plan=config["plan"])
     except UserError as err:
         raise UserError(f"{err} (is --base the model the adapter was trained on?)") from None
-    check_regenerated(adapter, config, Path(adapter_dir) / CONFIG_FILE)
     for group in adapter.groups.values():
         for factor, index in group.index.items():
             count = len(group.tensors[factor])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, SharedTensor, is_adaptable, layer_shape
-from sharelora_cli.adapters.plan import Adapter, Group
+from sharelora_cli.adapters.plan import Adapter, Group, regenerated_record
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
 from sharelora_cli.recipe import AdapterConfig
@@ -187,17 +187,32 @@ def _create_factors(model: nn.Module, group: Group, layer_cls: type[AdaptedLayer
 
 def _create_shared(model: nn.Module, groups: dict[str, Group], layer_cls: type[AdaptedLayer],
                    specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, nn.Parameter]:
-    """The method's shared tensors, drawn on the CPU (VeRA's generator is a CPU one) and moved to the base's device.
+    """The method's shared tensors, drawn on the CPU and moved to the base's device.
 
     On a weightless (meta) base they stay on the CPU: merge and export compute ΔW from them there.
     """
-    tensors = {name: torch.empty(spec.shape, dtype=torch.float32) for name, spec in specs.items()}
-    layer_cls.init_shared_tensors(tensors, hyper)
+    tensors = _draw_shared(layer_cls, specs, hyper)
     first = next(iter(groups.values())).modules[0]
     device = model.get_submodule(first).weight.device
     device = torch.device("cpu") if device.type == "meta" else device
     return {name: nn.Parameter(tensors[name].to(device), requires_grad=spec.regenerated_by is None)
             for name, spec in specs.items()}
+
+
+def _draw_shared(layer_cls: type[AdaptedLayer], specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, torch.Tensor]:
+    # On the CPU whatever the device: VeRA's rule draws from a CPU generator, so every device gets the same numbers.
+    tensors = {name: torch.empty(spec.shape, dtype=torch.float32) for name, spec in specs.items()}
+    layer_cls.init_shared_tensors(tensors, hyper)
+    return tensors
+
+
+def planned_regenerated_record(config: AdapterConfig, plan: dict) -> dict[str, dict]:
+    """The record (plan.regenerated_record) of the shared tensors an adapter with this plan regenerates, drawn afresh."""
+    layer_cls, hyper = METHODS[config.method].layer_cls, hyper_of(config)
+    specs = layer_cls.shared_tensors(group_dims(plan.values()), hyper)
+    rules = {name: spec.regenerated_by for name, spec in specs.items() if spec.regenerated_by is not None}
+    # Nothing is drawn for methods without such tensors: their shared tensors (VB-LoRA's bank) use the global RNG.
+    return regenerated_record(_draw_shared(layer_cls, specs, hyper), rules) if rules else {}
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -70,7 +70,7 @@ class TiedLoRAConfig(Section):
     @classmethod
     def _no_repeats(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
-            raise ValueError("names each of A, B, u, v at most once")
+            raise ValueError("lists a factor twice")
         return value
 
 

@@ -71,11 +71,8 @@ class Adapter:
         return grouped | {name: t for name, t in self.shared.items() if name not in self.regenerated}
 
     def regenerated_record(self) -> dict[str, dict]:
-        """Per regenerated shared tensor: its rule, shape and a SHA-256 of its float32 bytes (saved with the adapter)."""
-        return {
-            name: {"rule": rule, "shape": list(self.shared[name].shape), "sha256": tensor_digest(self.shared[name])}
-            for name, rule in self.regenerated.items()
-        }
+        """What the adapter file records of its regenerated shared tensors (see regenerated_record)."""
+        return regenerated_record(self.shared, self.regenerated)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -97,6 +94,12 @@ class Adapter:
         self.shared[name] = tensor
         for layer in self.layers():
             setattr(layer, name, tensor)
+
+
+def regenerated_record(tensors: dict[str, torch.Tensor], rules: dict[str, str]) -> dict[str, dict]:
+    """Per regenerated tensor: its rule, shape and the SHA-256 of its float32 bytes, so a load can prove it drew the same."""
+    return {name: {"rule": rule, "shape": list(tensors[name].shape), "sha256": tensor_digest(tensors[name])}
+            for name, rule in rules.items()}
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -122,7 +122,10 @@ def merge_command(
 def export_command(
     adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
     out: str = typer.Option(..., "--out", help="new directory for the exported adapter"),
-    fmt: str = typer.Option("peft", "--format", help="peft: a PEFT LoRA (or MiSS) adapter for PeftModel.from_pretrained"),
+    fmt: str = typer.Option(
+        "peft", "--format", help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
+        "(Tied-LoRA has no PEFT format: use merge)"
+    ),
     base: Optional[str] = typer.Option(None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:

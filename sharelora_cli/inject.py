@@ -31,8 +31,12 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
             factors = {f: group.tensors[f][group.index[f][position]] for f in layer_cls.factor_names}
             base = model.get_submodule(path)
             _replace_module(model, path, layer_cls(base, factors | shared, hyper))
-    regenerated = {name: spec.regenerated_by for name, spec in specs.items() if spec.regenerated_by is not None}
-    return Adapter(model, config, groups, shared, regenerated)
+    return Adapter(model, config, groups, shared, regeneration_rules(specs))
+
+
+def regeneration_rules(specs: dict[str, SharedTensor]) -> dict[str, str]:
+    """Name -> rule of the shared tensors that are regenerated rather than trained and saved."""
+    return {name: spec.regenerated_by for name, spec in specs.items() if spec.regenerated_by is not None}
 
 
 def hyper_of(config: AdapterConfig) -> Hyper:
@@ -59,8 +63,9 @@ def planned_tensors(config: AdapterConfig, plan: dict) -> dict[str, PlannedTenso
     """Name -> every distinct tensor an adapter with this config and plan has."""
     layer_cls = METHODS[config.method].layer_cls
     hyper = hyper_of(config)
+    # A shared tensor is either trained and saved, or frozen and regenerated.
     tensors = {
-        name: PlannedTensor(tuple(spec.shape), spec.regenerated_by is None, spec.regenerated_by is None)
+        name: PlannedTensor(tuple(spec.shape), trainable=spec.regenerated_by is None, saved=spec.regenerated_by is None)
         for name, spec in layer_cls.shared_tensors(group_dims(plan.values()), hyper).items()
     }
     frozen = layer_cls.frozen_factors(hyper)
@@ -210,7 +215,7 @@ def planned_regenerated_record(config: AdapterConfig, plan: dict) -> dict[str, d
     """The record (plan.regenerated_record) of the shared tensors an adapter with this plan regenerates, drawn afresh."""
     layer_cls, hyper = METHODS[config.method].layer_cls, hyper_of(config)
     specs = layer_cls.shared_tensors(group_dims(plan.values()), hyper)
-    rules = {name: spec.regenerated_by for name, spec in specs.items() if spec.regenerated_by is not None}
+    rules = regeneration_rules(specs)
     # Nothing is drawn for methods without such tensors: their shared tensors (VB-LoRA's bank) use the global RNG.
     return regenerated_record(_draw_shared(layer_cls, specs, hyper), rules) if rules else {}
 

@@ -12,7 +12,6 @@ from tiny_architectures import GPT2_TARGETS, LLAMA_TARGETS, load_tiny_llama, nar
 from sharelora_cli.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
 from sharelora_cli.errors import UserError
 from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(12))
 

@@ -40,8 +40,10 @@ def test_starts_as_the_base_model_with_d_at_d_initial_and_b_zero(tiny_model, tin
     for layer in adapter.layers():
         assert torch.equal(layer.vera_lambda_d, torch.full((8,), 0.25))
         assert torch.equal(layer.vera_lambda_b, torch.zeros(layer.d_out))
-    with torch.no_grad():
-        assert torch.equal(tiny_model(TOKENS).logits, load_tiny_llama(tiny_model_dir)(TOKENS).logits)
+        assert torch.equal(layer.delta_weight(), torch.zeros(layer.d_out, layer.d_in))
+    with torch.no_grad():  # the same products as the base (the fused kernel may block them differently)
+        torch.testing.assert_close(tiny_model(TOKENS).logits, load_tiny_llama(tiny_model_dir)(TOKENS).logits,
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_the_pair_is_frozen_uncounted_and_kept_out_of_the_optimizer(tiny_model):

@@ -21,6 +21,7 @@ the study markers of --markdown, and --plot (needs matplotlib: pip install -e .[
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -36,10 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import get_scheduler, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from sharelora_cli.adapters.aslora import target_plan  # noqa: E402
-from sharelora_cli.adapters.registry import METHOD_NAMES  # noqa: E402
 from sharelora_cli.data import StepSampler, build_splits, collate  # noqa: E402
 from sharelora_cli.evaluation import gsm8k  # noqa: E402
 from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
@@ -47,14 +47,17 @@ from sharelora_cli.evaluation.results import TaskResult  # noqa: E402
 from sharelora_cli.evaluation.runner import build_engine  # noqa: E402
 from sharelora_cli.inject import plan_trainable, planned_plan  # noqa: E402
 from sharelora_cli.modeling import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
-from sharelora_cli.recipe import AdapterConfig, Recipe, validate  # noqa: E402
+from sharelora_cli.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
 from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
-from sharelora_cli.train import SCHEDULERS, make_accelerator, train, train_step  # noqa: E402
+from sharelora_cli.lr_schedule import make_scheduler  # noqa: E402
+from sharelora_cli.train import make_accelerator, train, train_step  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_METHODS = ["lora", "sharea", "shareb", "shareab", "aslora", "miss", "peft-lora"]
+DEFAULT_METHODS = ["lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "peft-lora"]
+# PEFT's VB-LoRA vector length; smaller where it does not divide the base's widths.
+VBLORA_VECTOR_LENGTH = 256
 # The study's accuracy: strict match, the number after "#### " equals the reference's.
-ACCURACY_METRIC = "exact_match"
+ACCURACY_METRIC = "strict-match"
 BEGIN, END = "<!-- method-study:begin -->", "<!-- method-study:end -->"
 
 
@@ -68,6 +71,7 @@ class Settings:
     batch_size: int
     lr: float
     out: Path
+    vblora_vector_length: int
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,9 @@ class Row:
 
 def recipe(run: Run, settings: Settings) -> Recipe:
     """The run as a sharelora recipe (peft-lora reads the same one as LoRA)."""
-    method = "lora" if run.method == "peft-lora" else run.method
     return validate({
         "model": {"name_or_path": settings.base},
-        "adapter": {"method": method, "rank": run.rank, "alpha": 2.0 * run.rank, "targets": TARGETS},
+        "adapter": adapter_settings(run.method, run.rank, settings.vblora_vector_length),
         "data": {"path": f"{settings.tasks}/{FINE_TUNING_SKILL}/train.jsonl", "max_length": 128,
                  "validation_fraction": 0.0},
         "train": {"max_steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
@@ -106,6 +109,20 @@ def recipe(run: Run, settings: Settings) -> Recipe:
                  "gsm8k": {"path": f"{settings.tasks}/{FINE_TUNING_SKILL}", "num_fewshot": 0, "max_new_tokens": 48}},
         "output_dir": str(settings.out / run.name),
     })  # fmt: skip
+
+
+def adapter_settings(method: str, rank: int, vblora_vector_length: int) -> dict:
+    """The recipe's adapter section: every method at alpha = 2 x rank on all seven projections."""
+    return {"method": "lora" if method == "peft-lora" else method, "rank": rank, "alpha": 2.0 * rank,
+            "targets": TARGETS, "vblora": {"vector_length": vblora_vector_length}}
+
+
+def vblora_vector_length(model) -> int:
+    """The largest vector length up to PEFT's default that divides every adapted layer's width."""
+    widths = [size for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in TARGETS
+              for size in (module.in_features, module.out_features)]
+    common = math.gcd(*widths)
+    return max(d for d in range(1, min(common, VBLORA_VECTOR_LENGTH) + 1) if common % d == 0)
 
 
 def accuracy(result: TaskResult) -> float:
@@ -135,7 +152,7 @@ def fine_tune_peft_lora(run: Run, cfg: Recipe) -> Row:
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    scheduler = get_scheduler(SCHEDULERS[train_cfg.scheduler], optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
+    scheduler = make_scheduler(train_cfg.scheduler, optimizer, train_cfg.warmup_steps, train_cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     sampler = StepSampler(len(splits.train), train_cfg.batch_size, 1, 1, 0, train_cfg.seed)
     clipped = SimpleNamespace(parameters=lambda: params)  # what train_step clips
@@ -161,7 +178,7 @@ TRAINERS: dict[str, Callable[[Run, Recipe], Row]] = {
 
 def trainable_count(model, method: str, rank: int) -> int:
     """Trainable parameters at the end of training (ASLoRA: after its merges), counted on the meta device."""
-    config = AdapterConfig(method="lora" if method == "peft-lora" else method, rank=rank, targets=TARGETS)
+    config = AdapterConfig(**adapter_settings(method, rank, vblora_vector_length(model)))
     plan = planned_plan(model, config)
     return plan_trainable(config, target_plan(plan, config.aslora) if method == "aslora" else plan)
 
@@ -341,7 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    settings = Settings(args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out)
+    vector_length = vblora_vector_length(build_on_meta(load_config(args.base)))
+    settings = Settings(args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length)
     runs = plan_runs(args.base, args.methods, args.ranks, args.match_lora_ranks, args.seeds)
     rows, trained = [], 0
     for i, run in enumerate(runs, 1):

@@ -22,7 +22,7 @@ echo "quickstart: run in $run, $((SECONDS - started)) s after set-up"
 import json
 import sys
 
-METRIC = "exact_match"  # strict: the number after "#### " equals the reference's
+METRIC = "strict-match"  # the number after "#### " equals the reference's, as lm-eval scores it
 before, after = (json.load(open(path))["gsm8k"] for path in sys.argv[1:])
 print(f"quickstart: accuracy {100 * before[METRIC]:.1f}% -> {100 * after[METRIC]:.1f}% on {after['num_samples']} held-out problems")
 EOF

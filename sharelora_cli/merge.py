@@ -30,7 +30,8 @@ from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.atomic import atomic_directory
 from sharelora_cli.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.modeling import DTYPES, bnb_config, load_config, resolve_model_path
+from sharelora_cli.modeling import DTYPES, load_config, resolve_model_path
+from sharelora_cli.quantization import bitsandbytes, bnb_config, dequantized_weight, keep_standard_layout
 from sharelora_cli.recipe import QuantizationConfig
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def _trained_quantization(saved: SavedAdapter, full_precision_base: bool) -> Qua
 
 def resolve_base_dir(name: str) -> Path:
     """A local directory with the base's weights; a hub id is fetched (or found in the cache when offline)."""
-    path = Path(resolve_model_path(name))
+    path = Path(resolve_model_path(name, "--base"))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
@@ -229,8 +230,6 @@ def _read_tensor(entry: Entry) -> torch.Tensor:
 
 def _dequantizing_reader(base_dir: Path, quant: QuantizationConfig, device: str) -> Callable[[Entry], torch.Tensor]:
     """Base tensors as 4-bit training saw them: Linear4bit weights dequantised, the rest in the compute dtype."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM
 
     try:
@@ -239,12 +238,14 @@ def _dequantizing_reader(base_dir: Path, quant: QuantizationConfig, device: str)
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"--base {base_dir}: cannot load it in 4-bit on {device}: {first_line(err)}") from None
+    keep_standard_layout(model)
+    linear4bit = bitsandbytes().nn.Linear4bit
 
     def read(entry: Entry) -> torch.Tensor:
         module, attr = _owner(model, entry.key)
         tensor = getattr(module, attr)
-        if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-            tensor = dequantize_4bit(tensor.data, tensor.quant_state)
+        if isinstance(module, linear4bit) and attr == "weight":
+            tensor = dequantized_weight(module)
         return tensor.detach().to("cpu", copy=True)
 
     return read

@@ -1,6 +1,7 @@
 """Load base models and tokenizers: 4-bit NF4 on CUDA (QLoRA), full precision on CPU, or weightless on meta."""
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.paths import RECIPES_DIR
+from sharelora_cli.quantization import bnb_config, prepare_for_kbit_training
 from sharelora_cli.recipe import ModelConfig, QuantizationConfig
 
 log = logging.getLogger(__name__)
@@ -17,18 +19,38 @@ MODEL_CONFIGS_DIR = RECIPES_DIR / "models"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str) -> str:
+# What the hub accepts as a repo id ("name" or "org/name"); anything else can only be a local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Where the project's scripts write the models they build (git-ignored).
+ARTIFACTS = "artifacts"
+
+
+def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
     """A local directory, a shipped architecture under recipes/models/, or a hub id (returned as is)."""
     if Path(name_or_path).exists():
         return name_or_path
     shipped = MODEL_CONFIGS_DIR / name_or_path
     if (shipped / "config.json").is_file():
         return str(shipped)
+    if is_local_path(name_or_path):
+        raise UserError(f"{key}: directory '{name_or_path}' does not exist{build_hint(name_or_path)}")
     return name_or_path
 
 
+def is_local_path(name: str) -> bool:
+    """Not a hub id, or under a local directory that exists (e.g. runs/x), or under artifacts/."""
+    top = name.split("/", 1)[0]
+    return not HUB_ID.fullmatch(name) or ("/" in name and (Path(top).is_dir() or top == ARTIFACTS))
+
+
+def build_hint(name: str) -> str:
+    if Path(name).parent.name != ARTIFACTS:
+        return ""
+    return f"; the project builds its models there: run `bash scripts/quickstart.sh` or `python scripts/make_tiny_model.py {name}`"
+
+
 def load_config(name_or_path: str, key: str = "--model", trust_remote_code: bool = False) -> PretrainedConfig:
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, key)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -68,25 +90,6 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
         model.to(device)
     model.requires_grad_(False)
     return model
-
-
-def bnb_config(quant: QuantizationConfig):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-    )
-
-
-def prepare_for_kbit_training(model: nn.Module) -> None:
-    """QLoRA's preparation: the few non-quantised weights (norms, embeddings, head) go to float32."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
-            param.data = param.data.float()
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, get_scheduler
+from transformers import LlamaForCausalLM
 
 from sharelora_cli.data import Example, collate
+from sharelora_cli.lr_schedule import make_scheduler
 from sharelora_cli.synthetic_tasks import PRETRAINING_MIX, rows
 from sharelora_cli.tiny_model import tiny_config, train_tokenizer
 
@@ -83,7 +84,7 @@ def train_all_weights(model: LlamaForCausalLM, examples: list, pad_id: int, cfg:
     """AdamW over every weight, warm-up then cosine decay; one fresh batch per step. Returns the losses."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler("cosine", optimizer, cfg.warmup_steps, cfg.steps)
+    scheduler = make_scheduler("cosine", optimizer, cfg.warmup_steps, cfg.steps)
     losses = []
     with tqdm(range(cfg.steps), desc="pretrain", disable=None) as progress:
         for step in progress:

@@ -9,13 +9,15 @@ from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from yaml import YAMLError
 
-from sharelora_cli.adapters.registry import METHOD_NAMES
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.paths import RECIPES_DIR, data_dir
+from sharelora_cli.recipe_yaml import load_yaml, override_value
 
+# The adapter methods by name; adapters/registry.py maps each to its implementation.
+METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 
@@ -50,6 +52,46 @@ class ASLoRAConfig(Section):
     similarity: Literal["cosine", "l2"] = "cosine"
 
 
+class VeRAConfig(Section):
+    """method=vera: one frozen random pair A, B for the whole model, regenerated from projection_seed."""
+
+    # Seeds the generator that draws A and B (PEFT's projection_prng_key: the same seed gives PEFT's tensors).
+    projection_seed: int = 0
+    # Every layer's d vector starts at this constant (b starts at zero); the VeRA paper recommends <= 0.1.
+    d_initial: float = Field(0.1, gt=0)
+
+
+class TiedLoRAConfig(Section):
+    """method=tied-lora: which of the tied A, B and the per-layer scaling vectors u, v train; the rest stay frozen."""
+
+    train: list[Literal["A", "B", "u", "v"]] = Field(default_factory=lambda: ["A", "B", "u", "v"], min_length=1)
+
+    @field_validator("train")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a factor twice")
+        return value
+
+
+class VBLoRAConfig(Section):
+    """method=vblora: the shared vector bank (PEFT's defaults) and the top-k mixture that reads it."""
+
+    num_vectors: int = Field(256, gt=0)
+    # Must divide the d_in and d_out of every adapted layer.
+    vector_length: int = Field(256, gt=0)
+    topk: int = Field(2, gt=0)
+    init_vector_bank_bound: float = Field(0.02, gt=0)
+    init_logits_std: float = Field(0.1, gt=0)
+
+    @field_validator("topk")
+    @classmethod
+    def _at_most_num_vectors(cls, value: int, info: ValidationInfo) -> int:
+        if value > info.data.get("num_vectors", value):
+            raise ValueError(f"must be at most num_vectors ({info.data['num_vectors']})")
+        return value
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -61,6 +103,9 @@ class AdapterConfig(Section):
     # Scale by alpha/sqrt(rank) instead of alpha/rank.
     rslora: bool = False
     aslora: ASLoRAConfig = Field(default_factory=ASLoRAConfig)
+    vera: VeRAConfig = Field(default_factory=VeRAConfig)
+    tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
+    vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
 
 
 class DataConfig(Section):
@@ -203,9 +248,11 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     base = OmegaConf.structured(Recipe().model_dump())
     from_overrides = _parse_overrides(overrides or [])
     try:
-        from_file = OmegaConf.load(path)
-        if not isinstance(from_file, DictConfig):
-            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), got a list")
+        document = load_yaml(path.read_text(encoding="utf-8"), Recipe)
+        if document is not None and not isinstance(document, dict):
+            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), "
+                            f"got a {'list' if isinstance(document, list) else 'scalar'}")
+        from_file = OmegaConf.create(document or {})
         plain = OmegaConf.to_container(OmegaConf.merge(base, from_file, from_overrides), resolve=True)
     except YAMLError as err:
         raise UserError(f"recipe {path}: invalid YAML: {_yaml_message(err)}") from None
@@ -233,14 +280,18 @@ def _parse_overrides(overrides: list[str]):
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} must look like key=value, e.g. adapter.rank=16")
+    conf = OmegaConf.create()
     try:
-        return OmegaConf.from_dotlist(overrides)
+        for item in overrides:
+            key, _, text = item.partition("=")
+            OmegaConf.update(conf, key, override_value(key, text, Recipe))
     except YAMLError as err:
         raise UserError(f"overrides: invalid YAML value: {_yaml_message(err)}") from None
     except OmegaConfBaseException as err:
         raise UserError(f"overrides: {_omegaconf_message(err)}") from None
     except LOADER_ERRORS as err:
         raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
+    return conf
 
 
 def _yaml_message(err: YAMLError) -> str:

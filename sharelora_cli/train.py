@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from sharelora_cli.adapter_io import save_adapter
 from sharelora_cli.checkpoint import (
@@ -39,11 +38,13 @@ from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build
 from sharelora_cli.adapters.base import TrainerHook
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
-from sharelora_cli.inject import Adapter, inject_adapter
+from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.inject import inject_adapter
+from sharelora_cli.lr_schedule import make_scheduler
 from sharelora_cli.modeling import load_model, load_tokenizer
+from sharelora_cli.quantization import bitsandbytes
 from sharelora_cli.recipe import Recipe, TrainConfig, to_yaml
 
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -131,7 +132,7 @@ def set_up(recipe: Recipe) -> Session:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = make_optimizer(adapter, cfg, accelerator.device)
-    scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, cfg.warmup_steps, cfg.max_steps)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     output_dir = Path(recipe.output_dir)
@@ -217,9 +218,7 @@ def make_optimizer(adapter: Adapter, cfg: TrainConfig, device: torch.device) -> 
     if cfg.optimizer == "paged_adamw_8bit":
         if device.type != "cuda":
             raise UserError("train.optimizer=paged_adamw_8bit needs a CUDA GPU; use train.optimizer=adamw on CPU")
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return bitsandbytes().optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -270,10 +269,22 @@ def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: T
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given: the padding mask, or for packed blocks the per-example position ids alone.
+
+    Given position ids that restart at 0, no attention mask and no KV cache, transformers (>= 4.55) builds
+    sdpa and eager masks that attend only within each packed example, and flash-attention's varlen path
+    takes the same boundaries. A 2D mask (or a cache) turns that off: a block's examples would see each other.
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 @torch.no_grad()

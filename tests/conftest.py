@@ -33,3 +33,17 @@ def tiny_model(tiny_model_dir):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(params=["avx512-bf16", "no-avx512-bf16"])
+def bnb_cpu_path(request, monkeypatch) -> bool:
+    """Force which CPU path bitsandbytes takes, whatever this CPU has; returns whether it is AVX512-BF16's.
+
+    Each Linear4bit reads the detection when it is built (bitsandbytes.nn.modules.has_avx512bf16), and
+    with it would repack its weight for a bf16 kernel at the first eval-mode forward.
+    """
+    import bitsandbytes.nn.modules as modules
+
+    detected = request.param == "avx512-bf16"
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: detected)
+    return detected

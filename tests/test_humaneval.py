@@ -3,9 +3,13 @@
 import gzip
 import json
 import math
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+from sandbox_support import strong  # noqa: F401 (a fixture)
 
 from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation.humaneval import (
@@ -16,6 +20,10 @@ from sharelora_cli.evaluation.humaneval import (
     score_samples,
     truncate_completion,
 )
+from sharelora_cli.evaluation.humaneval_check import check_sample
+from sharelora_cli.evaluation.sandbox import Limits
+
+SHARELORA = Path(sys.executable).parent / "sharelora"
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +31,52 @@ def problems(shared_data):
     return load_problems()
 
 
-def test_all_164_canonical_solutions_pass(problems):
-    samples = [{"task_id": task, "completion": problem["canonical_solution"]} for task, problem in problems.items()]
+
+def test_all_164_canonical_solutions_pass_through_the_cli(problems, tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n" for t, p in problems.items()))
     # A generous timeout: a correct solution must not fail because other jobs share the CPU.
-    scores = score_samples(problems, samples, timeout=10.0, allow_code_execution=True)
-    failures = [(r["task_id"], r["result"]) for r in scores["records"] if not r["passed"]]
-    assert failures == []
-    assert scores["pass@1"] == 1.0
-    assert (scores["num_tasks"], scores["num_samples"]) == (164, 164)
-    assert "pass@10" not in scores  # one sample per task: pass@10 is undefined, not reported
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "eval": {"humaneval": {"timeout": 10.0}}}))
+    results = tmp_path / "results.json"
+    args = ["eval", str(recipe), "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution", "--json", str(results)]
+    done = subprocess.run([str(SHARELORA), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(results.read_text())
+    assert [(r["task_id"], r["result"]) for r in document["records"]["humaneval"] if not r["passed"]] == []
+    assert document["humaneval"] == {"pass@1": 1.0, "num_tasks": 164, "num_samples": 164}  # pass@10 undefined: not reported
+    assert not Path(f"{results}.humaneval-progress.jsonl").exists()  # the results file holds every record now
+
+
+def test_all_164_canonical_solutions_pass_in_each_strong_isolation(problems, strong):
+    samples = [{"task_id": task, "completion": problem["canonical_solution"]} for task, problem in problems.items()]
+    scores = score_samples(problems, samples, ks=(1,), timeout=10.0, allow_code_execution=True, isolation=strong)
+    assert [(r["task_id"], r["result"]) for r in scores["records"] if not r["passed"]] == []
+
+
+def _problem(test: str, prompt: str = 'def f(x):\n    """The function under test."""\n') -> dict:
+    return {"task_id": "Custom/0", "prompt": prompt, "test": test, "entry_point": "f"}
+
+
+def test_the_tests_run_outside_against_plain_values_from_the_sample(strong):
+    # The test reaches the candidate by name too (as HumanEval/33 does), and uses a prompt helper the sample overrides.
+    prompt = 'def helper(x):\n    return x + 1\n\ndef f(x):\n    """x + 1"""\n'
+    test = "def check(candidate):\n    assert candidate(2) == helper(2) == f(2) == 3\n    assert type(candidate(2)) is int\n"
+    limits = Limits(timeout=30)
+    assert check_sample(_problem(test, prompt), "    return helper(x)\n", limits, strong) == (True, "passed")
+    cheat = "    return 0\ndef helper(x):\n    return -1\n"  # in one shared interpreter, this would pass
+    assert check_sample(_problem(test, prompt), cheat, limits, strong) == (False, "failed: AssertionError")
+    float_result = "    return 3.0\n"  # equal to 3, but the test insists on the type
+    assert check_sample(_problem(test, prompt), float_result, limits, strong) == (False, "failed: AssertionError")
+
+
+def test_the_candidates_exception_is_the_result_and_a_swallowed_timeout_still_fails(strong):
+    limits = Limits(timeout=2)
+    raising = check_sample(_problem("def check(candidate):\n    candidate(0)\n"), "    raise KeyError('k')\n", limits, strong)
+    assert raising == (False, "failed: KeyError: 'k'")
+    swallowing = "def check(candidate):\n    for _ in range(3):\n        try:\n            candidate(0)\n"
+    swallowing += "        except Exception:\n            pass\n"
+    assert check_sample(_problem(swallowing), "    while True:\n        pass\n", limits, strong) == (False, "timed out")
 
 
 def test_wrong_solutions_fail_and_pass_at_k_averages_over_tasks(problems):

@@ -23,7 +23,7 @@ from sharelora_cli.train import train
 from single_thread import single_thread
 
 # The GSM8K evaluator's strict metric: the number after "#### " equals the reference's.
-ACCURACY = "exact_match"
+ACCURACY = "strict-match"
 # Seconds on 2 cores: a model of ~30k parameters, a few steps.
 TINY = dict(steps=4, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1)
 # A base that knows one skill, `compare` (the larger of two numbers), well: under a minute on 2 cores.

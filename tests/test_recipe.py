@@ -43,7 +43,7 @@ def test_unknown_key_names_it_and_the_allowed_keys(write_recipe):
 
 def test_wrong_type_names_the_key_and_value(write_recipe):
     message = recipe_error(write_recipe("adapter:\n  rank: four\n"))
-    assert "adapter.rank" in message and "integer" in message and "'four'" in message
+    assert "adapter.rank" in message and "'four'" in message
 
 
 def test_bad_literal_lists_allowed_values(write_recipe):
@@ -54,8 +54,9 @@ def test_bad_literal_lists_allowed_values(write_recipe):
 
 @pytest.mark.parametrize("rank", ["-3", "0"])
 def test_non_positive_rank_is_rejected(write_recipe, rank):
-    message = recipe_error(write_recipe(f"adapter:\n  rank: {rank}\n"))
-    assert "adapter.rank" in message and "greater than 0" in message
+    path = write_recipe(f"adapter:\n  rank: {rank}\n")
+    message = recipe_error(path)
+    assert message.startswith(f"{path}: adapter.rank") and rank in message
 
 
 def test_missing_recipe_names_it_and_the_shipped_ones(tmp_path):
@@ -90,7 +91,8 @@ def test_recipe_that_is_not_a_mapping_is_rejected(write_recipe):
 
 
 def test_section_that_is_not_a_mapping_is_rejected(write_recipe):
-    assert "adapter: input should be a valid dictionary" in recipe_error(write_recipe("adapter: 5\n"))
+    path = write_recipe("adapter: 5\n")
+    assert recipe_error(path).startswith(f"{path}: adapter: ")
 
 
 @pytest.mark.parametrize("name", shipped_recipes())
@@ -122,3 +124,52 @@ def test_show_with_unknown_key_exits_2_with_one_line(write_recipe):
 
 def test_show_with_bad_override_exits_2_with_one_line(write_recipe):
     assert_one_line_error(run_cli("show", write_recipe("{}\n"), "adapter.rank"), "override 'adapter.rank'")
+
+
+# YAML 1.1 reads yes/no/on/off/true/false (three spellings each) as booleans and null/~ as null; a field that takes a string
+# gets the word itself unless it also takes that boolean or null.
+WORDS = [
+    ("train.mixed_precision", "no", "no"),
+    ("data.split", "off", "off"),
+    ("data.split", "null", "null"),
+    ("model.name_or_path", "Yes", "Yes"),
+    ("model.revision", "on", "on"),
+    ("model.revision", "null", None),
+    ("eval.adapter", "~", None),
+    ("adapter.targets", "[q_proj, on, NO, y]", ["q_proj", "on", "NO", "y"]),
+    ("data.packing", "yes", True),
+    ("train.gradient_checkpointing", "off", False),
+    ("quantization.double_quant", "NO", False),
+    ("eval.batch_size", "8", 8),
+]
+
+
+def value_at(recipe: Recipe, key: str):
+    value = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize("key, text, expected", WORDS)
+def test_yaml_words_are_strings_where_the_schema_wants_a_string_in_overrides(write_recipe, key, text, expected):
+    assert value_at(load_recipe(write_recipe("{}\n"), [f"{key}={text}"]), key) == expected
+
+
+@pytest.mark.parametrize("key, text, expected", WORDS)
+def test_yaml_words_are_strings_where_the_schema_wants_a_string_in_files(write_recipe, key, text, expected):
+    section, name = key.split(".")
+    assert value_at(load_recipe(write_recipe(f"{section}:\n  {name}: {text}\n")), key) == expected
+
+
+def test_a_word_that_is_not_an_allowed_value_is_reported_as_typed(write_recipe):
+    message = recipe_error(write_recipe("{}\n"), ["train.mixed_precision=on"])
+    assert "train.mixed_precision must be one of" in message and "'on'" in message
+
+
+def test_show_prints_words_so_that_they_load_back_the_same(write_recipe):
+    path = write_recipe("{}\n")
+    result = run_cli("show", path, "train.mixed_precision=no", "data.split=off")
+    assert result.returncode == 0, result.stderr
+    assert load_recipe(write_recipe(result.stdout, "shown.yaml")) == load_recipe(path, ["train.mixed_precision=no",
+                                                                                       "data.split=off"])

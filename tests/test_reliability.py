@@ -1,6 +1,7 @@
 """Hostile recipes, kills, full disks, non-finite losses and corrupt checkpoints: each run either
 fails with one line naming the cause or resumes to exactly the weights of an uninterrupted run."""
 
+import errno
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_train import read_metrics, write_recipe
-from transformers import get_scheduler
+from sharelora_cli.lr_schedule import make_scheduler
 
 from sharelora_cli.checkpoint import checkpoint_plan, load_checkpoint
 from sharelora_cli.data import StepSampler, build_splits
@@ -158,11 +159,11 @@ def test_any_recipe_and_overrides_load_or_fail_with_one_line(tmp_path, document,
             assert len(str(err).splitlines()) == 1, str(err)
 
 
-@pytest.mark.parametrize("setting", ["train:\n  lr: .inf\n", "adapter:\n  alpha: .nan\n"])
-def test_infinite_or_nan_settings_are_rejected(tmp_path, setting):
+@pytest.mark.parametrize("setting, key", [("train:\n  lr: .inf\n", "train.lr"), ("adapter:\n  alpha: .nan\n", "adapter.alpha")])
+def test_infinite_or_nan_settings_are_rejected(tmp_path, setting, key):
     path = tmp_path / "recipe.yaml"
     path.write_text(setting)
-    with pytest.raises(UserError, match="input should be a finite number"):
+    with pytest.raises(UserError, match=f"^{path}: {key}: "):
         load_recipe(str(path))
 
 
@@ -173,7 +174,9 @@ def test_infinite_or_nan_settings_are_rejected(tmp_path, setting):
 def test_show_reports_hostile_recipes_in_one_line(tmp_path, document, overrides):
     path = tmp_path / "hostile.yaml"
     path.write_text(document)
-    assert_one_line_error(run_cli("show", str(path), *overrides), "cannot use")
+    # Which of YAML, OmegaConf or Python gives up first depends on their versions; the report names the culprit.
+    line = assert_one_line_error(run_cli("show", str(path), *overrides))
+    assert str(path) in line or line.startswith("error: overrides: ")
 
 
 # --- kills and signals ------------------------------------------------------------------------
@@ -266,7 +269,8 @@ def test_full_disk_at_checkpoint_keeps_the_previous_one_and_resume_completes(tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
-    assert f"could not write {run / 'checkpoint-3'}: [Errno 27] File too large; checkpoint-2 is intact" in errors[0]
+    too_large = f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}"
+    assert f"could not write {run / 'checkpoint-3'}: {too_large}; checkpoint-2 is intact" in errors[0]
     assert assert_checkpoints_complete(run) == [2]
     for name in CHECKPOINT_FILES:
         assert (run / "checkpoint-2" / name).read_bytes() == (reference / "checkpoint-2" / name).read_bytes(), name
@@ -378,7 +382,7 @@ def test_checkpoint_with_corrupt_optimizer_state_loads_nothing(tmp_path, tiny_mo
     recipe = load_recipe(str(reference.parent / "recipe.yaml"))
     adapter = inject_adapter(tiny_model, recipe.adapter, plan=checkpoint_plan(checkpoint, recipe.adapter))
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=recipe.train.lr)
-    scheduler = get_scheduler("cosine", optimizer, 1, STEPS)
+    scheduler = make_scheduler("cosine", optimizer, 1, STEPS)
     before = {name: t.detach().clone() for name, t in adapter.named_tensors().items()}
     with pytest.raises(UserError, match="optimizer.pt"):
         load_checkpoint(checkpoint, adapter, optimizer, scheduler, rank=0)

@@ -1,22 +1,41 @@
-"""Hostile programs are contained and scored as failures while benign ones in the same run still pass."""
+"""The sandbox under ordinary misbehaviour (guard on), in every isolation this machine offers, and its protocol."""
 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
+from sandbox_support import STRONG, require, strong  # noqa: F401 (strong is a fixture)
 
-from sharelora_cli.evaluation import sandbox_child
+from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox import Limits, run_program
+from sharelora_cli.evaluation.sandbox import (
+    RESULT_CHARS,
+    Isolation,
+    Limits,
+    Outcome,
+    Sandbox,
+    SampleRaised,
+    SandboxStopped,
+    choose_isolation,
+    run_program,
+)
 
 SECRET_NAME, SECRET_VALUE = "SHARELORA_TEST_SECRET", "hunter2-do-not-leak"
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch and network namespace need root")
+SHARELORA = Path(sys.executable).parent / "sharelora"
+
+
+@pytest.fixture(params=list(Isolation), ids=lambda isolation: isolation.value)
+def isolation(request) -> Isolation:
+    return require(request.param)
+
 
 
 @pytest.fixture(scope="module")
@@ -96,94 +115,164 @@ def test_hostile_completions_fail_while_benign_ones_pass(problems, canary, liste
     assert _nothing_connected(listener)
 
 
-def test_each_program_gets_a_fresh_workdir_that_is_removed_afterwards():
-    outcome = run_program("import os\nassert os.listdir() == []\nopen('scratch', 'w').write('x')\nraise RuntimeError(os.getcwd())")
+def test_a_strong_sandbox_works_in_a_private_tmp_that_vanishes(strong):
+    name = f"scratch-{os.getpid()}-{strong.value}"
+    program = f"import os\nassert os.getcwd() == '/tmp' and os.listdir() == []\nopen({name!r}, 'w').write('x')\n"
+    program += f"assert os.listdir('/tmp') == [{name!r}]"
+    assert run_program(program, isolation=strong) == Outcome(True, "passed")
+    assert not os.path.exists(os.path.join("/tmp", name))
+
+
+def test_the_weak_sandbox_works_in_a_fresh_directory_it_removes_afterwards():
+    outcome = run_program(
+        "import os\nassert os.listdir() == []\nopen('scratch', 'w').write('x')\nraise RuntimeError(os.getcwd())",
+        isolation=Isolation.WEAK,
+    )
     workdir = re.fullmatch(r"failed: RuntimeError: (\S+)", outcome.result).group(1)
     assert workdir.startswith(os.path.join(tempfile.gettempdir(), "sharelora-sandbox-"))
     assert not os.path.exists(workdir)
 
 
-def test_the_child_sees_a_minimal_environment_and_an_empty_stdin(monkeypatch):
+def test_the_child_sees_a_minimal_environment_and_an_empty_stdin(isolation, monkeypatch):
     monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
-    outcome = run_program("import os, sys\nassert sys.stdin.read() == ''\nraise RuntimeError(sorted(os.environ))")
+    outcome = run_program("import os, sys\nassert sys.stdin.read() == ''\nraise RuntimeError(sorted(os.environ))", isolation=isolation)
     names = set(re.findall(r"'(\w+)'", outcome.result))
     assert names == {"HOME", "LANG", "PATH", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
 
 
-def test_exiting_early_never_counts_as_passing():
-    assert run_program("pass") == (True, "passed")
-    assert run_program("import sys\nsys.exit(0)") == (False, "failed: SystemExit: 0")
-    assert run_program("import os\nos._exit(0)") == (False, "failed: exited with code 0 before finishing")
+def test_exiting_early_never_counts_as_passing(isolation):
+    assert run_program("pass", isolation=isolation) == (True, "passed")
+    assert run_program("import sys\nsys.exit(0)", isolation=isolation) == (False, "failed: SystemExit: 0")
+    assert run_program("import os\nos._exit(0)", isolation=isolation) == (False, "failed: exited with code 0 before finishing")
 
 
-def test_memory_and_output_limits_are_configurable():
-    assert run_program("block = bytearray(400 * 1024 ** 2)", Limits(memory_mb=256)).result == "failed: MemoryError"
-    assert run_program("block = bytearray(100 * 1024 ** 2)", Limits(memory_mb=256)).passed
-    assert "File too large" in run_program("print('x' * 5000)", Limits(max_output_bytes=4096)).result
-    assert run_program("print('x' * 3000)", Limits(max_output_bytes=4096)).passed
+def test_memory_and_output_limits_are_configurable(isolation):
+    small = Limits(memory_mb=256, max_output_bytes=4096)
+    assert run_program("block = bytearray(400 * 1024 ** 2)", small, isolation).result == "failed: MemoryError"
+    assert run_program("block = bytearray(100 * 1024 ** 2)", small, isolation).passed
+    assert "File too large" in run_program("print('x' * 5000)", small, isolation).result
+    assert run_program("print('x' * 3000)", small, isolation).passed
 
 
-def test_files_outside_the_workdir_can_be_neither_written_nor_read(canary):
+def test_the_scratch_space_is_capped_as_a_whole(strong):
+    # Each file stays under the 1 MiB file-size limit; the tmpfs size (4 MiB here) caps their sum.
+    program = "for i in range(100):\n    open(f'/tmp/f{i}', 'wb').write(b'x' * 1000000)"
+    outcome = run_program(program, Limits(scratch_mb=4), strong)
+    assert outcome.result == "failed: OSError: [Errno 28] No space left on device"
+
+
+def test_files_outside_the_workdir_can_be_neither_written_nor_read(isolation, canary):
     planted = canary / "planted.txt"
-    assert _error_type(run_program(f"open({str(planted)!r}, 'w').write('x')").result) == "PermissionError"
-    assert _error_type(run_program(f"open({str(canary / 'keep.txt')!r}).read()").result) == "PermissionError"
+    denied = {"PermissionError", "FileNotFoundError"}  # refused by the guard, or not there in the private /tmp
+    assert _error_type(run_program(f"open({str(planted)!r}, 'w').write('x')", isolation=isolation).result) in denied
+    leak = run_program(f"raise RuntimeError(open({str(canary / 'keep.txt')!r}).read())", isolation=isolation).result
+    assert _error_type(leak) in denied and "still here" not in leak
     parent_environment = "import os\nopen(f'/proc/{os.getppid()}/environ').read()"
-    assert _error_type(run_program(parent_environment).result) == "PermissionError"
-    assert run_program("import os\nassert 'def ' in open(os.__file__).read()").passed  # the stdlib stays readable
+    assert _error_type(run_program(parent_environment, isolation=isolation).result) == "PermissionError"
+    assert run_program("import os\nassert 'def ' in open(os.__file__).read()", isolation=isolation).passed  # the stdlib stays readable
     assert not planted.exists()
 
 
-def test_no_thread_or_process_can_start_even_through_unaudited_calls():
+def test_no_thread_or_process_can_start_even_through_unaudited_calls(isolation):
     # _thread raises no audit event, so only RLIMIT_NPROC (the kernel) stops it.
-    outcome = run_program("import _thread\n_thread.start_new_thread(print, ())")
+    outcome = run_program("import _thread\n_thread.start_new_thread(print, ())", isolation=isolation)
     assert outcome.result == "failed: RuntimeError: can't start new thread"
 
 
-# Runs the child's kernel-level steps on their own, without the audit hook, then tries what the hook
-# would otherwise refuse: only the network namespace, the nobody user and the rlimits stand in the way.
-KERNEL_PROBE = """
-import ctypes, json, os, runpy, socket, sys
-child = runpy.run_path(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-child["_enter_private_network"](libc)
-child["_become_nobody"](libc)
-child["_set_limits"]({"cpu_seconds": 10, "memory_bytes": 1 << 30, "max_output_bytes": 1 << 20})
-canary, port = sys.argv[2], int(sys.argv[3])
+def test_calls_return_plain_values_and_report_what_the_function_raised(isolation):
+    source = "calls = []\ndef f(x, *, scale=1):\n    calls.append(x)\n    return {'x': (x * scale, [x]), 'n': len(calls)}\n"
+    source += "def boom(x):\n    raise ValueError(f'bad {x}\\nsecond line')\n"
+    with Sandbox(source, Limits(), isolation) as sandbox:
+        assert sandbox.call("f", 2.5, scale=2) == {"x": (5.0, [2.5]), "n": 1}
+        assert sandbox.function("f")(b"ab") == {"x": (b"ab", [b"ab"]), "n": 2}  # state persists between calls
+        with pytest.raises(SampleRaised, match=r"^ValueError: bad 3$"):
+            sandbox.call("boom", 3)
+        with pytest.raises(SampleRaised, match="defines no function 'missing'"):
+            sandbox.call("missing")
+        assert sandbox.call("f", 0)["n"] == 3 and sandbox.stop_reason is None
 
-def attempt(action):
+
+def test_a_value_that_is_not_plain_data_is_a_failure_of_that_call(isolation):
+    source = "class Yes:\n    def __eq__(self, other):\n        return True\ndef f():\n    return [1, Yes()]\n"
+    with Sandbox(source, Limits(), isolation) as sandbox:
+        with pytest.raises(SampleRaised, match="not plain data: a Yes value"):
+            sandbox.call("f")
+
+
+def test_a_slow_call_stops_the_sandbox_for_good(isolation):
+    source = "import time\ndef nap(seconds):\n    time.sleep(seconds)\n    return seconds\n"
+    with Sandbox(source, Limits(timeout=1.5), isolation) as sandbox:
+        assert sandbox.call("nap", 0) == 0
+        with pytest.raises(SandboxStopped, match="^timed out$"):
+            sandbox.call("nap", 60)
+        with pytest.raises(SandboxStopped, match="^timed out$"):
+            sandbox.call("nap", 0)
+        assert sandbox.stop_reason == "timed out"
+
+
+def test_text_from_a_sample_reaches_results_as_one_short_line(isolation):
+    huge = run_program("raise RuntimeError('y' * 10**6 + '\\nsecond line')", isolation=isolation)
+    assert huge.result == "failed: RuntimeError: " + "y" * (RESULT_CHARS - len("RuntimeError: "))
+    printed = run_program("import os\nprint('z' * 5000, flush=True)\nos._exit(3)", isolation=isolation)
+    assert printed.result == "failed: exited with code 3 before finishing (" + "z" * RESULT_CHARS + ")"
+    with Sandbox("def big():\n    return 'w' * (2 << 20)\n", Limits(), isolation) as sandbox:
+        with pytest.raises(SandboxStopped, match=r"^failed: a reply of \d+ bytes exceeds the limit of 1048576$"):
+            sandbox.call("big")
+
+
+def test_choose_isolation_prefers_the_strongest_available():
+    strongest = next((isolation for isolation in STRONG if _available(isolation)), None)
+    if strongest is None:
+        with pytest.raises(UserError, match="--allow-weak-sandbox"):
+            choose_isolation(allow_weak=False)
+        assert choose_isolation(allow_weak=True) is Isolation.WEAK
+    else:
+        assert choose_isolation(allow_weak=False) is choose_isolation(allow_weak=True) is strongest
+
+
+def _available(isolation: Isolation) -> bool:
     try:
-        action()
-    except OSError as err:
-        return type(err).__name__
-    return "allowed"
-
-def fork():
-    if os.fork() == 0:
-        os._exit(0)
-
-print(json.dumps({
-    "signal parent": attempt(lambda: os.kill(os.getppid(), 0)),  # same permission check as SIGKILL
-    "fork": attempt(fork),
-    "delete file": attempt(lambda: os.unlink(os.path.join(canary, "keep.txt"))),
-    "write file": attempt(lambda: open(os.path.join(canary, "planted.txt"), "w").close()),
-    "parent environ": attempt(lambda: open(f"/proc/{os.getppid()}/environ").read()),
-    "connect": attempt(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).sendall(b"leak")),
-}))
-"""
+        require(isolation)
+    except pytest.skip.Exception:
+        return False
+    return True
 
 
-@as_root
-def test_kernel_layers_hold_without_the_audit_hook(canary, listener):
-    port = str(listener.getsockname()[1])
-    command = [sys.executable, "-c", KERNEL_PROBE, sandbox_child.__file__, str(canary), port]
-    probe = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir())
-    assert json.loads(probe.stdout) == {
-        "signal parent": "PermissionError",
-        "fork": "BlockingIOError",
-        "delete file": "PermissionError",
-        "write file": "PermissionError",
-        "parent environ": "PermissionError",
-        "connect": "OSError",  # ENETUNREACH: the namespace's loopback is down
-    }, probe.stderr
-    assert sorted(path.name for path in canary.iterdir()) == ["keep.txt"]
-    assert _nothing_connected(listener)
+# A process that is uid 0 in a user namespace of its own but holds no capability there and cannot create
+# user namespaces (max_user_namespaces = 0): neither root nor user namespaces, as in a locked-down container.
+NO_NAMESPACES = [
+    "unshare", "--user", "--map-root-user", "sh", "-c",
+    "echo 0 > /proc/sys/user/max_user_namespaces && exec setpriv --bounding-set=-all --inh-caps=-all"
+    ' --securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked -- "$@"', "sh",
+]  # fmt: skip
+
+
+def _without_namespaces_support() -> str | None:
+    if not all(shutil.which(tool) for tool in ("unshare", "setpriv")):
+        return "needs unshare and setpriv (util-linux)"
+    probe = subprocess.run([*NO_NAMESPACES, "true"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot build the test's namespace-less process: {probe.stderr.strip()}"
+
+
+def test_without_namespaces_the_cli_refuses_in_one_line_unless_the_weak_guard_is_accepted(tmp_path, problems):
+    if reason := _without_namespaces_support():
+        pytest.skip(reason)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}) + "\n")
+    results = tmp_path / "results.json"
+    command = [*NO_NAMESPACES, str(SHARELORA), "eval", "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution"]
+    refused = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the HumanEval sandbox cannot create Linux namespaces here"), lines
+    assert "--allow-weak-sandbox" in lines[0] and "Operation not permitted" in lines[0]
+    assert not results.exists()
+    accepted = subprocess.run([*command, "--allow-weak-sandbox", "--json", str(results)], capture_output=True, text=True, timeout=300)
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(results.read_text())["humaneval"]["pass@1"] == 1.0
+
+
+def test_eval_help_documents_the_weak_sandbox_flag():
+    wide = {**os.environ, "COLUMNS": "200"}
+    shown = subprocess.run([str(SHARELORA), "eval", "--help"], capture_output=True, text=True, timeout=120, env=wide)
+    assert "--allow-weak-sandbox" in shown.stdout

@@ -5,9 +5,11 @@ ShareA) and B matrices are merged during training, ending below 25% of LoRA's pa
 stored copy of the paper says nothing more, so the rest is our choice, set by the recipe
 (adapter.aslora.*) and documented in docs/aslora.md:
 
-- schedule: a merge event every merge_every optimizer steps from round(merge_start·max_steps)
-  to round(merge_end·max_steps). A module type's L−K merges are spread evenly over the events,
-  so it reaches its target K at the last one.
+- schedule: a merge event every merge_every optimizer steps from merge_start·max_steps to
+  merge_end·max_steps, each rounded half up (2.5 -> 3, as 3.5 -> 4; Python's round() would give
+  2 and 4) and clamped to steps 1..max_steps-1, so the B's of the last merge still train for at
+  least one step before the adapter is saved. A module type's L−K merges are spread evenly over
+  the events, so it reaches its target K at the last one.
 - choice: the most similar pair of the type's current B tensors (cosine of the flattened
   tensors, or the smallest L2 distance), any two layers, not only neighbours; ties go to the
   lowest indices. Similarities are computed in float64 so every process picks the same pair.
@@ -20,7 +22,6 @@ stored copy of the paper says nothing more, so the rest is our choice, set by th
 """
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +29,35 @@ from torch import nn
 
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LoraLayer
+from sharelora_cli.adapters.plan import Adapter, Group
 from sharelora_cli.errors import UserError
-
-if TYPE_CHECKING:  # inject imports the registry, which imports this file
-    from sharelora_cli.inject import Adapter, Group
-    from sharelora_cli.recipe import ASLoRAConfig
+from sharelora_cli.recipe import ASLoRAConfig
 
 MERGED_FACTOR = "lora_B"
 
 
-def merge_steps(cfg: "ASLoRAConfig", max_steps: int) -> list[int]:
-    """The optimizer steps (1-based) after which B's are merged."""
-    start = max(1, round(cfg.merge_start * max_steps))
-    end = round(cfg.merge_end * max_steps)
-    if end < start:
+def merge_steps(cfg: ASLoRAConfig, max_steps: int) -> list[int]:
+    """The optimizer steps (1-based) after which B's are merged: the window's ends rounded half up, within 1..max_steps-1."""
+    if cfg.merge_end < cfg.merge_start:
+        raise UserError(f"adapter.aslora: merge_end={cfg.merge_end} is before merge_start={cfg.merge_start}; set merge_end >= merge_start")
+    if max_steps < 2:
         raise UserError(
-            f"adapter.aslora: merge_end·max_steps={cfg.merge_end}·{max_steps} rounds to step {end}, before "
-            f"merge_start's step {start}; set merge_end >= merge_start"
+            f"adapter.method=aslora needs train.max_steps >= 2 (got {max_steps}): the B's merged after a step "
+            "must train for at least one more step"
         )
+    start, end = (min(max(1, nearest_step(fraction * max_steps)), max_steps - 1) for fraction in (cfg.merge_start, cfg.merge_end))
     return list(range(start, end + 1, cfg.merge_every))
 
 
-def target_groups(cfg: "ASLoRAConfig", layers: int, module_type: str) -> int:
+def nearest_step(position: float) -> int:
+    """position rounded half up (2.5 -> 3, 3.5 -> 4), not half to even as round() does.
+
+    Float noise is rounded away first: 0.35·10 is 3.4999999999999996 and must give 4.
+    """
+    return math.floor(round(position, 9) + 0.5)
+
+
+def target_groups(cfg: ASLoRAConfig, layers: int, module_type: str) -> int:
     """K: how many B tensors a module type with `layers` layers keeps at the end."""
     if cfg.target_groups is None:
         # Round first: 0.1·30 is 3.0000000000000004 in floating point and must give 3, not 4.
@@ -62,7 +70,7 @@ def target_groups(cfg: "ASLoRAConfig", layers: int, module_type: str) -> int:
     return cfg.target_groups
 
 
-def target_plan(plan: dict, cfg: "ASLoRAConfig") -> dict:
+def target_plan(plan: dict, cfg: ASLoRAConfig) -> dict:
     """The plan's shape once every type has K B tensors (which layers share is only known after training)."""
     result = {}
     for name, entry in plan.items():
@@ -101,7 +109,7 @@ def forget_in_optimizer(optimizer: torch.optim.Optimizer, removed: nn.Parameter,
 class BMerger:
     """Merges each module type's most similar B's on the recipe's schedule; called after optimizer steps."""
 
-    def __init__(self, adapter: "Adapter", max_steps: int):
+    def __init__(self, adapter: Adapter, max_steps: int):
         cfg = adapter.config.aslora
         self.adapter = adapter
         self.measure = cfg.similarity
@@ -124,7 +132,7 @@ class BMerger:
                 changed = True
         return changed
 
-    def merge(self, group: "Group", keep: int, drop: int, step: int, similarity: float,
+    def merge(self, group: Group, keep: int, drop: int, step: int, similarity: float,
               optimizer: torch.optim.Optimizer) -> None:
         """Point drop's layers at keep's tensor, set to the layer-weighted mean of both (keep < drop)."""
         tensors, index = group.tensors[MERGED_FACTOR], group.index[MERGED_FACTOR]

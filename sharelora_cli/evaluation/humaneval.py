@@ -1,22 +1,24 @@
 """HumanEval (Chen et al., 2021): run model completions against each problem's unit tests, report pass@k.
 
-A sample is {"task_id", "completion"}: the code a model wrote after the problem's prompt. Every sample runs
-as prompt + completion + test + check(entry_point) in the sandbox, which executes model-generated code and
-therefore needs the caller's explicit consent (--allow-code-execution).
+A sample is {"task_id", "completion"}: the code a model wrote after the problem's prompt. prompt + completion
+runs in the sandbox, which executes model-generated code and therefore needs the caller's explicit consent
+(--allow-code-execution); the problem's tests run against it from outside (humaneval_check.py).
 """
 
+import contextlib
 import gzip
 import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
 
 from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.evaluation.sandbox import Limits, run_program
+from sharelora_cli.evaluation.humaneval_check import check_sample
+from sharelora_cli.evaluation.sandbox import Isolation, Limits, choose_isolation
 from sharelora_cli.paths import data_dir
 
 # A completion ends where the model starts a new top-level statement after the function body.
@@ -86,11 +88,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / drawn for drawn in range(n - c + 1, n + 1))
 
 
-def _program(problem: Mapping[str, str], completion: str) -> str:
-    """The script that passes only if the completion satisfies the problem's tests."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-
-
 def score_samples(
     problems: Mapping[str, dict],
     samples: Sequence[dict],
@@ -99,8 +96,17 @@ def score_samples(
     workers: int = 2,
     *,
     allow_code_execution: bool = False,
+    allow_weak_sandbox: bool = False,
+    isolation: Isolation | None = None,
+    hidden: Iterable[Path] = (),
+    progress_file: Path | None = None,
 ) -> dict:
-    """Run every sample in the sandbox; pass@k for each k no larger than the fewest samples of any task."""
+    """Run every sample in the sandbox; pass@k for each k no larger than the fewest samples of any task.
+
+    isolation: None picks the strongest this machine allows (see sandbox.choose_isolation); hidden: more paths
+    the samples must not see (the problems and samples files); progress_file: each record is appended to it as
+    soon as its sample is scored, so an interrupted run keeps what it finished.
+    """
     if not allow_code_execution:
         raise UserError(
             "HumanEval runs each completion: refusing to execute model-generated code without --allow-code-execution"
@@ -108,20 +114,43 @@ def score_samples(
         )
     ks = tuple(ks)
     _check_request(problems, samples, ks, timeout, workers)
-    programs = [_program(problems[sample["task_id"]], sample["completion"]) for sample in samples]
-    limits = Limits(timeout=timeout)
+    isolation = isolation or choose_isolation(allow_weak_sandbox)
+    limits, hidden = Limits(timeout=timeout), tuple(hidden)
+    records: list[dict | None] = [None] * len(samples)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        runs = pool.map(lambda program: run_program(program, limits), programs)
-        outcomes = list(tqdm(runs, total=len(programs), desc="humaneval", unit="sample", disable=None))
+        with _progress_log(progress_file) as log:
+            runs = {
+                pool.submit(check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation, hidden): index
+                for index, sample in enumerate(samples)
+            }
+            finished = tqdm(as_completed(runs), total=len(runs), desc=f"humaneval ({isolation.value} sandbox)", disable=None)
+            for run in finished:
+                index = runs[run]
+                passed, result = run.result()
+                sample = samples[index]
+                records[index] = {"task_id": sample["task_id"], "completion": sample["completion"], "passed": passed, "result": result}
+                log(records[index])
     finally:
         pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued samples instead of running them all
-    records = [
-        {"task_id": sample["task_id"], "completion": sample["completion"], "passed": passed, "result": result}
-        for sample, (passed, result) in zip(samples, outcomes)
-    ]
     num_tasks = len({record["task_id"] for record in records})
     return {**_pass_rates(records, ks), "num_tasks": num_tasks, "num_samples": len(records), "records": records}
+
+
+@contextlib.contextmanager
+def _progress_log(path: Path | None):
+    """A function that appends one JSON line per record to path and flushes it (or does nothing without path)."""
+    if path is None:
+        yield lambda record: None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+
+        def log(record: dict) -> None:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+
+        yield log
 
 
 def _check_request(

@@ -10,15 +10,23 @@ from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation.engine import Engine, Sampling
 from sharelora_cli.evaluation.humaneval import STOP_SEQUENCES, load_problems, read_samples, score_samples, truncate_completion
 from sharelora_cli.evaluation.results import TaskResult
+from sharelora_cli.evaluation.sandbox import choose_isolation
 from sharelora_cli.recipe import HumanEvalTaskConfig
 
 REFUSAL = "humaneval executes model-written code: pass --allow-code-execution to run it (ideally in a container)"
 
 
-def require_permission(allow_code_execution: bool) -> None:
-    """Refuse before any model is loaded or any completion generated."""
+def require_permission(allow_code_execution: bool, allow_weak_sandbox: bool = False) -> None:
+    """Refuse before any model is loaded or any completion generated: without consent, or without namespaces
+    for the sandbox unless the weaker guard was accepted."""
     if not allow_code_execution:
         raise UserError(REFUSAL)
+    choose_isolation(allow_weak_sandbox)
+
+
+def progress_file(results_file: Path) -> Path:
+    """Where scored samples are appended while HumanEval runs: beside the results file."""
+    return results_file.with_name(f"{results_file.name}.humaneval-progress.jsonl")
 
 
 def generate_samples(engine: Engine, problems: dict[str, dict], cfg: HumanEvalTaskConfig) -> list[dict]:
@@ -30,9 +38,15 @@ def generate_samples(engine: Engine, problems: dict[str, dict], cfg: HumanEvalTa
 
 
 def evaluate(
-    engine: Engine | None, cfg: HumanEvalTaskConfig, limit: int | None, samples_file: Path | None, allow_code_execution: bool
+    engine: Engine | None,
+    cfg: HumanEvalTaskConfig,
+    limit: int | None,
+    samples_file: Path | None,
+    allow_code_execution: bool,
+    allow_weak_sandbox: bool = False,
+    results_file: Path | None = None,
 ) -> TaskResult:
-    require_permission(allow_code_execution)
+    require_permission(allow_code_execution, allow_weak_sandbox)
     problems = load_problems(Path(cfg.path))
     kept = dict(list(problems.items())[:limit])
     if samples_file is not None:
@@ -41,7 +55,12 @@ def evaluate(
         raise UserError("humaneval needs --model (to generate completions) or --samples FILE.jsonl")
     else:
         samples = generate_samples(engine, kept, cfg)
-    scored = score_samples(kept, samples, cfg.ks, cfg.timeout, cfg.workers, allow_code_execution=allow_code_execution)
+    scored = score_samples(
+        kept, samples, cfg.ks, cfg.timeout, cfg.workers,
+        allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
+        hidden=[path for path in (Path(cfg.path), samples_file) if path is not None],  # other samples' answers too
+        progress_file=progress_file(results_file) if results_file else None,
+    )  # fmt: skip
     records = [
         {"prompt": kept[record["task_id"]]["prompt"], **sample, **record, "correct": record["passed"]}
         for sample, record in zip(samples, scored.pop("records"))

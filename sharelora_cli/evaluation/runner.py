@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import set_seed
+from accelerate.utils import set_seed
 
 from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity
@@ -40,6 +40,7 @@ class EvalRequest:
     samples: str | None = None
     results_file: str | None = None
     allow_code_execution: bool = False
+    allow_weak_sandbox: bool = False
 
 
 @dataclass
@@ -118,11 +119,13 @@ def build_engine(recipe: Recipe, adapter: Path | None) -> Engine:
     return Engine(model, tokenizer, recipe.eval.batch_size, context_window(model, recipe.eval.max_length))
 
 
-def run_task(task: str, engine: Engine | None, recipe: Recipe, request: EvalRequest) -> TaskResult:
+def run_task(task: str, engine: Engine | None, recipe: Recipe, request: EvalRequest, results_file: Path) -> TaskResult:
     cfg = recipe.eval
     if task == "humaneval":
         samples = Path(request.samples) if request.samples else None
-        return humaneval_task.evaluate(engine, cfg.humaneval, cfg.limit, samples, request.allow_code_execution)
+        return humaneval_task.evaluate(
+            engine, cfg.humaneval, cfg.limit, samples, request.allow_code_execution, request.allow_weak_sandbox, results_file
+        )
     assert engine is not None  # needs_model() holds for every other task
     module = {"gsm8k": gsm8k, "mmlu": mmlu, "perplexity": perplexity}[task]
     return module.evaluate(engine, getattr(cfg, task), cfg.limit)
@@ -133,7 +136,7 @@ def run_eval(request: EvalRequest) -> EvalReport:
     recipe = resolve_recipe(request)
     tasks = list(dict.fromkeys(recipe.eval.tasks))
     if "humaneval" in tasks:
-        humaneval_task.require_permission(request.allow_code_execution)
+        humaneval_task.require_permission(request.allow_code_execution, request.allow_weak_sandbox)
     if request.samples is not None and "humaneval" not in tasks:
         raise UserError("--samples scores HumanEval completions: add humaneval to --tasks")
     if request.gsm8k_path is not None and "gsm8k" not in tasks:
@@ -144,14 +147,15 @@ def run_eval(request: EvalRequest) -> EvalReport:
             raise UserError("eval needs --model PATH_OR_ID (or a RECIPE) to run " + ", ".join(tasks))
         adapter = adapter_dir(request, recipe)
         engine = build_engine(recipe, adapter)
+    path = results_path(request, recipe)
     results, seconds = {}, {}
     for task in tasks:
         set_seed(recipe.eval.seed)
         started = time.perf_counter()
-        results[task] = run_task(task, engine, recipe, request)
+        results[task] = run_task(task, engine, recipe, request, path)
         seconds[task] = round(time.perf_counter() - started, 3)
-    path = results_path(request, recipe)
     write_json(results_document(results, run_config(request, recipe, engine, adapter, seconds)), path)
+    humaneval_task.progress_file(path).unlink(missing_ok=True)  # the results file now holds every record
     return EvalReport(results, path)
 
 

@@ -1,9 +1,14 @@
-"""The sandboxed side of sandbox.run_program, run as a script: contain this process, run the program, report.
+"""The sandboxed side of sandbox.Sandbox, run as a script: contain this process, run the program, answer calls.
 
-Reads its settings (marshal-encoded) from stdin, then: stdin becomes /dev/null; as root, a private network
-namespace and the nobody user; rlimits; death with the parent; an audit hook that refuses processes,
-signals, sockets, native calls and file access outside the working directory. A pass is reported by
-writing the parent's secret nonce to the verdict descriptor, so a program that exits early cannot pass.
+Reads its settings (marshal) from stdin, then: stdin becomes /dev/null; with isolation "kernel" the launcher in
+sandbox_namespaces.py builds the namespaces and mounts (under bubblewrap they exist already); as root it becomes
+nobody; it keeps no capabilities and sets no_new_privs, checking both; rlimits; an audit hook that refuses
+processes, signals, sockets, native calls and file access outside the working directory. The namespaces are the
+boundary; the hook is defence in depth. In the "weak" mode there are no namespaces and the hook does more work.
+
+Then it runs the program's top-level code and replies ("ready",) or ("failed", why); after that it answers each
+("call", name, args, kwargs) with ("returned", value) or ("raised", why) until the parent closes the request pipe.
+Every message is plain data (sandbox_wire.py), so nothing the program builds reaches the parent but values.
 Standard library only and few imports: it starts once per sample.
 """
 
@@ -14,15 +19,18 @@ import resource
 import signal
 import sys
 
-NOBODY = 65534
-VERDICT_BYTES = 400  # the parent reads at most this much: one line of failure reason
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory off the path
+import sandbox_namespaces  # noqa: E402
+import sandbox_wire  # noqa: E402
+
+del sys.path[0]
 
 _CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
 _PR_SET_KEEPCAPS = 8
-_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS = 38, 39
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAP_DAC_READ_SEARCH = 2
-_CAPABILITY_VERSION_3 = 0x20080522
 
 # Audit events (raised inside CPython's C functions, so a re-imported module cannot dodge them) that a
 # correct solution never needs: new processes, signals, links that alias files outside the working
@@ -49,34 +57,57 @@ _UNAUDITED_SIGNALLERS = {
 }  # fmt: skip
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-
 def main() -> None:
     settings = marshal.loads(sys.stdin.buffer.read())
     _detach_stdin()
-    sys.path.extend(settings["site_packages"])  # third-party imports work as in the parent
+    os.environ.pop("PWD", None)  # bwrap --chdir exports it; every mode shows the program the same environment
     libc = ctypes.CDLL(None, use_errno=True)
-    _enter_private_network(libc)
-    _become_nobody(libc)
+    try:
+        if settings["isolation"] == "kernel":
+            _die_with_parent(libc, settings["parent_pid"])  # the launcher; init then dies with it, and the rest
+            samples_fds = (settings["request_fd"], settings["reply_fd"])
+            sandbox_namespaces.enter(settings["plan"], settings["info_fd"], samples_fds)
+        if settings["isolation"] == "weak":
+            _contain_weakly(libc, settings)
+        else:
+            _drop_privileges(libc, settings["uid"])
+    except sandbox_namespaces.SetupError as err:
+        print(f"sandbox setup failed: {err}", file=sys.stderr, flush=True)
+        os._exit(sandbox_namespaces.SETUP_FAILED)
+    sys.path.extend(settings["site_packages"])  # third-party imports work as in the parent
     _set_limits(settings)
-    _die_with_parent(libc, settings["parent_pid"])
     _refuse_unaudited_signallers()
     sys.addaudithook(_Guard(os.getcwd(), _readable_roots()))  # cannot be removed once added
-    verdict_fd, nonce = settings["verdict_fd"], settings["nonce"]
+    _serve(settings)
+
+
+def _serve(settings: dict) -> None:
+    """Run the program, then answer calls until the request pipe closes; every reply is plain data."""
+    requests, replies, max_bytes = settings["request_fd"], settings["reply_fd"], settings["max_output_bytes"]
+    namespace = {"__name__": "__sample__"}
     try:
-        exec(compile(settings.pop("source"), "<sample>", "exec"), {"__name__": "__sample__"})
+        exec(compile(settings.pop("source"), "<sample>", "exec"), namespace)
         _flush_output()  # output beyond the size limit fails here rather than vanishing unnoticed
     except BaseException as err:  # SystemExit and KeyboardInterrupt from the program are failures too
-        _report(verdict_fd, _describe(err))
+        sandbox_wire.send(replies, sandbox_wire.encode(("failed", sandbox_wire.describe(err))))
         os._exit(1)
-    _report(verdict_fd, nonce)
+    sandbox_wire.send(replies, sandbox_wire.encode(("ready",)))
+    while (request := sandbox_wire.receive(requests, max_bytes)) is not None:
+        _, name, args, kwargs = sandbox_wire.decode(request)
+        try:
+            reply = sandbox_wire.encode(("returned", _function(namespace, name)(*args, **kwargs)))
+            _flush_output()
+        except BaseException as err:
+            reply = sandbox_wire.encode(("raised", sandbox_wire.describe(err)))
+        sandbox_wire.send(replies, reply)
     os._exit(0)  # skip atexit handlers the program may have registered
+
+
+def _function(namespace: dict, name: str):
+    function = namespace.get(name)
+    if not callable(function):
+        raise NameError(f"the program defines no function {name!r}")
+    return function
 
 
 def _detach_stdin() -> None:
@@ -85,31 +116,43 @@ def _detach_stdin() -> None:
     os.close(devnull)
 
 
-def _enter_private_network(libc: ctypes.CDLL) -> None:
-    """A new network namespace has only a downed loopback: no host ports, no outside world (root only)."""
+def _drop_privileges(libc: ctypes.CDLL, uid: int) -> None:
+    """Inside the namespaces: root becomes `uid` (nobody); every capability goes, also those a user namespace
+    grants; no_new_privs keeps setuid binaries and file capabilities from handing any back. Checked, not assumed."""
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # without PR_SET_KEEPCAPS the kernel clears every capability here
+    sandbox_namespaces.set_capabilities(libc, 0)
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if os.geteuid() == 0 or sandbox_namespaces.capabilities_held(libc) or libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+        raise sandbox_namespaces.SetupError("could not drop root, capabilities or set no_new_privs")
+
+
+def _contain_weakly(libc: ctypes.CDLL, settings: dict) -> None:
+    """No namespaces of our own: as root, a private network and the nobody user; death with the parent."""
     if os.geteuid() == 0:
         libc.unshare(_CLONE_NEWNET)  # best effort: containers often deny it, and the socket refusal remains
+        _become_nobody_keeping_reads(libc, settings["uid"])
+    _die_with_parent(libc, settings["parent_pid"])
 
 
-def _become_nobody(libc: ctypes.CDLL) -> None:
-    """As root, switch to nobody so the kernel refuses writes, deletes and signals outside the sandbox.
+def _become_nobody_keeping_reads(libc: ctypes.CDLL, uid: int) -> None:
+    """Switch to nobody so the kernel refuses writes, deletes and signals outside the working directory.
 
     CAP_DAC_READ_SEARCH is kept when held, so an interpreter installed under a private home such as /root
-    can still import its standard library; the audit hook limits what else the program may read.
+    can still import its standard library (no mount namespace re-exposes it); the audit hook limits reads.
     """
-    if os.geteuid() != 0:
-        return
     libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
     try:
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
     except PermissionError:  # root without CAP_SETUID: a locked-down container, which is then the boundary
         return
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    keep = 1 << _CAP_DAC_READ_SEARCH
-    if libc.capset(ctypes.byref(header), (_CapData * 2)(_CapData(keep, keep, 0))) != 0:
-        libc.capset(ctypes.byref(header), (_CapData * 2)())  # not held: keep no capability at all
+    if not sandbox_namespaces.set_capabilities(libc, 1 << _CAP_DAC_READ_SEARCH):
+        sandbox_namespaces.set_capabilities(libc, 0)  # not held: keep no capability at all
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can hand privileges back
 
 
@@ -199,22 +242,9 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _describe(err: BaseException) -> str:
-    """"failed: Type: first line of the message", the reason recorded for a failing sample."""
-    try:
-        lines = str(err).strip().splitlines()
-    except Exception:  # a hostile __str__ must not cost the verdict
-        lines = []
-    return f"failed: {type(err).__name__}: {lines[0]}" if lines else f"failed: {type(err).__name__}"
-
-
 def _flush_output() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-
-
-def _report(verdict_fd: int, verdict: str) -> None:
-    os.write(verdict_fd, verdict.encode("utf-8", errors="replace")[:VERDICT_BYTES])
 
 
 if __name__ == "__main__":

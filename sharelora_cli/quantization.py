@@ -1,0 +1,86 @@
+"""4-bit bases through bitsandbytes: the import, the loading options, and one weight layout on every CPU.
+
+bitsandbytes is imported only here and only when a 4-bit base or the 8-bit optimizer is asked for.
+
+Why `keep_standard_layout`: on CPUs with AVX512-BF16, bitsandbytes (0.50) rewrites a Linear4bit's
+weight for a bf16 inference kernel at the layer's first eval-mode, no-grad forward (any validation
+or evaluation pass), for good. From then on no gradient flows back through the layer (that kernel
+has no autograd formula; torch only warns), its outputs are bf16 products (5e-3 from the float32
+ones on a 64→32 layer), and dequantising the rewritten weight gives other weights (its absmax is
+rounded to bf16, so even bitsandbytes' own inverse is 2e-4 off). Training would silently change
+after the first validation, and scores and merges would depend on the CPU. sharelora therefore
+keeps every Linear4bit in the standard layout, where each forward dequantises to the compute
+dtype: the same numbers on every CPU, at the speed of the path CPUs without AVX512-BF16 take.
+"""
+
+import logging
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from sharelora_cli.recipe import QuantizationConfig
+
+def bitsandbytes() -> ModuleType:
+    """The bitsandbytes module, imported without its import-time log lines.
+
+    On AVX512-BF16 CPUs it logs at import that the optional `kernels` package is missing: nothing a
+    user can act on, and a second stderr line before any one-line error.
+    """
+    import_logger = logging.getLogger("bitsandbytes")
+    level = import_logger.level
+    import_logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    finally:
+        import_logger.setLevel(level)
+    return bnb
+
+
+def bnb_config(quant: QuantizationConfig):
+    """transformers' quantization_config for a QLoRA-style 4-bit base (imports bitsandbytes quietly first)."""
+    bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+    )
+
+
+def linear4bit_modules(model: nn.Module) -> list[nn.Module]:
+    linear4bit = bitsandbytes().nn.Linear4bit
+    return [module for module in model.modules() if isinstance(module, linear4bit)]
+
+
+def keep_standard_layout(model: nn.Module) -> None:
+    """Keep every Linear4bit off bitsandbytes' CPU repacking (module docstring); refuse one already repacked."""
+    for module in linear4bit_modules(model):
+        module.support_avx512bf16_for_cpu = False
+        check_standard_layout(module)
+
+
+def check_standard_layout(module: nn.Module) -> None:
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError(
+            "a Linear4bit weight was repacked for bitsandbytes' CPU bf16 kernel (an eval-mode forward ran before "
+            "sharelora took the model); its dequantised weights are no longer the base's: load the model again"
+        )
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear4bit's weight as the dense (d_out, d_in) tensor its forward multiplies by."""
+    check_standard_layout(module)
+    weight = module.weight
+    return bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """QLoRA's preparation: the few non-quantised weights (norms, embeddings, head) go to float32."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.float()
+    keep_standard_layout(model)

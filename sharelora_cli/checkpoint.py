@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from sharelora_cli.adapter_io import (
     CONFIG_FILE,
+    check_regenerated,
     copy_tensors,
     read_adapter_config,
     read_adapter_tensors,
@@ -138,6 +139,7 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     )
     if set(adapter.named_tensors()) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
+    check_regenerated(adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
     copy_tensors(adapter, tensors)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
@@ -155,17 +157,23 @@ def read_checkpoint_file(path: Path, reader):
         ) from None
 
 
-# What fixes the function an adapter computes: a run continuing a saved adapter must use the same.
-CONTINUED_SETTINGS = ("method", "rank", "alpha", "rslora", "targets", "target_regex")
+# Adapter settings a run may change when it continues a saved adapter; every other one fixes the function
+# the adapter computes (method, rank, alpha, targets, a method's own section) and must stay as saved.
+CHANGEABLE_SETTINGS = frozenset({"dropout", "aslora", "init_from", "init_optimizer"})
 
 
 @dataclass
 class StartingPoint:
-    """A saved adapter a run starts from (adapter.init_from): its sharing plan, tensors and, if asked, optimizer state."""
+    """A saved adapter a run starts from (adapter.init_from): its config, plan, tensors and, if asked, optimizer state."""
 
-    plan: dict
+    config: dict
+    source: Path
     tensors: dict[str, torch.Tensor]
     optimizer_state: dict | None
+
+    @property
+    def plan(self) -> dict:
+        return self.config["plan"]
 
 
 def read_starting_point(config: AdapterConfig) -> StartingPoint:
@@ -176,8 +184,8 @@ def read_starting_point(config: AdapterConfig) -> StartingPoint:
         raise UserError(f"adapter.init_from: {directory} holds no sharelora adapter ({CONFIG_FILE} there or in its adapter/)")
     saved = read_adapter_config(adapter_dir)
     recorded = AdapterConfig.model_validate(saved["adapter"])
-    for key in CONTINUED_SETTINGS:
-        if getattr(recorded, key) != getattr(config, key):
+    for key in AdapterConfig.model_fields:
+        if key not in CHANGEABLE_SETTINGS and getattr(recorded, key) != getattr(config, key):
             raise UserError(f"adapter.init_from: {adapter_dir} was trained with adapter.{key}={getattr(recorded, key)!r}, "
                             f"this recipe has {getattr(config, key)!r}; make them equal to continue it")
     _, tensors = read_checked_tensors(adapter_dir, saved)
@@ -187,4 +195,4 @@ def read_starting_point(config: AdapterConfig) -> StartingPoint:
         if not path.is_file():
             raise UserError(f"adapter.init_optimizer needs a checkpoint-N directory as adapter.init_from: {path} not found")
         optimizer_state = read_checkpoint_file(path, lambda file: torch.load(file, weights_only=False))
-    return StartingPoint(saved["plan"], tensors, optimizer_state)
+    return StartingPoint(saved, adapter_dir / CONFIG_FILE, tensors, optimizer_state)

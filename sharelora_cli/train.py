@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from sharelora_cli.adapter_io import copy_tensors, save_adapter
+from sharelora_cli.adapter_io import check_regenerated, copy_tensors, save_adapter
 from sharelora_cli.checkpoint import (
     TrainerState,
     checkpoint_plan,
@@ -144,6 +144,7 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
     if start is not None:
+        check_regenerated(adapter.regenerated_record(), start.config, start.source)
         copy_tensors(adapter, start.tensors)
     hook = method.make_trainer_hook(adapter, cfg.max_steps) if method.make_trainer_hook else None
     if cfg.gradient_checkpointing:

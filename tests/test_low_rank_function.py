@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import randomize_factors
+from reference import adapter_config, expected_delta, randomize_factors
 from tiny_architectures import LLAMA_TARGETS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -151,3 +151,36 @@ def test_gradient_checkpointing_recomputes_to_the_same_factor_gradients(tiny_mod
     for plain, recomputed in zip(*grads):
         assert plain.abs().sum() > 0
         torch.testing.assert_close(recomputed, plain)
+
+
+@pytest.mark.parametrize("method", ["vera", "tied-lora", "vblora"])
+def test_vectors_and_bank_folded_into_the_fused_factors_give_the_plain_formula_s_gradients(method):
+    """VeRA and Tied-LoRA fold their vectors into A and B, VB-LoRA builds them from the bank: the fused kernel's
+    output and gradients (input, every trainable tensor) equal autograd through the plain formula, x (W + ΔW)ᵀ + b.
+
+    In float64, so that the two orders of summation agree far below any difference a wrong gradient would make.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 96))  # two shapes: VeRA cuts its pair for each
+    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=["0", "1"]))
+    randomize_factors(adapter, seed=1, scale=0.3)
+    model.double()
+    assert all(plain_frozen_weight(layer.base_layer) is not None for layer in adapter.layers())
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    results = []
+    for plain in (False, True):
+        h = x
+        for group in adapter.groups.values():
+            layer = model.get_submodule(group.modules[0])
+            if plain:
+                h = F.linear(h, layer.base_layer.weight + expected_delta(adapter, group, 0), layer.base_layer.bias)
+            else:
+                h = layer(h)
+        h.square().sum().backward()
+        results.append([h.detach(), x.grad] + [p.grad for p in adapter.parameters()])
+        x.grad = None
+        for p in adapter.parameters():
+            p.grad = None
+    for fused, reference in zip(*results):
+        assert reference.abs().sum() > 0 and fused.dtype == torch.float64
+        torch.testing.assert_close(fused, reference, atol=1e-12, rtol=1e-10)

@@ -1,13 +1,51 @@
-"""Build the tiny offline Llama model + BPE tokenizer used by the quickstart and the tests.
+"""Build the tiny offline Llama models: random weights (tests, benchmarks) or pretrained on synthetic arithmetic.
 
-Usage: python scripts/make_tiny_model.py [OUT_DIR] (default artifacts/tiny-llama)
+    python scripts/make_tiny_model.py [OUT_DIR]              # random weights, BPE trained on GSM8K (artifacts/tiny-llama)
+    python scripts/make_tiny_model.py --pretrain [OUT_DIR] [--tasks DIR] [--seed N] [--steps N]
+                                                             # pretrained base (artifacts/tiny-llama-arith) and the
+                                                             # fine-tuning task's train/test files (artifacts/synthetic-tasks)
+
+--pretrain trains every weight of the tiny Llama on the pretraining skills of sharelora_cli/synthetic_tasks.py
+(a few minutes on 2 CPU cores, the same weights for the same seed) and writes each skill's held-out problems in
+GSM8K folder layout, TASKS/<skill>/{train,test}.jsonl; TASKS/story is the held-back skill to fine-tune on.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
+from sharelora_cli.errors import UserError
+from sharelora_cli.pretrain import PretrainConfig, pretrain
+from sharelora_cli.synthetic_tasks import write_tasks
 from sharelora_cli.tiny_model import build_tiny_model
 
+RANDOM_DIR, PRETRAINED_DIR, TASKS_DIR = "artifacts/tiny-llama", "artifacts/tiny-llama-arith", "artifacts/synthetic-tasks"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path,
+                        help=f"model directory [default: {RANDOM_DIR}, with --pretrain {PRETRAINED_DIR}]")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain on synthetic arithmetic instead of random weights")
+    parser.add_argument("--tasks", type=Path, default=Path(TASKS_DIR),
+                        help=f"with --pretrain: where the task folders go [default: {TASKS_DIR}]")
+    parser.add_argument("--seed", type=int, default=PretrainConfig.seed,
+                        help=f"with --pretrain: seed of corpus, tokenizer, weights and tasks [default: {PretrainConfig.seed}]")
+    parser.add_argument("--steps", type=int, default=PretrainConfig.steps,
+                        help=f"with --pretrain: optimizer steps of {PretrainConfig.batch_size} rows [default: {PretrainConfig.steps}]")
+    args = parser.parse_args()
+    if not args.pretrain:
+        print(f"tiny model written to {build_tiny_model(args.out or Path(RANDOM_DIR))}")
+        return
+    if args.steps <= 0:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    print(f"synthetic tasks written to {write_tasks(args.tasks, args.seed)}")
+    print(f"pretrained tiny model written to {pretrain(args.out or Path(PRETRAINED_DIR), PretrainConfig(seed=args.seed, steps=args.steps))}")
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/tiny-llama")
-    print(f"tiny model written to {build_tiny_model(out)}")
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -176,6 +176,9 @@ def eval_command(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="auto or a number"),
+    gsm8k_path: Optional[str] = typer.Option(
+        None, "--gsm8k-path", help="gsm8k: a folder with train.jsonl (shots) and test.jsonl in GSM8K format, or a hub id"
+    ),
     data: Optional[str] = typer.Option(None, "--data", help="perplexity dataset: .txt/.jsonl/.json/.csv/.parquet or hub id"),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
     samples: Optional[str] = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
@@ -192,7 +195,7 @@ def eval_command(
     report = run_eval(
         EvalRequest(
             recipe=recipe or recipe_option, overrides=overrides or [], model=model, adapter=adapter, no_adapter=no_adapter,
-            tasks=tasks, limit=limit, batch_size=batch_size, data=data, text_field=text_field, samples=samples,
+            tasks=tasks, limit=limit, batch_size=batch_size, gsm8k_path=gsm8k_path, data=data, text_field=text_field, samples=samples,
             results_file=results_file, allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
         )
     )  # fmt: skip

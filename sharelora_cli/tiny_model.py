@@ -1,6 +1,7 @@
 """A tiny Llama-architecture causal LM with a BPE tokenizer trained on local GSM8K text.
 
-Random weights, real tokenizer: for tests, the quickstart and demos, with no hub access.
+Random weights, real tokenizer: for tests and benchmarks, with no hub access. pretrain.py builds the
+pretrained base of the quickstart from the same config and tokenizer trainer.
 """
 
 import json
@@ -28,10 +29,17 @@ def gsm8k_texts(path: Path) -> list[str]:
     return [f"{row['question']}\n{row['answer']}" for row in rows]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (lossless round trip), bos prepended like Llama's tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int, split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (lossless round trip), bos prepended like Llama's tokenizer.
+
+    split_digits makes every digit its own token (as Llama's tokenizer does), so that numbers are
+    read column by column: what lets a small model learn arithmetic.
+    """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

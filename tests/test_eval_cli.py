@@ -15,6 +15,7 @@ from sharelora_cli.cli import main
 from sharelora_cli.evaluation import gsm8k, mmlu
 from sharelora_cli.inject import inject_adapter
 from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.synthetic_tasks import write_task
 from cli_runner import run_cli
 
 DOCUMENTS = [
@@ -235,12 +236,30 @@ def test_recipe_eval_section_and_output_dir_adapter(tmp_path, tiny_model_dir, ad
         (["--tasks", "perplexity"], ["--data"]),
         (["--tasks", "humaneval", "--samples", "{tmp}/missing.jsonl", "--allow-code-execution"], ["missing.jsonl"]),
         (["--tasks", "mmlu", "--samples", "{tmp}/missing.jsonl"], ["--samples", "humaneval"]),
+        (["--tasks", "perplexity", "--gsm8k-path", "{tmp}"], ["--gsm8k-path", "gsm8k"]),
+        (["--tasks", "gsm8k", "--gsm8k-path", "{tmp}/no-task"], ["no-task/train.jsonl", "not found"]),
     ],
 )
 def test_bad_inputs_are_one_line_errors(args, named, tmp_path, tiny_model_dir, monkeypatch, capsys):
     args = [arg.format(tmp=tmp_path) for arg in args]
     code, _, stderr = run_main(monkeypatch, capsys, "eval", "--model", str(tiny_model_dir), *args)
     assert_single_error(code, stderr, *[text.format(tmp=tmp_path) for text in named])
+
+
+def test_gsm8k_path_scores_other_problems_in_gsm8k_format(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """--gsm8k-path DIR: test.jsonl is scored, the shots come from train.jsonl (as GSM8K's own folder)."""
+    task = write_task(tmp_path / "story", "story", train_size=3, test_size=4, seed=0)
+    results = tmp_path / "results.json"
+    code, _, stderr = run_main(monkeypatch, capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "gsm8k",
+                               "--gsm8k-path", str(task), "--json", str(results))  # fmt: skip
+    assert code == 0, stderr
+    document = json.loads(results.read_text())
+    shots = gsm8k.load_split(str(task), "train")
+    tests = gsm8k.load_split(str(task), "test")
+    assert document["gsm8k"]["num_samples"] == 4 and document["config"]["eval"]["gsm8k"]["path"] == str(task)
+    for record, row in zip(document["records"]["gsm8k"], tests):
+        assert record["prompt"] == gsm8k.build_prompt(row["question"], shots)
+        assert record["target"] == row["answer"].rsplit("#### ", 1)[1]
 
 
 def test_missing_benchmark_data_is_a_one_line_error(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -34,6 +34,7 @@ class EvalRequest:
     tasks: str | None = None
     limit: int | None = None
     batch_size: str | None = None
+    gsm8k_path: str | None = None
     data: str | None = None
     text_field: str | None = None
     samples: str | None = None
@@ -63,6 +64,7 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
         ("eval", "batch_size"): _batch_size(request.batch_size),
         ("eval", "adapter"): request.adapter,
         ("eval", "results_file"): request.results_file,
+        ("eval", "gsm8k", "path"): request.gsm8k_path,
         ("eval", "perplexity", "path"): request.data,
         ("eval", "perplexity", "field"): request.text_field,
     }
@@ -144,6 +146,8 @@ def run_eval(request: EvalRequest) -> EvalReport:
         humaneval_task.require_permission(request.allow_code_execution, request.allow_weak_sandbox)
     if request.samples is not None and "humaneval" not in tasks:
         raise UserError("--samples scores HumanEval completions: add humaneval to --tasks")
+    if request.gsm8k_path is not None and "gsm8k" not in tasks:
+        raise UserError("--gsm8k-path gives the gsm8k task's data: add gsm8k to --tasks")
     engine, adapter = None, None
     if needs_model(request, tasks):
         if not request.recipe and not request.model:

@@ -1,0 +1,65 @@
+"""scripts/method_study.py runs end to end at tiny sizes: the documented rows, the tables, finished runs reused."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sharelora_cli.paths import PROJECT_ROOT
+from sharelora_cli.pretrain import PretrainConfig, pretrain
+from sharelora_cli.synthetic_tasks import write_tasks
+from single_thread import single_thread
+
+FIELDS = {"method", "rank", "seed", "accuracy", "trainable_params", "step_time_s"}
+
+
+@pytest.fixture(scope="module")
+def method_study():
+    """The script as a module, run in this process (a subprocess would re-import torch and transformers)."""
+    spec = importlib.util.spec_from_file_location("method_study", PROJECT_ROOT / "scripts" / "method_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_study(method_study, tmp_path: Path, base: Path, tasks: Path, json_name: str) -> None:
+    with single_thread():
+        method_study.main([
+            "--base", str(base), "--tasks", str(tasks), "--methods", "lora,shareab,peft-lora", "--ranks", "2",
+            "--match-lora-ranks", "2", "--seeds", "0,1", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "runs"),
+            "--json", str(tmp_path / json_name), "--markdown", str(tmp_path / "study.md"), "--plot", str(tmp_path / "study.png"),
+        ])  # fmt: skip
+
+
+def test_method_study_smoke_writes_rows_and_tables_and_reuses_finished_runs(method_study, tmp_path, capsys):
+    base = pretrain(tmp_path / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1))
+    tasks = write_tasks(tmp_path / "tasks", seed=0, train_size=40, test_size=6)
+    (tmp_path / "study.md").write_text("# Study\n\nFindings written by hand.\n")
+    run_study(method_study, tmp_path, base, tasks, "rows.json")
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert all(set(row) == FIELDS and 0 <= row["accuracy"] <= 1 for row in rows)
+    runs = {(row["method"], row["rank"]): row["trainable_params"] for row in rows}
+    # On 2 layers ShareAB at rank 2L has LoRA r=2's count exactly, so the equal-budget sweep picks rank 4.
+    assert sorted(runs) == [("lora", 2), ("peft-lora", 2), ("shareab", 2), ("shareab", 4)]
+    assert runs[("peft-lora", 2)] == runs[("lora", 2)] == runs[("shareab", 4)] == 2 * runs[("shareab", 2)]
+    assert sorted(row["seed"] for row in rows) == [0] * 4 + [1] * 4
+    markdown = (tmp_path / "study.md").read_text()
+    assert markdown.startswith("# Study\n\nFindings written by hand.\n") and "| shareab | 4 | " in markdown
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "study.png").is_file() == has_matplotlib
+    assert ("pip install -e .[plots]" in printed) != has_matplotlib
+
+    run_study(method_study, tmp_path, base, tasks, "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == rows  # every run reused, step times included
+    assert (tmp_path / "study.md").read_text().count("<!-- method-study:begin -->") == 1
+
+
+@pytest.mark.parametrize("args, named", [(["--ranks", "8,x"], "--ranks"), (["--ranks", "0"], "--ranks"),
+                                         (["--methods", "lora,dora"], "dora"), (["--base", "nowhere"], "--base")])
+def test_bad_arguments_are_one_line_errors(method_study, args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        method_study.main(args)
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "error:" in errors[-1] and named in errors[-1]

@@ -1,15 +1,14 @@
 """scripts/continual_study.py runs a continual recipe per method and seed at tiny sizes: rows, tables, reuse, bad input."""
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-from sharelora_cli.paths import PROJECT_ROOT
 from sharelora_cli.pretrain import PretrainConfig, pretrain
 from sharelora_cli.synthetic_tasks import write_tasks
+from script_module import load_script
 from single_thread import single_thread
 
 STAGES = ("story", "smallest")
@@ -17,11 +16,7 @@ STAGES = ("story", "smallest")
 
 @pytest.fixture(scope="module")
 def continual_study():
-    """The script as a module, run in this process (a subprocess would re-import torch and transformers)."""
-    spec = importlib.util.spec_from_file_location("continual_study", PROJECT_ROOT / "scripts" / "continual_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("continual_study")
 
 
 def write_recipe(path: Path, base: Path, tasks: Path, stages: tuple[str, ...]) -> Path:

@@ -156,6 +156,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--out", type=Path, default=Path("runs/continual-study"), help="one folder per run")
     parser.add_argument("--json", type=Path, help="write one row per run")
     parser.add_argument("--markdown", type=Path, default=Path("docs/continual.md"), help="update its study section")
+    parser.add_argument("--section", default=SECTION,
+                        help="the markers the tables go between (<!-- NAME:begin -->), for a second study in one file")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/continual_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stage_names = [stage_name(cfg, k) for k in range(len(cfg.stages))]
     body = markdown(summarise(rows), stage_names, command, describe_setup(cfg, args.seeds, timing))
-    replace_section(args.markdown, SECTION, body, "Continual fine-tuning")
+    replace_section(args.markdown, args.section, body, "Continual fine-tuning")
     print(f"tables written to {args.markdown}")
 
 

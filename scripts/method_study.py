@@ -41,6 +41,7 @@ from transformers import set_seed  # noqa: E402
 
 from sharelora_cli.adapters.aslora import target_plan  # noqa: E402
 from sharelora_cli.data import StepSampler, build_splits, collate  # noqa: E402
+from sharelora_cli.doc_sections import replace_section  # noqa: E402
 from sharelora_cli.evaluation import gsm8k  # noqa: E402
 from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
 from sharelora_cli.evaluation.results import TaskResult  # noqa: E402
@@ -58,7 +59,7 @@ DEFAULT_METHODS = ["lora", "sharea", "shareb", "shareab", "aslora", "miss", "ver
 VBLORA_VECTOR_LENGTH = 256
 # The study's accuracy: strict match, the number after "#### " equals the reference's.
 ACCURACY_METRIC = "strict-match"
-BEGIN, END = "<!-- method-study:begin -->", "<!-- method-study:end -->"
+SECTION = "method-study"
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def fine_tune_peft_lora(run: Run, cfg: Recipe) -> Row:
     from peft import LoraConfig, get_peft_model
 
     train_cfg = cfg.train
-    accelerator = make_accelerator(train_cfg)
+    # This loop logs nothing, so it starts no tracker.
+    accelerator = make_accelerator(train_cfg.model_copy(update={"report_to": []}), Path(cfg.output_dir))
     set_seed(train_cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     splits = build_splits(cfg.data, tokenizer, train_cfg.seed)
@@ -237,7 +239,7 @@ def percent(entry: dict) -> str:
 
 def markdown(summary: list[dict], lora_ranks: list[int], base: float, command: str, setup: str) -> str:
     lora = {s["rank"]: s["trainable_params"] for s in summary if s["method"] == "lora"}
-    lines = [BEGIN, "", f"Command: `{command}`", "", setup, "",
+    lines = [f"Command: `{command}`", "", setup, "",
              f"Base model without an adapter: {100 * base:.1f}% on the same problems.", "",
              "| method | rank | trainable params | vs LoRA same rank | accuracy (mean ± std) | seeds | step time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -252,20 +254,14 @@ def markdown(summary: list[dict], lora_ranks: list[int], base: float, command: s
                   "", "| method | rank | trainable params | accuracy (mean ± std) |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {s['method']} | {s['rank']} | {s['trainable_params']:,} | {percent(s)} |"
                   for s in sorted(matched, key=lambda s: -s["mean"])]
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines)
 
 
 def write_markdown(path: Path, section: str, plot: Path | None) -> None:
     """Replace the study section of path (between the markers), keeping the text around it."""
     if plot is not None:
-        image = f"![held-out accuracy against trainable parameters]({os.path.relpath(plot, path.parent)})"
-        section = section.replace(END, f"{image}\n\n{END}")
-    text = path.read_text() if path.is_file() else f"# Method study\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + section + rest.split(END, 1)[1])
+        section += f"\n\n![held-out accuracy against trainable parameters]({os.path.relpath(plot, path.parent)})"
+    replace_section(path, SECTION, section, "Method study")
 
 
 def write_plot(path: Path, summary: list[dict], base: float) -> bool:

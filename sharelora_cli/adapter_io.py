@@ -66,10 +66,15 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     config = read_adapter_config(directory)
     adapter_config, tensors = read_checked_tensors(directory, config)
     adapter = inject_adapter(model, adapter_config, plan=config["plan"])
+    copy_tensors(adapter, tensors)
+    return adapter
+
+
+def copy_tensors(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> None:
+    """Set every distinct tensor of the adapter from saved tensors of the same names (checked by the caller)."""
     with torch.no_grad():
         for name, param in adapter.named_tensors().items():
             param.copy_(tensors[name])
-    return adapter
 
 
 def check_regenerated(current: dict[str, dict], config: dict, source: Path) -> None:

@@ -8,6 +8,8 @@ import io
 import json
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from sharelora_cli.adapter_io import CONFIG_FILE, check_regenerated, read_adapter_config, read_adapter_tensors, save_adapter
+from sharelora_cli.adapter_io import (
+    CONFIG_FILE,
+    check_regenerated,
+    copy_tensors,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_checked_tensors,
+    save_adapter,
+)
 from sharelora_cli.atomic import atomic_directory, remove_directory, remove_stale_staging
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
@@ -47,6 +57,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving this process's random number generators (Python, NumPy, torch, CUDA)."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def save_checkpoint(
@@ -117,13 +137,10 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
         read_checkpoint_file(path / name, lambda file: torch.load(file, weights_only=False))
         for name in ("optimizer.pt", "scheduler.pt", "rng.pt")
     )
-    named = adapter.named_tensors()
-    if set(named) != set(tensors):
+    if set(adapter.named_tensors()) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
     check_regenerated(adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
-    with torch.no_grad():
-        for name, param in named.items():
-            param.copy_(tensors[name])
+    copy_tensors(adapter, tensors)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     set_rng_state(rng_states[rank])
@@ -138,3 +155,44 @@ def read_checkpoint_file(path: Path, reader):
         raise UserError(
             f"checkpoint file {path} is unreadable ({first_line(err)}); delete {path.parent} to resume from an earlier checkpoint"
         ) from None
+
+
+# Adapter settings a run may change when it continues a saved adapter; every other one fixes the function
+# the adapter computes (method, rank, alpha, targets, a method's own section) and must stay as saved.
+CHANGEABLE_SETTINGS = frozenset({"dropout", "aslora", "init_from", "init_optimizer"})
+
+
+@dataclass
+class StartingPoint:
+    """A saved adapter a run starts from (adapter.init_from): its config, plan, tensors and, if asked, optimizer state."""
+
+    config: dict
+    source: Path
+    tensors: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+
+    @property
+    def plan(self) -> dict:
+        return self.config["plan"]
+
+
+def read_starting_point(config: AdapterConfig) -> StartingPoint:
+    """adapter.init_from, read and checked against the recipe's adapter before any model is loaded."""
+    directory = Path(config.init_from)
+    adapter_dir = directory if (directory / CONFIG_FILE).is_file() else directory / "adapter"
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise UserError(f"adapter.init_from: {directory} holds no sharelora adapter ({CONFIG_FILE} there or in its adapter/)")
+    saved = read_adapter_config(adapter_dir)
+    recorded = AdapterConfig.model_validate(saved["adapter"])
+    for key in AdapterConfig.model_fields:
+        if key not in CHANGEABLE_SETTINGS and getattr(recorded, key) != getattr(config, key):
+            raise UserError(f"adapter.init_from: {adapter_dir} was trained with adapter.{key}={getattr(recorded, key)!r}, "
+                            f"this recipe has {getattr(config, key)!r}; make them equal to continue it")
+    _, tensors = read_checked_tensors(adapter_dir, saved)
+    optimizer_state = None
+    if config.init_optimizer:
+        path = directory / "optimizer.pt"
+        if not path.is_file():
+            raise UserError(f"adapter.init_optimizer needs a checkpoint-N directory as adapter.init_from: {path} not found")
+        optimizer_state = read_checkpoint_file(path, lambda file: torch.load(file, weights_only=False))
+    return StartingPoint(saved, adapter_dir / CONFIG_FILE, tensors, optimizer_state)

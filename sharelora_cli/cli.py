@@ -16,6 +16,12 @@ app = typer.Typer(
 )
 
 OverridesArg = typer.Argument(None, help="key=value recipe overrides, e.g. adapter.rank=16 train.max_steps=50")
+AllowCodeExecution = typer.Option(False, "--allow-code-execution", help="let humaneval run model-written code")
+AllowWeakSandbox = typer.Option(
+    False, "--allow-weak-sandbox",
+    help="where Linux namespaces are unavailable (no root, no user namespaces), run humaneval anyway with only"
+    " rlimits and an in-process guard that hostile code can switch off (docs/sandbox.md)",
+)  # fmt: skip
 
 
 @app.command("recipes")
@@ -74,23 +80,47 @@ def train_command(
     recipe: str = typer.Argument(..., help="recipe path or shipped name"),
     overrides: Optional[list[str]] = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
+    allow_code_execution: bool = AllowCodeExecution,
+    allow_weak_sandbox: bool = AllowWeakSandbox,
 ) -> None:
-    """Train an adapter from a recipe; writes OUTPUT_DIR/adapter, metrics.jsonl, recipe.yaml, checkpoint-N/."""
+    """Train an adapter from a recipe; writes OUTPUT_DIR/adapter, metrics.jsonl, recipe.yaml, checkpoint-N/.
+
+    A recipe with stages trains them in order into OUTPUT_DIR/stage-K/ and writes OUTPUT_DIR/continual.json.
+    """
+    from sharelora_cli.evaluation.runner import CodeExecution
     from sharelora_cli.launch import relaunch_as_workers, requested_cpu_processes
     from sharelora_cli.recipe import load_recipe
-    from sharelora_cli.train import Interrupted, train
+    from sharelora_cli.train import Interrupted
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
     processes = requested_cpu_processes()
     if processes > 1:
         raise typer.Exit(relaunch_as_workers(processes, sys.argv[1:]))
+    code = CodeExecution(allow_code_execution, allow_weak_sandbox)
     try:
-        summary = train(loaded)
+        typer.echo(run_stages_command(loaded, code) if loaded.stages else run_training_command(loaded, code), nl=False)
     except Interrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(stop.exit_code) from None
-    if summary.is_main_process:
-        typer.echo(summary_line(summary))
+
+
+def run_training_command(recipe, code) -> str:
+    from sharelora_cli.train import train
+
+    summary = train(recipe, code)
+    return summary_line(summary) + "\n" if summary.is_main_process else ""
+
+
+def run_stages_command(recipe, code) -> str:
+    from sharelora_cli.continual_metrics import format_table
+    from sharelora_cli.recipe import stage_name
+    from sharelora_cli.stages import run_stages
+
+    report = run_stages(recipe, code)
+    if report.summary is None:
+        return ""
+    names = [stage_name(recipe, k) for k in range(len(recipe.stages))]
+    return f"{format_table(report.summary, names)}\ncontinual results in {report.path}\n"
 
 
 def summary_line(summary) -> str:
@@ -153,12 +183,8 @@ def eval_command(
     text_field: Optional[str] = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
     samples: Optional[str] = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
     results_file: Optional[str] = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
-    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let humaneval run model-written code"),
-    allow_weak_sandbox: bool = typer.Option(
-        False, "--allow-weak-sandbox",
-        help="where Linux namespaces are unavailable (no root, no user namespaces), run humaneval anyway with only"
-        " rlimits and an in-process guard that hostile code can switch off (docs/sandbox.md)",
-    ),  # fmt: skip
+    allow_code_execution: bool = AllowCodeExecution,
+    allow_weak_sandbox: bool = AllowWeakSandbox,
 ) -> None:
     """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON."""
     from sharelora_cli.evaluation.results import format_table

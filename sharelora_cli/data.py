@@ -84,7 +84,7 @@ def load_rows(cfg: DataConfig) -> list[dict]:
         if loader:
             dataset = datasets.load_dataset(loader, data_files=str(path), split="train")
         else:
-            dataset = datasets.load_dataset(cfg.path, split=cfg.split)
+            dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
     except Exception as err:  # datasets raises many types for unreadable files and unknown ids
         raise UserError(f"data.path {cfg.path}: cannot read it ({first_line(err)})") from None
     rows = dataset.to_list()

@@ -7,9 +7,18 @@ UserError whose message names the key and what is allowed.
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from yaml import YAMLError
 
 from sharelora_cli.errors import UserError, first_line
@@ -19,6 +28,9 @@ from sharelora_cli.recipe_yaml import load_yaml, override_value
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
 METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
+# Accelerate's experiment trackers; each needs its own package.
+Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 
 
 class Section(BaseModel):
@@ -106,6 +118,11 @@ class AdapterConfig(Section):
     vera: VeRAConfig = Field(default_factory=VeRAConfig)
     tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
+    # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
+    # directory. Its method, rank, alpha and targets must be these.
+    init_from: str | None = None
+    # Also continue the optimizer's state saved beside it (init_from must then be a checkpoint-N directory).
+    init_optimizer: bool = False
 
 
 class DataConfig(Section):
@@ -113,6 +130,8 @@ class DataConfig(Section):
     path: str = "${data:gsm8k/train.jsonl}"
     format: Literal["gsm8k", "alpaca", "chat", "text"] = "gsm8k"
     split: str = "train"
+    # A hub dataset's configuration (e.g. main for openai/gsm8k); None for local files and single-config datasets.
+    subset: str | None = None
     max_length: int = Field(512, gt=0)
     # What to do with an example longer than max_length.
     overlength: Literal["error", "truncate", "drop"] = "error"
@@ -142,6 +161,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Evaluations run beside val_loss every eval_every steps (main process), with the eval section's settings.
+    eval_tasks: list[TaskName] = Field(default_factory=list)
+    # Where metrics go besides metrics.jsonl: Accelerate's trackers (an empty list: none).
+    report_to: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
 
 
 class GSM8KTaskConfig(Section):
@@ -184,7 +207,7 @@ class PerplexityTaskConfig(Section):
 class EvalConfig(Section):
     """`sharelora eval`: which benchmarks, on how many examples, with what batching."""
 
-    tasks: list[Literal["gsm8k", "mmlu", "humaneval", "perplexity"]] = Field(default_factory=lambda: ["gsm8k", "mmlu"])
+    tasks: list[TaskName] = Field(default_factory=lambda: ["gsm8k", "mmlu"])
     # First N examples per task (per subject for MMLU); None: all.
     limit: int | None = Field(None, gt=0)
     # auto: the largest that fits on CUDA (halved on out-of-memory), 8 on CPU.
@@ -202,6 +225,22 @@ class EvalConfig(Section):
     perplexity: PerplexityTaskConfig = Field(default_factory=PerplexityTaskConfig)
 
 
+class StageConfig(Section):
+    """One stage of a continual run: what it changes in the recipe's data, train and eval sections.
+
+    Only the keys a stage sets override the recipe's; the rest are the recipe's own (not the previous stage's).
+    """
+
+    # Names the stage's evaluation in the continual matrix; None: stage-K.
+    name: str | None = None
+    data: DataConfig | None = None
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+
+
+STAGE_SECTIONS = ("data", "train", "eval")
+
+
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -209,8 +248,40 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Continual fine-tuning: stages trained in order, each continuing the previous stage's adapter.
+    stages: list[StageConfig] = Field(default_factory=list)
     output_dir: str = "runs/quickstart"
     resume: bool = False
+
+    @field_serializer("stages")
+    def _stages_as_written(self, stages: list[StageConfig]) -> list[dict]:
+        # A stage's unset keys inherit the recipe's; dumping their defaults would turn them into overrides.
+        return [stage.model_dump(exclude_unset=True) for stage in stages]
+
+    @model_validator(mode="after")
+    def _stages_are_named_apart_and_scored(self) -> "Recipe":
+        names = [stage_name(self, k) for k in range(len(self.stages))]
+        if len(set(names)) < len(names):
+            raise ValueError(f"stages: two stages are named {next(n for n in names if names.count(n) > 1)!r}; names must differ")
+        for k in range(len(self.stages)):
+            if "perplexity" in stage_recipe(self, k).eval.tasks:
+                raise ValueError(f"stages[{k}]: eval.tasks has perplexity, which is no accuracy; a continual run "
+                                 "scores gsm8k, mmlu and humaneval")
+        return self
+
+
+def stage_recipe(recipe: Recipe, index: int) -> Recipe:
+    """The recipe stage `index` (0-based) trains with: the recipe's sections with the stage's keys over them."""
+    stage = recipe.stages[index].model_dump(exclude_unset=True)
+    values = recipe.model_dump()
+    for section in STAGE_SECTIONS:
+        if stage.get(section):
+            values[section] = OmegaConf.to_container(OmegaConf.merge(values[section], stage[section]))
+    return Recipe.model_validate({**values, "stages": []})
+
+
+def stage_name(recipe: Recipe, index: int) -> str:
+    return recipe.stages[index].name or f"stage-{index + 1}"
 
 
 def _data_resolver(relative: str = "") -> str:
@@ -316,8 +387,10 @@ def _section_model(loc: tuple) -> type[BaseModel]:
 
 def _describe(error: dict) -> str:
     loc = tuple(error["loc"])
-    key = ".".join(str(part) for part in loc) or "recipe"
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "recipe"
     got = error.get("input")
+    if error["type"] == "value_error":  # a check of the whole recipe, whose message names the keys itself
+        return str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
         allowed = ", ".join(_section_model(loc).model_fields)
         return f"unknown key {key!r}; allowed keys here: {allowed}"

@@ -10,6 +10,8 @@ held-back task whose accuracy an adapter can move from near zero to near one. Th
                -> "At the start: 7\n#### 7".
 - `story`      "Mia has 7 pens. She buys 5 more. Then she loses 3. How many pens does she have now?"
                -> "7+5=12\n12-3=9\n#### 9".
+- `smallest`   "Which is the smallest of 17, 12 and 25?" -> "12<17\n12<25\n#### 12".
+- `together`   "Mia has 7 pens and Tom has 5 pens. How many pens do they have together?" -> "7+5=12\n#### 12".
 
 Pretraining covers arithmetic, compare and recall. `story` is held back for fine-tuning (the quickstart
 and the method study): a new format over known parts, the stories of `recall` (so the base knows the
@@ -17,6 +19,8 @@ words) and the chain of `arithmetic`; what is new is turning the verbs ("buys", 
 operations. A base that never saw it answers with a number it can read off the story, and scores near
 zero until an adapter teaches it to write the chain. `smaller` is a new operation for the tests: a base
 pretrained on `compare` answers it with the larger number, and seconds of fine-tuning turn that around.
+Continual fine-tuning (recipes/quickstart-continual.yaml) teaches `story`, `smallest` and `together` in
+turn: three held-back skills, each a new question form the base answers wrongly.
 
 Numbers stay small (starts up to 30, changes 1-9) so a 1M-parameter model learns the sums in minutes,
 and every digit is its own token (tiny_model.train_tokenizer), which makes column arithmetic learnable.
@@ -82,6 +86,15 @@ def smaller(rng: random.Random) -> Row:
     return {"question": f"Which is smaller, {a} or {b}?", "answer": f"{min(a, b)}<{max(a, b)}\n#### {min(a, b)}"}
 
 
+def smallest(rng: random.Random) -> Row:
+    """A new operation over three numbers: one comparison line against each of the other two."""
+    numbers = rng.sample(range(ARITHMETIC_OPERAND[1] + 1), 3)
+    low = min(numbers)
+    lines = [f"{low}<{n}" for n in numbers if n != low]
+    return {"question": f"Which is the smallest of {numbers[0]}, {numbers[1]} and {numbers[2]}?",
+            "answer": "\n".join(lines) + f"\n#### {low}"}
+
+
 @dataclass(frozen=True)
 class Story:
     text: str
@@ -121,17 +134,34 @@ def story(rng: random.Random, steps: int = 2) -> Row:
     }
 
 
+def together(rng: random.Random) -> Row:
+    """Two people's counts of one thing, added: the story's words in a new question."""
+    (first, _), (second, _) = rng.sample(NAMES, 2)
+    thing = rng.choice(OBJECTS)
+    a, b = rng.randint(*STORY_START), rng.randint(*STORY_START)
+    return {
+        "question": f"{first} has {a} {thing} and {second} has {b} {thing}. How many {thing} do they have together?",
+        "answer": answer_with_chain(a, [b]),
+    }
+
+
 SKILLS: dict[str, Callable[[random.Random], Row]] = {
     "arithmetic": arithmetic,
     "compare": compare,
     "smaller": smaller,
     "recall": recall,
     "story": story,
+    "smallest": smallest,
+    "together": together,
 }
 # Skill -> share of the pretraining corpus. Arithmetic is the hard one (compare and recall are learned
 # within a few hundred steps), so it gets half the rows.
 PRETRAINING_MIX = {"arithmetic": 2.0, "compare": 1.0, "recall": 1.0}
 FINE_TUNING_SKILL = "story"
+# The stages of recipes/quickstart-continual.yaml, in order.
+CONTINUAL_SKILLS = ("story", "smallest", "together")
+# Skills the task folders hold training rows for; the others are scored only.
+TRAINED_SKILLS = {FINE_TUNING_SKILL, *CONTINUAL_SKILLS}
 
 
 def rows(mix: dict[str, float], count: int, seed: int) -> list[Row]:
@@ -169,11 +199,11 @@ def write_task(out_dir: Path, skill: str, train_size: int, test_size: int, seed:
 
 
 def write_tasks(root: Path, seed: int, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE) -> Path:
-    """root/<skill>/{train,test}.jsonl for every skill; only the fine-tuning skill has training rows.
+    """root/<skill>/{train,test}.jsonl for every skill; only the held-back skills have training rows.
 
     The other folders score the base on each skill, 0-shot (a test question of a pretraining skill may
     also be in the pretraining corpus: there are only 930 distinct comparisons).
     """
     for skill in SKILLS:
-        write_task(Path(root) / skill, skill, train_size if skill == FINE_TUNING_SKILL else 0, test_size, seed)
+        write_task(Path(root) / skill, skill, train_size if skill in TRAINED_SKILLS else 0, test_size, seed)
     return Path(root)

@@ -23,29 +23,36 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from sharelora_cli.adapter_io import save_adapter
+from sharelora_cli.adapter_io import check_regenerated, copy_tensors, save_adapter
 from sharelora_cli.checkpoint import (
     TrainerState,
     checkpoint_plan,
     latest_checkpoint,
     load_checkpoint,
+    preserved_rng,
     prune_checkpoints,
+    read_starting_point,
     rng_state,
     save_checkpoint,
-    write_failure,
 )
-from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
 from sharelora_cli.adapters.base import TrainerHook
-from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.errors import UserError
 from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.adapters.registry import METHODS
+from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
+from sharelora_cli.errors import UserError
+from sharelora_cli.evaluation.engine import Engine, context_window
+from sharelora_cli.evaluation.humaneval_task import require_permission
+from sharelora_cli.evaluation.runner import CodeExecution, run_task
 from sharelora_cli.inject import inject_adapter
 from sharelora_cli.lr_schedule import make_scheduler
+from sharelora_cli.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
 from sharelora_cli.modeling import load_model, load_tokenizer
 from sharelora_cli.quantization import bitsandbytes
 from sharelora_cli.recipe import Recipe, TrainConfig, to_yaml
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Written last when a run finishes: its presence says the run is complete.
+SUMMARY_FILE = "summary.json"
 
 
 class Interrupted(Exception):
@@ -86,17 +93,21 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     sampler: StepSampler
-    log: "MetricsLog"
+    log: MetricsLog
     state: TrainerState
+    code: CodeExecution
 
     @property
     def output_dir(self) -> Path:
         return Path(self.recipe.output_dir)
 
 
-def train(recipe: Recipe) -> RunSummary:
-    """Train an adapter as the recipe says; resumable, and safe to kill at any point."""
-    run = set_up(recipe)
+def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
+    """Train an adapter as the recipe says; resumable, and safe to kill at any point.
+
+    code: whether HumanEval in train.eval_tasks may run model-written code (the CLI's --allow-code-execution).
+    """
+    run = set_up(recipe, code)
     cfg = recipe.train
     progress = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train")
     record: dict = {"loss": math.nan}
@@ -115,18 +126,26 @@ def train(recipe: Recipe) -> RunSummary:
     return finish(run, record["loss"], val_loss)
 
 
-def set_up(recipe: Recipe) -> Session:
+def set_up(recipe: Recipe, code: CodeExecution) -> Session:
     """Check the output directory, load data, model and adapter, and restore the newest checkpoint when resuming."""
     cfg = recipe.train
     method = METHODS[recipe.adapter.method]
-    accelerator = make_accelerator(cfg, find_unused_parameters=method.drops_parameters)
+    if "humaneval" in cfg.eval_tasks:
+        require_permission(code.allowed, code.weak_sandbox)
+    output_dir = Path(recipe.output_dir)
+    accelerator = make_accelerator(cfg, output_dir, find_unused_parameters=method.drops_parameters)
     resume_from = prepare_output_dir(recipe, accelerator)
+    start = read_starting_point(recipe.adapter) if recipe.adapter.init_from and resume_from is None else None
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
     splits = build_splits(recipe.data, tokenizer, cfg.seed)
     model = load_model(recipe.model, recipe.quantization, accelerator.device)
-    adapter = inject_adapter(model, recipe.adapter, plan=checkpoint_plan(resume_from, recipe.adapter) if resume_from else None)
+    plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
+    adapter = inject_adapter(model, recipe.adapter, plan=plan)
+    if start is not None:
+        check_regenerated(adapter.regenerated_record(), start.config, start.source)
+        copy_tensors(adapter, start.tensors)
     hook = method.make_trainer_hook(adapter, cfg.max_steps) if method.make_trainer_hook else None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -134,17 +153,19 @@ def set_up(recipe: Recipe) -> Session:
     optimizer = make_optimizer(adapter, cfg, accelerator.device)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if start is not None and start.optimizer_state is not None:
+        optimizer.load_state_dict(start.optimizer_state)
 
-    output_dir = Path(recipe.output_dir)
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, adapter, optimizer, scheduler, accelerator.process_index)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
-        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+    if accelerator.is_main_process:
+        truncate_metrics(output_dir / METRICS_FILE, state.step)
     sampler = StepSampler(len(splits.train), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
     accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
     return Session(recipe, accelerator, tokenizer, splits, model, adapter, hook, optimizer, scheduler, sampler,
-                   MetricsLog(output_dir, accelerator.is_main_process), state)
+                   MetricsLog(output_dir, accelerator, recipe.model_dump()), state, code)
 
 
 def run_step(run: Session) -> dict:
@@ -165,9 +186,31 @@ def run_step(run: Session) -> dict:
         record["trainable_parameters"] = run.adapter.num_trainable()
     if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
         record["val_loss"] = validation_loss(run.model, run.splits.validation, run.tokenizer, cfg, run.accelerator)
+        record.update(evaluate_during_training(run))
     if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
         run.log.write(record)
     return record
+
+
+def evaluate_during_training(run: Session) -> dict[str, float]:
+    """train.eval_tasks on the model being trained, on the main process; "task/metric" -> value.
+
+    Sampling and eval.seed move the global RNGs, which dropout and the data order also draw from: they are
+    restored afterwards, so the run's losses are the same with and without these evaluations.
+    """
+    tasks, metrics = run.recipe.train.eval_tasks, {}
+    if tasks and run.accelerator.is_main_process:
+        model = run.accelerator.unwrap_model(run.model)
+        cfg = run.recipe.eval
+        engine = Engine(model, run.tokenizer, cfg.batch_size, context_window(model, cfg.max_length))
+        with preserved_rng():
+            for task in tasks:
+                scores = run_task(task, engine, cfg, run.code).metrics
+                metrics.update({f"{task}/{name}": value for name, value in scores.items() if not name.startswith("subject/")})
+        model.train()
+    if tasks:
+        run.accelerator.wait_for_everyone()
+    return metrics
 
 
 def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
@@ -178,18 +221,19 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
     if accelerator.is_main_process:
         save_adapter(run.adapter, output_dir / "adapter", base_model=run.recipe.model.name_or_path, extra=quantization_note(run.recipe))
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
-        (output_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
-        run.log.close()
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+    run.log.close()
     accelerator.wait_for_everyone()
     return summary
 
 
-def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, output_dir: Path, find_unused_parameters: bool = False) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                       log_with=trackers(cfg.report_to, output_dir) or None, project_dir=str(output_dir))
 
 
 def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
@@ -320,59 +364,10 @@ def quantization_note(recipe: Recipe) -> dict:
     return {"quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None}
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has no repeats."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if (logged := logged_step(line)) is not None and logged <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def logged_step(line: str) -> int | None:
-    """The step of a metrics line; None for a blank line or one cut short by a crash mid-write."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def strict_json(record: dict) -> dict:
-    """NaN and inf as null: json.dumps would write bare NaN/Infinity, which strict JSON parsers reject."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-
-
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) and TensorBoard scalars, main process only."""
-
-    def __init__(self, output_dir: Path, enabled: bool):
-        self.enabled, self.output_dir = enabled, output_dir
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # Unbuffered: a failed write raises here, not again when the file is closed at exit.
-            self.file = open(output_dir / "metrics.jsonl", "ab", buffering=0)
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:
-            self.file.write((json.dumps(strict_json(record)) + "\n").encode())
-        except OSError as err:  # written every step, so a full disk usually shows here first
-            raise write_failure(Path(self.file.name), err.strerror, self.output_dir) from None
-        for key, value in record.items():
-            if key != "step" and value is not None:
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.writer.close()
 
 
 class StopSignal:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sharelora_cli.paths import PROJECT_ROOT
 from sharelora_cli.pretrain import PretrainConfig, pretrain
 from sharelora_cli.synthetic_tasks import write_tasks
+from script_module import load_script
 from single_thread import single_thread
 
 FIELDS = {"method", "rank", "seed", "accuracy", "trainable_params", "step_time_s"}
@@ -16,11 +16,7 @@ FIELDS = {"method", "rank", "seed", "accuracy", "trainable_params", "step_time_s
 
 @pytest.fixture(scope="module")
 def method_study():
-    """The script as a module, run in this process (a subprocess would re-import torch and transformers)."""
-    spec = importlib.util.spec_from_file_location("method_study", PROJECT_ROOT / "scripts" / "method_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("method_study")
 
 
 def run_study(method_study, tmp_path: Path, base: Path, tasks: Path, json_name: str) -> None:

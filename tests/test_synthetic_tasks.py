@@ -7,7 +7,7 @@ import re
 import pytest
 
 from sharelora_cli.evaluation import gsm8k
-from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL, GAINS, LOSSES, SKILLS, write_tasks
+from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL, GAINS, LOSSES, SKILLS, TRAINED_SKILLS, write_tasks
 
 CHAIN_LINE = re.compile(r"^(\d+)([+-])(\d+)=(\d+)$")
 
@@ -37,8 +37,10 @@ def expected_answer(skill: str, question: str) -> int:
         expression = question.removeprefix("What is ").removesuffix("?")
         terms = re.findall(r"[+-]?\d+", expression)
         return sum(int(t) for t in terms)
-    if skill in ("compare", "smaller"):
+    if skill in ("compare", "smaller", "smallest"):
         return (max if skill == "compare" else min)(numbers(question))
+    if skill == "together":
+        return sum(numbers(question))
     start, changes = story_changes(question)
     return start if skill == "recall" else start + sum(changes)
 
@@ -86,7 +88,7 @@ def test_task_folders_are_gsm8k_layout_with_held_out_test_questions(tmp_path):
     root = write_tasks(tmp_path / "tasks", seed=5, train_size=300, test_size=60)
     for skill in SKILLS:
         train, test = gsm8k.load_split(str(root / skill), "train"), gsm8k.load_split(str(root / skill), "test")
-        assert len(test) == 60 and len(train) == (300 if skill == FINE_TUNING_SKILL else 0)
+        assert len(test) == 60 and len(train) == (300 if skill in TRAINED_SKILLS else 0)
         questions = [row["question"] for row in train + test]
         assert len(set(questions)) == len(questions)  # no repeats, and no test question in train
         assert all(set(row) == {"question", "answer"} for row in train + test)

@@ -17,7 +17,7 @@ from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
-from sharelora_cli.recipe import Recipe, load_recipe, validate
+from sharelora_cli.recipe import EvalConfig, Recipe, load_recipe, validate
 
 DEFAULT_RESULTS_FILE = "eval_results.json"
 
@@ -119,13 +119,20 @@ def build_engine(recipe: Recipe, adapter: Path | None) -> Engine:
     return Engine(model, tokenizer, recipe.eval.batch_size, context_window(model, recipe.eval.max_length))
 
 
-def run_task(task: str, engine: Engine | None, recipe: Recipe, request: EvalRequest, results_file: Path) -> TaskResult:
-    cfg = recipe.eval
+@dataclass(frozen=True)
+class CodeExecution:
+    """What the user allowed for HumanEval: running model-written code at all, and with the weaker guard."""
+
+    allowed: bool = False
+    weak_sandbox: bool = False
+
+
+def run_task(task: str, engine: Engine | None, cfg: EvalConfig, code: CodeExecution,
+             samples: Path | None = None, results_file: Path | None = None) -> TaskResult:
+    """One task with the eval section's settings, seeded by eval.seed so that it scores the same every time."""
+    set_seed(cfg.seed)
     if task == "humaneval":
-        samples = Path(request.samples) if request.samples else None
-        return humaneval_task.evaluate(
-            engine, cfg.humaneval, cfg.limit, samples, request.allow_code_execution, request.allow_weak_sandbox, results_file
-        )
+        return humaneval_task.evaluate(engine, cfg.humaneval, cfg.limit, samples, code.allowed, code.weak_sandbox, results_file)
     assert engine is not None  # needs_model() holds for every other task
     module = {"gsm8k": gsm8k, "mmlu": mmlu, "perplexity": perplexity}[task]
     return module.evaluate(engine, getattr(cfg, task), cfg.limit)
@@ -148,11 +155,12 @@ def run_eval(request: EvalRequest) -> EvalReport:
         adapter = adapter_dir(request, recipe)
         engine = build_engine(recipe, adapter)
     path = results_path(request, recipe)
+    code = CodeExecution(request.allow_code_execution, request.allow_weak_sandbox)
+    samples = Path(request.samples) if request.samples else None
     results, seconds = {}, {}
     for task in tasks:
-        set_seed(recipe.eval.seed)
         started = time.perf_counter()
-        results[task] = run_task(task, engine, recipe, request, path)
+        results[task] = run_task(task, engine, recipe.eval, code, samples, path)
         seconds[task] = round(time.perf_counter() - started, 3)
     write_json(results_document(results, run_config(request, recipe, engine, adapter, seconds)), path)
     humaneval_task.progress_file(path).unlink(missing_ok=True)  # the results file now holds every record

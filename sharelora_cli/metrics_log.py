@@ -77,7 +77,10 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-        self.accelerator.end_training()
+        # Not accelerator.end_training(): that also destroys the process group, which later stages and the
+        # processes' final barrier still need.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

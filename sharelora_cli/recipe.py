@@ -389,7 +389,7 @@ def _describe(error: dict) -> str:
     loc = tuple(error["loc"])
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "recipe"
     got = error.get("input")
-    if error["type"] == "value_error":  # a check of the whole recipe, whose message names the keys itself
+    if error["type"] == "value_error" and not loc:  # a check of the whole recipe, whose message names the keys
         return str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
         allowed = ", ".join(_section_model(loc).model_fields)

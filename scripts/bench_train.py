@@ -46,6 +46,7 @@ from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.inject import inject_adapter
 from sharelora_cli.modeling import load_config, prepare_for_kbit_training
 from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.train import adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARELORA_NAMES = [name for name in ("lora", "sharea", "shareb", "shareab", "miss", "aslora") if name in METHODS]
@@ -77,6 +78,7 @@ PRESETS = {
     # bitsandbytes' CPU kernels for the NF4 base, float32 compute: what quantization.load_in_4bit does on CPU.
     "cpu-nf4": Preset(CPU_MODEL, "cpu", torch.float32, True, batch_size=4, seq_len=256, rank=8),
     "smoke": Preset(SMOKE_MODEL, "cpu", torch.float32, False, batch_size=1, seq_len=16, rank=4),
+    "smoke-nf4": Preset(SMOKE_MODEL, "cpu", torch.float32, True, batch_size=1, seq_len=16, rank=4),
     "llama-3.2-1b-bf16": Preset("llama-3.2-1b", "cuda", torch.bfloat16, False, batch_size=4, seq_len=512, rank=16),
     "llama-3.2-1b-nf4": Preset("llama-3.2-1b", "cuda", torch.bfloat16, True, batch_size=4, seq_len=512, rank=16),
     "llama3-8b-bf16": Preset("llama3-8b", "cuda", torch.bfloat16, False, batch_size=2, seq_len=512, rank=16),
@@ -155,7 +157,7 @@ def make_run(name: str, base: nn.Module, preset: Preset, seed: int) -> Run:
     torch.manual_seed(seed)  # the same adapter initialisation whatever was built before
     model = configure(name, base, preset.rank)
     params = trainable(model)
-    return Run(model, torch.optim.AdamW(params, lr=1e-4) if params else None)
+    return Run(model, adamw(params, lr=1e-4, weight_decay=0.0) if params else None)
 
 
 def make_batch(preset: Preset, vocab_size: int, seed: int) -> torch.Tensor:

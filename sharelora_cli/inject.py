@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, is_adaptable, layer_shape
+from sharelora_cli.adapters.fusion import Fusion
 from sharelora_cli.adapters.plan import Adapter, Group
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
@@ -22,12 +23,16 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
         param.requires_grad_(False)
     method = METHODS[config.method]
     hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora)
+    fusion = Fusion()
     for group in groups.values():
         _create_factors(model, group, method.layer_cls, config.rank)
         for position, path in enumerate(group.modules):
             factors = {f: group.tensors[f][group.index[f][position]] for f in method.layer_cls.factor_names}
-            base = model.get_submodule(path)
-            _replace_module(model, path, method.layer_cls(base, factors, hyper))
+            layer = method.layer_cls(model.get_submodule(path), factors, hyper)
+            layer.fusion = fusion
+            _replace_module(model, path, layer)
+    # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
+    model.register_forward_pre_hook(fusion.start_forward)
     return Adapter(model, config, groups)
 
 

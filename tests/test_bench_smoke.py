@@ -40,4 +40,4 @@ def test_bench_adapter_layer_smoke_prints_every_shape():
     assert result.returncode == 0, result.stderr
     for shape in ("512→512", "512→256", "512→1536", "1536→512"):
         assert f"{shape}: floor" in result.stdout
-    assert result.stdout.count("LowRankFunction +") == 4
+    assert result.stdout.count("sharelora +") == 4

@@ -47,9 +47,10 @@ def plain_frozen_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     """
     if type(layer) not in (nn.Linear, Conv1D) or layer._forward_hooks or layer._forward_pre_hooks:
         return None
-    if any(p.requires_grad for p in layer.parameters()):
+    weight, bias = layer.weight, layer.bias  # a plain linear's only parameters
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
-    return (layer.weight.t() if is_conv1d(layer) else layer.weight), layer.bias
+    return (weight.t() if is_conv1d(layer) else weight), bias
 
 
 def is_adaptable(layer: nn.Module) -> bool:

@@ -21,18 +21,12 @@ are concatenated once per step (FactorCasts).
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from sharelora_cli.adapters.low_rank_function import (
-    AddLowRank,
-    FusedPart,
-    GroupLayout,
-    SharedInputProduct,
-    compute_dtype,
-)
+from sharelora_cli.adapters.low_rank_function import AddLowRank, FusedPart, GroupLayout, SharedInputProduct
 
 
 @dataclass(eq=False)
@@ -47,44 +41,20 @@ class Group:
         return {"members": self.members, "pending": {}}
 
 
-@dataclass(eq=False)
-class Pending:
+class Pending(NamedTuple):
     """A sibling's result, computed by its group's leader, for the call that passes `x` again."""
 
     x: torch.Tensor
-    key: tuple
-    output: torch.Tensor | None = None  # a fused layer's whole output
-    delta: tuple | None = None  # else (x as 2-D, h, B, B in the compute dtype, its transpose, s): see add_delta
-
-    def matches(self, x: torch.Tensor, key: tuple, has_arguments: bool) -> bool:
-        # A fused output was computed without the arguments a plain linear does not take.
-        return self.x is x and self.key == key and not (self.output is not None and has_arguments)
-
-
-@dataclass(frozen=True, eq=False)
-class Member:
-    """One layer's part in a group computation: its low_rank() and, when fused here, its base's weight and bias."""
-
-    layer: nn.Module
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    scaling: float
-    base: tuple[torch.Tensor, torch.Tensor | None] | None
-
-    @classmethod
-    def of(cls, layer: nn.Module, dtype_of, may_fuse: bool) -> "Member":
-        lora_A, lora_B, scaling = layer.low_rank()
-        base = layer.fusable_base() if may_fuse else None
-        if base is not None and base[0].dtype != dtype_of(lora_A):
-            base = None  # a weight in another dtype: its own forward casts it
-        return cls(layer, lora_A, lora_B, scaling, base)
+    key: tuple  # (x's version, grad mode, autocast dtype, generation) when it was computed
+    output: torch.Tensor | None  # a fused layer's whole output, or
+    delta: tuple | None  # (x as 2-D, h, B, B in the compute dtype, its transpose, s): see add_delta
 
 
 class Fusion:
     """The grouping state of one model's adapted layers (module docstring)."""
 
     def __init__(self) -> None:
-        self.generation = 0  # counts model forwards: pending results never outlive theirs
+        self.generation = 0  # counts model forwards: pending results and cached copies never outlive theirs
         self.last_call: tuple[weakref.ref, tuple, nn.Module] | None = None
         self.joins: list[tuple[nn.Module, nn.Module]] = []
         self.leaves: list[nn.Module] = []
@@ -109,15 +79,17 @@ class Fusion:
         self.leaves.clear()
 
     def forward(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        key = (x._version, torch.is_grad_enabled(), autocast_dtype(x), self.generation)
+        autocast = autocast_dtype(x)
+        key = (x._version, torch.is_grad_enabled(), autocast, self.generation)
         entry = layer.group.pending.pop(layer, None)
-        if entry is not None and entry.key[-1] == self.generation and entry.matches(x, key, bool(args or kwargs)):
+        if entry is not None and entry.key == key and entry.x is x and (entry.output is None or not (args or kwargs)):
+            # (a fused output was computed without the arguments a plain linear does not take)
             result = entry.output if entry.output is not None else add_delta(layer, x, args, kwargs, *entry.delta)
         else:
-            if entry is not None and entry.key[-1] == self.generation and entry.x is not x:
+            if entry is not None and entry.key[3] == self.generation and entry.x is not x:
                 self.leaves.append(layer)
             self.note_sibling(layer, x, key)
-            result = self.run(layer, x, key, args, kwargs)
+            result = self.run(layer, x, key, autocast, args, kwargs)
         self.last_call = (weakref.ref(x), key, layer)
         return result
 
@@ -130,38 +102,51 @@ class Fusion:
                 and len(layer.group.members) == 1 and groupable(layer) and groupable(previous)):
             self.joins.append((layer, previous))
 
-    def run(self, layer: nn.Module, x: torch.Tensor, key: tuple, args: tuple, kwargs: dict) -> torch.Tensor:
+    def run(self, layer: nn.Module, x: torch.Tensor, key: tuple, autocast: torch.dtype | None, args: tuple,
+            kwargs: dict) -> torch.Tensor:
         """Compute layer's output; as its group's leader, also leave every sibling's result pending."""
-        has_arguments = bool(args or kwargs)
-        dtype_of = lambda factor: compute_dtype(x, factor)  # noqa: E731
-        siblings = [] if has_arguments else [m for m in layer.group.members if m is not layer and not m.merged]
-        members = [Member.of(layer, dtype_of, not has_arguments)] + [Member.of(m, dtype_of, True) for m in siblings]
-        dtype = dtype_of(members[0].lora_A)
-        fused = [m for m in members if m.base is not None]
-        others = [m for m in members if m.base is None]
+        alone = bool(args or kwargs)  # a base taking more arguments is not a plain linear, and has no siblings
+        members = [layer] if alone else [layer] + [m for m in layer.group.members if m is not layer and not m.merged]
+        dtype = None
+        As: list[torch.Tensor] = []
+        block_of: dict[int, int] = {}  # id(A) -> its row block: identical A's are multiplied once
+        fused: list[tuple[nn.Module, torch.Tensor, FusedPart]] = []
+        others: list[tuple[nn.Module, int, torch.Tensor, float]] = []
+        for member in members:
+            lora_A, lora_B, scaling = member.low_rank()
+            dtype = dtype or autocast or lora_A.dtype
+            block = block_of.setdefault(id(lora_A), len(As))
+            if block == len(As):
+                As.append(lora_A)
+            base = None if alone else member.fusable_base()
+            if base is not None and base[0].dtype == dtype:
+                fused.append((member, lora_B, FusedPart(block, scaling, *base, *self.casts.with_transpose(lora_B, dtype))))
+            else:  # its own forward makes (or casts) the base product
+                others.append((member, block, lora_B, scaling))
 
-        block: dict[int, int] = {}
-        As = []
-        for m in members:
-            if id(m.lora_A) not in block:
-                block[id(m.lora_A)] = len(As)
-                As.append(m.lora_A)
-        parts = tuple(FusedPart(block[id(m.lora_A)], m.scaling, *m.base, *self.casts.with_transpose(m.lora_B, dtype))
-                      for m in fused)
-        returned = tuple(dict.fromkeys(block[id(m.lora_A)] for m in others))
-        layout = GroupLayout(tuple(A.shape[0] for A in As), self.casts.stacked(tuple(As), dtype), parts, returned)
+        returned = tuple(dict.fromkeys(block for _, block, _, _ in others))
+        layout = GroupLayout(tuple(A.shape[0] for A in As), self.casts.stacked(tuple(As), dtype),
+                             tuple(part for *_, part in fused), returned)
         # Everything runs on (tokens, features) matrices; outputs get x's leading shape back at the end.
         x2 = x.reshape(-1, x.shape[-1])
-        outputs = SharedInputProduct.apply(layout, x2, layer.dropout(x2), *As, *(m.lora_B for m in fused))
+        x_a2 = x2 if groupable(layer) else layer.dropout(x2)
+        outputs = SharedInputProduct.apply(layout, x2, x_a2, *As, *(lora_B for _, lora_B, _ in fused))
 
-        leading = x.shape[:-1]
-        results = {m.layer: Pending(x, key, output=y.view(*leading, y.shape[-1])) for m, y in zip(fused, outputs)}
-        for m in others:
-            h = outputs[len(fused) + returned.index(block[id(m.lora_A)])]
-            results[m.layer] = Pending(x, key, delta=(x2, h, m.lora_B, *self.casts.with_transpose(m.lora_B, dtype), m.scaling))
-        own = results.pop(layer)
-        layer.group.pending.update(results)
-        return own.output if own.output is not None else add_delta(layer, x, args, kwargs, *own.delta)
+        leading, pending, result = x.shape[:-1], layer.group.pending, None
+        for (member, _, _), y in zip(fused, outputs):
+            y = y.view(*leading, y.shape[-1])
+            if member is layer:
+                result = y
+            else:
+                pending[member] = Pending(x, key, y, None)
+        for member, block, lora_B, scaling in others:
+            delta = (x2, outputs[len(fused) + returned.index(block)], lora_B, *self.casts.with_transpose(lora_B, dtype),
+                     scaling)
+            if member is layer:
+                result = add_delta(layer, x, args, kwargs, *delta)
+            else:
+                pending[member] = Pending(x, key, None, delta)
+        return result
 
 
 def add_delta(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, x2, h, lora_B, lora_B_c, lora_B_t, scaling):
@@ -205,29 +190,30 @@ class FactorCasts:
         """The tensors concatenated along dim 0, in dtype, detached (a lone one already in dtype: itself)."""
         if len(tensors) == 1 and tensors[0].dtype == dtype:
             return tensors[0]
-        return self.cached(("stack", dtype), tensors, True, lambda: build(tensors, dtype))
+        if self.generation == 0 or not all(type(t) is nn.Parameter for t in tensors):
+            return build(tensors, dtype)  # computed tensors are new at every call
+        key = (tuple(map(id, tensors)), dtype)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] != self.generation:
+            entry = self.entries[key] = (self.generation, build(tensors, dtype), tensors)  # holding them keeps ids unique
+        return entry[1]
 
     def with_transpose(self, tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(tensor in dtype, its transpose as a view)."""
-        cast = tensor.dtype != dtype
-
-        def make():
-            copy = build((tensor,), dtype) if cast else tensor
-            with torch.no_grad():
-                return copy, copy.t()
-
-        return self.cached(("transpose", dtype), (tensor,), cast, make)
-
-    def cached(self, kind: tuple, tensors: tuple[torch.Tensor, ...], copies: bool, make):
-        """make()'s result for these tensors, rebuilt when one changes storage or, for copies, at each pass."""
-        if not all(isinstance(t, nn.Parameter) for t in tensors) or (copies and self.generation == 0):
-            return make()  # computed tensors are new at every call
-        key = (kind, tuple(id(t) for t in tensors))
-        stamp = (self.generation if copies else None,) + tuple((t.data_ptr(), t.shape, t.stride()) for t in tensors)
+        copy = tensor.dtype != dtype
+        if type(tensor) is not nn.Parameter or (copy and self.generation == 0):
+            return transposed(build((tensor,), dtype) if copy else tensor)
+        stamp = self.generation if copy else tensor.data_ptr()
+        key = (id(tensor), dtype)
         entry = self.entries.get(key)
         if entry is None or entry[0] != stamp:
-            entry = self.entries[key] = (stamp, make(), tensors)  # holding the Parameters keeps their ids unique
+            entry = self.entries[key] = (stamp, transposed(build((tensor,), dtype) if copy else tensor), tensor)
         return entry[1]
+
+
+def transposed(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return tensor, tensor.t()
 
 
 def build(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,7 @@ compute dtype, and only what backward needs is saved: the input x (in the comput
 some A trains, H (r-wide) for the B gradients, never a copy of x per module.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,7 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-@dataclass(frozen=True)
-class FusedPart:
+class FusedPart(NamedTuple):
     """A module whose output SharedInputProduct computes whole: base product plus adapter term."""
 
     block: int  # which distinct A (row block of stacked_A) the module uses
@@ -54,8 +53,7 @@ class FusedPart:
     lora_B_t: torch.Tensor  # its transpose, a view made once (adapters/fusion.py caches it)
 
 
-@dataclass(frozen=True)
-class GroupLayout:
+class GroupLayout(NamedTuple):
     """What one SharedInputProduct call computes; the tensors autograd tracks are passed beside it."""
 
     ranks: tuple[int, ...]  # rows of each distinct A in stacked_A
@@ -76,7 +74,7 @@ class SharedInputProduct(torch.autograd.Function):
         dtype = layout.stacked_A.dtype
         x_a_c = as_dtype(x_a, dtype)
         H = F.linear(x_a_c, layout.stacked_A)
-        blocks = H.split(layout.ranks, dim=1) if len(layout.ranks) > 1 else (H,)
+        blocks = H.split_with_sizes(layout.ranks, dim=1) if len(layout.ranks) > 1 else (H,)
         x_c = x_a_c if x_a is x else as_dtype(x, dtype)
         outputs = []
         for part in layout.fused:
@@ -98,7 +96,7 @@ class SharedInputProduct(torch.autograd.Function):
         x_dtype, x_a_dtype, factor_dtypes = ctx.dtypes
         needs = ctx.needs_input_grad
         n_blocks = len(layout.ranks)
-        blocks = (H.split(layout.ranks, dim=1) if n_blocks > 1 else (H,)) if H is not None else ()
+        blocks = (H.split_with_sizes(layout.ranks, dim=1) if n_blocks > 1 else (H,)) if H is not None else ()
         g: list[torch.Tensor | None] = [None] * n_blocks  # ∂loss/∂h, per block
         dx = None
         factor_grads: list[torch.Tensor | None] = [None] * (n_blocks + len(layout.fused))
@@ -127,7 +125,7 @@ class SharedInputProduct(torch.autograd.Function):
         grad_x = None if dx is None else as_dtype(dx, x_dtype)
         if x_a_c is not None:
             grad_A = torch.mm(G.t(), x_a_c)
-            for k, piece in enumerate(grad_A.split(layout.ranks) if n_blocks > 1 else (grad_A,)):
+            for k, piece in enumerate(grad_A.split_with_sizes(layout.ranks) if n_blocks > 1 else (grad_A,)):
                 if needs[3 + k]:
                     factor_grads[k] = as_dtype(piece, factor_dtypes[k])
         return None, grad_x, grad_x_a, *factor_grads

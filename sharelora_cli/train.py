@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from sharelora_cli.adapter_io import save_adapter
@@ -41,6 +41,7 @@ from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
 from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.inject import inject_adapter
+from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.lr_schedule import make_scheduler
 from sharelora_cli.modeling import load_model, load_tokenizer
 from sharelora_cli.quantization import bitsandbytes
@@ -121,6 +122,8 @@ def set_up(recipe: Recipe) -> Session:
     cfg = recipe.train
     method = METHODS[recipe.adapter.method]
     accelerator = make_accelerator(cfg, find_unused_parameters=method.drops_parameters)
+    if cfg.liger_kernel:
+        require_liger_kernel(accelerator.device)
     resume_from = prepare_output_dir(recipe, accelerator)
     set_seed(cfg.seed)
 
@@ -129,10 +132,12 @@ def set_up(recipe: Recipe) -> Session:
     model = load_model(recipe.model, recipe.quantization, accelerator.device)
     adapter = inject_adapter(model, recipe.adapter, plan=checkpoint_plan(resume_from, recipe.adapter) if resume_from else None)
     hook = method.make_trainer_hook(adapter, cfg.max_steps) if method.make_trainer_hook else None
-    find_shared_inputs(model, accelerator.device)
+    if cfg.liger_kernel:
+        apply_liger_kernel(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    find_shared_inputs(model, accelerator.device)
     optimizer = make_optimizer(adapter, cfg, accelerator.device)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -191,7 +196,19 @@ def make_accelerator(cfg: TrainConfig, find_unused_parameters: bool = False) -> 
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                       dynamo_plugin=dynamo_plugin(cfg))
+
+
+def dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
+    """How Accelerate's prepare() compiles the model: not at all unless train.compile is set."""
+    if cfg.cuda_graphs and not cfg.compile:
+        raise UserError("train.cuda_graphs captures the graphs torch.compile makes: set train.compile=true too")
+    if cfg.cuda_graphs and not torch.cuda.is_available():
+        raise UserError("train.cuda_graphs needs a CUDA GPU; set train.cuda_graphs=false")
+    if not cfg.compile:
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if cfg.cuda_graphs else "default")
 
 
 def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
@@ -244,7 +261,7 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = i == len(batches) - 1
         with accelerator.no_sync(model) if not sync else nullcontext():
-            summed = token_loss_sum(model, batch)
+            summed = token_loss_sum(model, batch, fused_loss=cfg.liger_kernel)
             # DDP averages gradients over processes, so scale by their number to get the global token mean.
             accelerator.backward(summed * accelerator.num_processes / target_tokens)
         total_loss += summed.detach()
@@ -275,8 +292,15 @@ def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: T
     return loss, tokens, None
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's target tokens."""
+def token_loss_sum(model, batch: dict[str, torch.Tensor], fused_loss: bool = False) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens.
+
+    fused_loss: the model's forward computes it from labels (Liger's fused linear cross-entropy, liger.py),
+    never building the logits; num_items_in_batch=1 makes it return the sum rather than the mean.
+    """
+    if fused_loss:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     num_items_in_batch=1).loss
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -12,15 +12,17 @@ rotated by one per round, after --warmup untimed steps each. step_time_s is the 
 timed steps; the ratios are medians over rounds of the within-round ratio, so a burst of
 background load that hits one round hits every configuration of it alike.
 
-Peak memory: each configuration runs in its own child process (forked on CPU, so it costs no
-re-import; spawned on CUDA, which a forked child may not initialise). The child builds the base,
-takes a baseline, then injects the adapter and runs two steps; peak_mem_bytes is the peak above
-that baseline: resident set size on CPU (the kernel's high-water mark, reset to the current RSS
-through /proc/self/clear_refs after glibc's malloc_trim returned freed heap to the OS), and
-torch.cuda.max_memory_allocated on CUDA. It is what training adds to a loaded base: adapter
-weights, gradients, optimizer state and activations.
+Peak memory: what training adds to a loaded base (adapter weights, gradients, optimizer state and
+activations), peak_mem_bytes. On CUDA it is measured in this process, configuration after
+configuration as they are built: the peak of torch.cuda.max_memory_allocated over building the
+configuration and its first two steps, above what was allocated before (exact per tensor, so the
+configurations built earlier do not count). On CPU the resident set size cannot be reset that way,
+so each configuration runs in a forked child process (no re-import) that builds the base, takes a
+baseline, then injects the adapter and runs two steps: the kernel's high-water mark, reset to the
+current RSS through /proc/self/clear_refs after glibc's malloc_trim returned freed heap to the OS.
+--skip-memory skips the measurement (peak_mem_bytes is then null).
 
-    .venv/bin/python scripts/bench_train.py [--preset cpu] [--json PATH] [--markdown PATH]
+    .venv/bin/python scripts/bench_train.py [--preset cpu] [--skip-memory] [--json PATH] [--markdown PATH]
 """
 
 import argparse
@@ -42,8 +44,10 @@ from peft import LoraConfig, MissConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.inject import inject_adapter
+from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.modeling import load_config, prepare_for_kbit_training
 from sharelora_cli.recipe import AdapterConfig
 from sharelora_cli.train import adamw
@@ -69,6 +73,8 @@ class Preset:
     batch_size: int
     seq_len: int
     rank: int
+    compile_mode: str | None = None  # torch.compile every configuration's model in this mode (--compile)
+    liger_kernel: bool = False  # Liger's kernels in the base, for every configuration (--liger-kernel)
 
 
 PRESETS = {
@@ -106,6 +112,9 @@ def build_base(preset: Preset, seed: int) -> nn.Module:
     if preset.nf4:
         quantize_linears(model, preset.dtype)
         prepare_for_kbit_training(model)
+    if preset.liger_kernel:
+        require_liger_kernel(torch.device(preset.device))
+        apply_liger_kernel(model)
     return model.requires_grad_(False)
 
 
@@ -145,6 +154,7 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
     if name == "peft-miss":
         return get_peft_model(model, MissConfig(r=rank, target_modules=TARGETS, init_weights=True))
     inject_adapter(model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS))
+    find_shared_inputs(model, model.device)  # as training does: grouped from the first step
     return model
 
 
@@ -157,6 +167,8 @@ def make_run(name: str, base: nn.Module, preset: Preset, seed: int) -> Run:
     torch.manual_seed(seed)  # the same adapter initialisation whatever was built before
     model = configure(name, base, preset.rank)
     params = trainable(model)
+    if preset.compile_mode:
+        model = torch.compile(model, mode=preset.compile_mode)
     return Run(model, adamw(params, lr=1e-4, weight_decay=0.0) if params else None)
 
 
@@ -255,14 +267,26 @@ def child_peak(name: str, preset: Preset, seed: int, threads: int) -> int:
     return meter.peak()
 
 
-def peak_memory(names: list[str], preset: Preset, seed: int, threads: int) -> dict[str, int]:
-    # Fork is free on CPU and safe here (this process has run no kernels yet); CUDA needs spawn.
-    context = multiprocessing.get_context("spawn" if preset.device == "cuda" else "fork")
+def peak_memory_forked(names: list[str], preset: Preset, seed: int, threads: int) -> dict[str, int]:
+    """CPU: one forked child per configuration (free here: this process has run no kernels yet)."""
     peaks = {}
     for name in names:
-        with context.Pool(1) as pool:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
             peaks[name] = pool.apply(child_peak, (name, preset, seed, threads))
     return peaks
+
+
+def runs_with_cuda_peaks(names: list[str], base: nn.Module, preset: Preset, batch: torch.Tensor,
+                         seed: int) -> tuple[dict[str, Run], dict[str, int]]:
+    """CUDA: build each configuration and run its first two steps under the allocator's peak counter."""
+    runs, peaks = {}, {}
+    for name in names:
+        meter = PeakMeter(preset.device)
+        runs[name] = make_run(name, share_base(base), preset, seed)
+        for _ in range(2):
+            train_step(runs[name], batch)
+        peaks[name] = meter.peak()
+    return runs, peaks
 
 
 # ---------------------------------------------------------------- results
@@ -280,7 +304,7 @@ def make_rows(times: dict[str, list[list[float]]], runs: dict[str, Run], peaks: 
         {
             "name": name,
             "step_time_s": statistics.median(t for steps in times[name] for t in steps),
-            "peak_mem_bytes": peaks[name],
+            "peak_mem_bytes": peaks.get(name),
             "optimizer_state_bytes": optimizer_state_bytes(runs[name].optimizer),
             "trainable_params": sum(p.numel() for p in trainable(runs[name].model)),
             "ratio_to_floor": median_ratio(times, name, "floor"),
@@ -296,12 +320,15 @@ def markdown_table(rows: list[dict]) -> str:
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.3f}"
 
+    def mib(value: int | None) -> str:
+        return "—" if value is None else f"{value / 2**20:.1f}"
+
     lines = ["| configuration | step time (s) | × floor | × PEFT LoRA | × LoRA | peak memory (MiB) "
              "| optimizer state (MiB) | trainable params |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['step_time_s']:.3f} | {ratio(row['ratio_to_floor'])} | "
                      f"{ratio(row['ratio_to_peft_lora'])} | {ratio(row['ratio_to_lora'])} | "
-                     f"{row['peak_mem_bytes'] / 2**20:.1f} | "
+                     f"{mib(row['peak_mem_bytes'])} | "
                      f"{row['optimizer_state_bytes'] / 2**20:.2f} | {row['trainable_params']:,} |")
     return "\n".join(lines)
 
@@ -320,7 +347,9 @@ def describe_setup(args: argparse.Namespace, preset: Preset, base: nn.Module, lo
         f"- model: random-weight Llama, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
         f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {parameters / 1e6:.1f}M parameters, {base_kind}",
         f"- step: batch {preset.batch_size} × {preset.seq_len} tokens, rank {preset.rank} (alpha {2 * preset.rank}) on "
-        f"{', '.join(TARGETS)}, AdamW; {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps",
+        f"{', '.join(TARGETS)}, AdamW (fused); {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps"
+        f"{f'; torch.compile mode {preset.compile_mode}' if preset.compile_mode else ''}"
+        f"{'; Liger kernels' if preset.liger_kernel else ''}",
         f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load[0])}; "
         f"after: {', '.join(f'{x:.2f}' for x in load[1])}",
     ])
@@ -344,7 +373,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list")
     parser.add_argument("--markdown", type=Path, default=None, help="write the set-up and table as Markdown")
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory (peak_mem_bytes: null)")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead"], default=None,
+                        help="torch.compile every configuration in this mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--liger-kernel", action="store_true",
+                        help="Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the base (CUDA)")
     args = parser.parse_args(argv)
+    if args.liger_kernel and PRESETS[args.preset].device != "cuda":
+        parser.error("--liger-kernel needs a CUDA preset (Liger's kernels are Triton)")
     unknown = set(args.configs.split(",")) - set(NAMES)
     if unknown:
         parser.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(NAMES)}")
@@ -353,7 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def chosen_preset(args: argparse.Namespace) -> Preset:
     preset = PRESETS[args.preset]
-    return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len)
+    return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len,
+                   compile_mode=args.compile, liger_kernel=args.liger_kernel)
 
 
 def main() -> None:
@@ -362,10 +399,15 @@ def main() -> None:
     names = [name for name in NAMES if name in args.configs.split(",")]
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
-    peaks = peak_memory(names, preset, args.seed, args.threads)  # first, while this process holds no model
+    forked = not args.skip_memory and preset.device != "cuda"
+    # Forked first, while this process holds no model.
+    peaks = peak_memory_forked(names, preset, args.seed, args.threads) if forked else {}
     base = build_base(preset, args.seed)
-    runs = {name: make_run(name, share_base(base), preset, args.seed) for name in names}
     batch = make_batch(preset, base.config.vocab_size, args.seed)
+    if preset.device == "cuda" and not args.skip_memory:
+        runs, peaks = runs_with_cuda_peaks(names, base, preset, batch, args.seed)
+    else:
+        runs = {name: make_run(name, share_base(base), preset, args.seed) for name in names}
     times = time_round_robin(runs, batch, args.rounds, args.steps, args.warmup)
     rows = make_rows(times, runs, peaks)
     report = describe_setup(args, preset, base, (load_before, list(os.getloadavg()))) + "\n\n" + markdown_table(rows)

@@ -2,8 +2,11 @@
 
 One run of this script compares, on the same random-weight Llama, batch and seed:
 floor (the frozen base alone; its input embeddings require grad so backward still runs through
-every layer), peft-lora, lora, sharea, shareb, shareab, miss, peft-miss and aslora (when the
-registry has it), all adapters on the seven projections with the same rank.
+every layer), peft-lora, lora, sharea, shareb, shareab, miss, peft-miss, aslora, vera, peft-vera,
+tied-lora, vblora and peft-vblora (sharelora's rows when the registry has the method), all adapters
+on the seven projections with the same rank. VeRA and VB-LoRA keep PEFT's defaults otherwise (VB-LoRA:
+256 vectors, top-2, vector length 256 or the largest divisor of every width below it); PEFT's VB-LoRA
+cannot wrap 4-bit layers, so peft-vblora is left out of the nf4 presets.
 
 Timing: every configuration lives in this process at once (they share the frozen base weights;
 only module trees and adapters are separate) and is timed round-robin: each round runs
@@ -30,6 +33,7 @@ import copy
 import ctypes
 import gc
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -40,7 +44,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, MissConfig, get_peft_model
+from peft import LoraConfig, MissConfig, VBLoRAConfig, VeraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -53,8 +57,10 @@ from sharelora_cli.recipe import AdapterConfig
 from sharelora_cli.train import adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHARELORA_NAMES = [name for name in ("lora", "sharea", "shareb", "shareab", "miss", "aslora") if name in METHODS]
-NAMES = ["floor", "peft-lora", *SHARELORA_NAMES[:5], "peft-miss", *SHARELORA_NAMES[5:]]
+# The frozen floor, then each method (sharelora's rows when the registry has it) with PEFT's beside it where PEFT has one.
+ALL_NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora",
+             "vera", "peft-vera", "tied-lora", "vblora", "peft-vblora"]
+NAMES = [name for name in ALL_NAMES if name == "floor" or name.startswith("peft-") or name in METHODS]
 # A ~30M-parameter Llama (GQA, 8 layers): a step takes about a second on two CPU cores.
 CPU_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=True)
@@ -149,13 +155,26 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
     if name == "floor":
         model.enable_input_require_grads()
         return model
+    bank = vblora_bank(model)
     if name == "peft-lora":
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
     if name == "peft-miss":
         return get_peft_model(model, MissConfig(r=rank, target_modules=TARGETS, init_weights=True))
-    inject_adapter(model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS))
+    if name == "peft-vera":
+        return get_peft_model(model, VeraConfig(r=rank, target_modules=TARGETS))
+    if name == "peft-vblora":
+        return get_peft_model(model, VBLoRAConfig(r=rank, target_modules=TARGETS, **bank))
+    inject_adapter(model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS,
+                                        vblora=bank))
     find_shared_inputs(model, model.device)  # as training does: grouped from the first step
     return model
+
+
+def vblora_bank(model: nn.Module) -> dict:
+    """VB-LoRA's bank settings: PEFT's defaults, the vector length cut to a divisor of every adapted width."""
+    widths = [size for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in TARGETS
+              for size in (module.in_features, module.out_features)]
+    return {"num_vectors": 256, "vector_length": math.gcd(256, *widths)}
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -387,6 +406,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def chosen_names(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """The configurations asked for that can run on the preset."""
+    names = [name for name in NAMES if name in args.configs.split(",")]
+    for name in [name for name in names if not runs_on(name, preset)]:
+        print(f"note: {name} left out: PEFT's VB-LoRA cannot adapt 4-bit layers", file=sys.stderr)
+        names.remove(name)
+    return names
+
+
+def runs_on(name: str, preset: Preset) -> bool:
+    """Whether configuration `name` can run on the preset's base (PEFT's VB-LoRA wraps no 4-bit layer)."""
+    return not (preset.nf4 and name == "peft-vblora")
+
+
 def chosen_preset(args: argparse.Namespace) -> Preset:
     preset = PRESETS[args.preset]
     return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len,
@@ -396,7 +429,7 @@ def chosen_preset(args: argparse.Namespace) -> Preset:
 def main() -> None:
     args = parse_args()
     preset = chosen_preset(args)
-    names = [name for name in NAMES if name in args.configs.split(",")]
+    names = chosen_names(args, preset)
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
     forked = not args.skip_memory and preset.device != "cuda"

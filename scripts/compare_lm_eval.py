@@ -2,7 +2,8 @@
 
 Both see the same prompts (the harness's own gsm8k / mmlu YAML on the local data files, GSM8K shots taken
 with its first_n sampler) and the same model directory. Prints how often the two agree on the MMLU answer
-chosen and on the GSM8K answer extracted (and on the raw generation), and the wall time of each.
+chosen; for each GSM8K metric (strict-match, flexible-extract) on the answer extracted, on the per-sample
+verdict and on the score; on the raw generation; and the wall time of each.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_lm_eval.py --gsm8k-limit 8 --mmlu-limit 4
 """
@@ -89,20 +90,26 @@ def run_harness(model_dir: str, args: argparse.Namespace, subjects: list[str]) -
 
 
 def gsm8k_agreement(ours: list[dict], theirs: list[dict]) -> dict:
-    """Extracted answers (harness: strict-match, else flexible-extract, both normalised) and raw outputs."""
+    """Per harness metric: the answer each side extracted, each side's verdict, and the two scores; and the raw outputs."""
     by_filter: dict[str, dict[int, dict]] = {}
     for sample in theirs:
         by_filter.setdefault(sample["filter"], {})[sample["doc_id"]] = sample
-    same_answer = same_output = 0
-    for doc_id, record in enumerate(ours):
-        strict = by_filter["strict-match"][doc_id]["filtered_resps"][0]
-        flexible = by_filter["flexible-extract"][doc_id]["filtered_resps"][0]
-        harness_answer = strict if strict != "[invalid]" else flexible
-        harness_answer = None if harness_answer == "[invalid]" else gsm8k.normalize(harness_answer)
-        our_answer = None if record["extracted"] is None else gsm8k.normalize(record["extracted"])
-        same_answer += our_answer == harness_answer
-        same_output += record["output"] == by_filter["strict-match"][doc_id]["resps"][0][0]
-    return {"samples": len(ours), "answer_agreement": same_answer / len(ours), "output_agreement": same_output / len(ours)}
+    figures: dict = {"samples": len(ours)}
+    for metric in gsm8k.FILTERS:
+        harness = [by_filter[metric][doc_id] for doc_id in range(len(ours))]
+        figures[metric] = {
+            "answer_agreement": mean([r[metric]["extracted"] == h["filtered_resps"][0] for r, h in zip(ours, harness)]),
+            "verdict_agreement": mean([r[metric]["correct"] == (h["exact_match"] == 1.0) for r, h in zip(ours, harness)]),
+            "sharelora": mean([r[metric]["correct"] for r in ours]),
+            "lm_eval": mean([h["exact_match"] for h in harness]),
+        }
+    outputs = by_filter["strict-match"]
+    figures["output_agreement"] = mean([r["output"] == outputs[doc_id]["resps"][0][0] for doc_id, r in enumerate(ours)])
+    return figures
+
+
+def mean(values: list) -> float:
+    return float(sum(values) / len(values))
 
 
 def mmlu_agreement(ours: list[dict], theirs: dict[str, list[dict]]) -> dict:

@@ -11,7 +11,7 @@ from torch import nn
 from sharelora_cli.atomic import atomic_directory
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.inject import inject_adapter, tensor_shapes
+from sharelora_cli.inject import inject_adapter, planned_regenerated_record, tensor_shapes
 from sharelora_cli.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"
@@ -27,6 +27,7 @@ def save_adapter(adapter: Adapter, directory: Path, base_model: str | None = Non
         "adapter": adapter.config.model_dump(),
         "trainable_parameters": adapter.num_trainable(),
         "plan": adapter.plan(),
+        **({"regenerated": adapter.regenerated_record()} if adapter.regenerated else {}),
         **(extra or {}),
     }
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.named_tensors().items()}
@@ -71,12 +72,25 @@ def load_adapter(model: nn.Module, directory: Path) -> Adapter:
     return adapter
 
 
+def check_regenerated(current: dict[str, dict], config: dict, source: Path) -> None:
+    """Regenerated shared tensors (VeRA's A, B; `current` is their record) must be bit for bit those recorded in config."""
+    recorded = config.get("regenerated", {})
+    for name, now in current.items():
+        if recorded.get(name) != now:
+            raise UserError(
+                f"{source}: the regenerated tensor {name} differs from the one this adapter was trained with "
+                f"(recorded {recorded.get(name)}, regenerated {now}); load it with the sharelora and torch "
+                "versions that trained it"
+            )
+
+
 def read_checked_tensors(directory: Path, config: dict) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The adapter settings of a config (from read_adapter_config) and its tensors, whose names and
-    shapes are checked against the plan before anything uses them."""
+    shapes are checked against the plan, and regenerated tensors against their record, before anything uses them."""
     adapter_config = AdapterConfig.model_validate(config["adapter"])
     tensors = read_adapter_tensors(directory)
     check_tensors(tensors, tensor_shapes(adapter_config, config["plan"]), Path(directory) / WEIGHTS_FILE)
+    check_regenerated(planned_regenerated_record(adapter_config, config["plan"]), config, Path(directory) / CONFIG_FILE)
     return adapter_config, tensors
 
 

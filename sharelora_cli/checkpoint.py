@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from sharelora_cli.adapter_io import read_adapter_config, read_adapter_tensors, save_adapter
+from sharelora_cli.adapter_io import CONFIG_FILE, check_regenerated, read_adapter_config, read_adapter_tensors, save_adapter
 from sharelora_cli.atomic import atomic_directory, remove_directory, remove_stale_staging
 from sharelora_cli.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
@@ -120,6 +120,7 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     named = adapter.named_tensors()
     if set(named) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
+    check_regenerated(adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(tensors[name])

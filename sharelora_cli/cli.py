@@ -41,10 +41,13 @@ def inspect_command(
     model: Optional[str] = typer.Option(None, "--model", help="config directory, recipes/models name or hub id"),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
     targets: Optional[str] = typer.Option(None, "--targets", help="comma-separated module types, e.g. q_proj,v_proj"),
-    as_json: bool = typer.Option(False, "--json", help="print {method: trainable parameters} as JSON"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print {method: trainable parameters} as JSON (methods that do not fit the model left out, "
+        "with a note on stderr)"
+    ),
 ) -> None:
     """Trainable parameters per method for an architecture, built weightless on the meta device."""
-    from sharelora_cli.param_counts import count_methods, format_table
+    from sharelora_cli.param_counts import count_methods, format_table, unfit_notes
     from sharelora_cli.recipe import load_recipe, validate
 
     if recipe is None and model is None:
@@ -59,7 +62,9 @@ def inspect_command(
     adapter_config = validate({"adapter": adapter}, source="inspect").adapter
     rows = count_methods(model or loaded.model.name_or_path, adapter_config)
     if as_json:
-        typer.echo(json.dumps({row.method: row.trainable for row in rows}))
+        typer.echo(json.dumps({row.method: row.trainable for row in rows if row.trainable is not None}))
+        for note in unfit_notes(rows):
+            typer.echo(note, err=True)
     else:
         typer.echo(format_table(rows))
 
@@ -117,7 +122,10 @@ def merge_command(
 def export_command(
     adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
     out: str = typer.Option(..., "--out", help="new directory for the exported adapter"),
-    fmt: str = typer.Option("peft", "--format", help="peft: a PEFT LoRA (or MiSS) adapter for PeftModel.from_pretrained"),
+    fmt: str = typer.Option(
+        "peft", "--format", help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
+        "(Tied-LoRA has no PEFT format: use merge)"
+    ),
     base: Optional[str] = typer.Option(None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:

@@ -4,6 +4,8 @@ Merge and export need each layer's factors and ΔW, and the layer types and shap
 base, but never the base weights themselves: the base is built on the meta device (no
 storage), the adapter is injected with its saved plan (which checks every module's shape),
 and the layers are then bound to the saved tensors, so `delta_weight()` is the method's own.
+Shared tensors a method regenerates (VeRA's A, B) are drawn again on the CPU, after
+read_checked_tensors proved they come out as the adapter recorded them.
 """
 
 from dataclasses import dataclass
@@ -60,6 +62,9 @@ def load_on_meta(adapter_dir: Path, config: dict, model_config: PretrainedConfig
             count = len(group.tensors[factor])
             loaded = [_frozen(tensors[f"{group.name}.{factor}.{k}"]) for k in range(count)]
             adapter.bind(group, factor, loaded, index)
+    # Regenerated shared tensors were drawn on the CPU by inject_adapter; the saved ones come from the file.
+    for name in adapter.shared.keys() - adapter.regenerated.keys():
+        adapter.bind_shared(name, _frozen(tensors[name]))
     return SavedAdapter(config, adapter)
 
 

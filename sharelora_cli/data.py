@@ -2,6 +2,11 @@
 
 Every bad-data condition is found here, before any model is loaded, and reported as one line
 naming the file and the field.
+
+An example's text is tokenized whole, and the prompt/answer boundary is found from the tokens'
+character offsets: tokenizing the prompt and the answer apart can give other tokens at the join
+than the whole text does (SentencePiece adds a word-start marker to the answer's first token), so
+training would teach tokens the model never sees when it generates.
 """
 
 import random
@@ -25,6 +30,8 @@ class Example:
     labels: list[int]
     # The data row it came from (for a packed block, the row it starts in), so errors can name it.
     row: int | None = None
+    # Packed blocks only: each token's position in its own example, restarting at 0 where the next one starts.
+    position_ids: list[int] | None = None
 
 
 @dataclass
@@ -49,7 +56,10 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     train = [examples[i] for i in order[n_val:]]
     validation = [examples[i] for i in order[:n_val]]
     if cfg.packing:
-        train = pack(train, cfg.max_length)
+        # Validation is packed like training, so it too stays within max_length and the positions trained on.
+        train, validation = pack(train, cfg.max_length), pack(validation, cfg.max_length)
+        if not train:
+            raise UserError(f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length")
     return Splits(train, validation)
 
 
@@ -92,16 +102,11 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | 
                 f"data.path {cfg.path}: row {index} has no field '{name}' "
                 f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])})"
             )
-    segments = _segments(row, cfg.format, tokenizer)
-    input_ids, labels = [], []
-    for text, trained, is_first in segments:
-        ids = tokenizer(text, add_special_tokens=is_first)["input_ids"]
-        input_ids += ids
-        labels += ids if (trained or not cfg.mask_prompt) else [IGNORE_INDEX] * len(ids)
+    input_ids, labels = _tokenize(_segments(row, cfg.format, tokenizer), tokenizer, cfg)
     if cfg.format != "chat":
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    # Packed examples are cut into max_length blocks anyway, so only unpacked ones can be too long.
+    # Packing cuts long examples into max_length blocks instead.
     if len(input_ids) > cfg.max_length and not cfg.packing:
         if cfg.overlength == "error":
             raise UserError(
@@ -116,22 +121,47 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | 
     return Example(input_ids, labels, index)
 
 
-def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool, bool]]:
-    """(text, is_trained_on, is_first) pieces of one example; prompts are not trained on."""
+def _tokenize(segments: list[tuple[str, bool]], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole text; with data.mask_prompt, only tokens overlapping a trained piece are labelled."""
+    text = "".join(piece for piece, _ in segments)
+    # Chat templates write their own bos; the other formats get the tokenizer's.
+    encoded = tokenizer(text, add_special_tokens=cfg.format != "chat", return_offsets_mapping=cfg.mask_prompt)
+    input_ids = list(encoded["input_ids"])
+    if not cfg.mask_prompt:
+        return input_ids, list(input_ids)
+    if "offset_mapping" not in encoded:  # Python ("slow") tokenizers silently return none
+        raise UserError(
+            "data.mask_prompt needs a fast tokenizer (one with character offsets) to find where answers start; "
+            "model.name_or_path has a slow one: use a model with a tokenizer.json, or set data.mask_prompt=false"
+        )
+    trained, start = [], 0
+    for piece, is_trained in segments:
+        if is_trained:
+            trained.append((start, start + len(piece)))
+        start += len(piece)
+    # A token is trained if it covers any trained character; special tokens the tokenizer adds cover none.
+    return input_ids, [
+        token if any(begin < stop and end > first for first, stop in trained) else IGNORE_INDEX
+        for token, (begin, end) in zip(input_ids, encoded["offset_mapping"])
+    ]
+
+
+def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """(text, is_trained_on) pieces of one example; prompts are not trained on."""
     if fmt == "gsm8k":
         # The same "Question: ...\nAnswer:" format as lm-evaluation-harness's gsm8k task.
-        return [(f"Question: {row['question']}\nAnswer:", False, True), (f" {row['answer']}", True, False)]
+        return [(f"Question: {row['question']}\nAnswer:", False), (f" {row['answer']}", True)]
     if fmt == "alpaca":
         extra = row.get("input") or ""
         input_block = f"### Input:\n{extra}\n\n" if extra else ""
         prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=input_block)
-        return [(prompt, False, True), (str(row["output"]), True, False)]
+        return [(prompt, False), (str(row["output"]), True)]
     if fmt == "chat":
         return _chat_segments(row["messages"], tokenizer)
-    return [(str(row["text"]), True, True)]
+    return [(str(row["text"]), True)]
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool, bool]]:
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """Render with the tokenizer's chat template; only assistant turns are trained on."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("data.format=chat needs a tokenizer with a chat template (model.name_or_path has none)")
@@ -140,25 +170,47 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool, boo
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if message.get("role") == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            segments.append((prompt[len(rendered):], False, not rendered))
-            segments.append((full[len(prompt):], True, False))
+            segments.append((prompt[len(rendered):], False))
+            segments.append((full[len(prompt):], True))
         else:
-            segments.append((full[len(rendered):], False, not rendered))
+            segments.append((full[len(rendered):], False))
         rendered = full
-    # Chat templates usually write their own bos; avoid a second one from the tokenizer.
-    return [(text, trained, False) for text, trained, _ in segments if text]
+    return [(text, trained) for text, trained in segments if text]
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate examples and cut into max_length blocks (attention spans example boundaries)."""
-    ids = [t for ex in examples for t in ex.input_ids]
-    labels = [t for ex in examples for t in ex.labels]
-    rows = [ex.row for ex in examples for _ in ex.input_ids]
-    return [Example(ids[i : i + max_length], labels[i : i + max_length], rows[i]) for i in range(0, len(ids) - max_length + 1, max_length)]
+    """Concatenate examples and cut the stream into max_length blocks; the last block keeps the remainder.
+
+    A block holds pieces: whole examples, or the parts of one that a cut left in it. Position ids restart
+    at 0 at each piece, which (without an attention mask) makes transformers attend within pieces only,
+    so a block's loss is the sum of its pieces' losses computed alone. A piece's first token is no target:
+    alone, nothing precedes it. A block left without targets (cut from inside a long masked prompt)
+    carries no training signal and is dropped.
+    """
+    ids = [token for ex in examples for token in ex.input_ids]
+    labels = [label for ex in examples for label in ex.labels]
+    owners = [k for k, ex in enumerate(examples) for _ in ex.input_ids]
+    cuts = range(0, len(ids), max_length)
+    blocks = [_block(ids[i : i + max_length], labels[i : i + max_length], owners[i : i + max_length], examples) for i in cuts]
+    return [block for block in blocks if any(label != IGNORE_INDEX for label in block.labels)]
+
+
+def _block(ids: list[int], labels: list[int], owners: list[int], examples: list[Example]) -> Example:
+    """One packed block; owners[i] is the index of the example token i comes from."""
+    positions: list[int] = []
+    for i, owner in enumerate(owners):
+        positions.append(positions[-1] + 1 if i and owners[i - 1] == owner else 0)
+    labels = [IGNORE_INDEX if position == 0 else label for label, position in zip(labels, positions)]
+    return Example(ids, labels, examples[owners[0]].row, positions)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padded positions are masked from attention and loss."""
+    """Right-pad a micro-batch; padded positions are masked from attention and loss.
+
+    attention_mask marks real tokens. A batch of packed blocks also carries position_ids (restarting at 0
+    for each packed example; padding counts as one more example), which the model is given instead of
+    the attention mask: see train.model_inputs.
+    """
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -168,7 +220,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if any(ex.position_ids is not None for ex in examples):
+        batch["position_ids"] = _packed_positions(examples, width)
+    return batch
+
+
+def _packed_positions(examples: list[Example], width: int) -> torch.Tensor:
+    """Each block's position ids, then its padding as one more example of its own (0, 1, ...)."""
+    rows = []
+    for ex in examples:
+        own = ex.position_ids if ex.position_ids is not None else list(range(len(ex.input_ids)))
+        rows.append(own + list(range(width - len(own))))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 class StepSampler:

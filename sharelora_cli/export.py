@@ -6,6 +6,9 @@ its plan points at, so a shared factor is written out once per layer that uses i
 MiSS maps onto PEFT's MiSS (`MissConfig`, `miss_block` = our D, same forward: the input's
 rank-sized chunks summed, times D); PEFT's MiSS adapts nn.Linear only, with rank <= d_in,
 so other MiSS adapters are refused with a pointer to `sharelora merge`.
+VeRA maps onto PEFT's VeRA (same names; the shared pair written once, as PEFT's save_projection
+does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once). Tied-LoRA has no PEFT
+format: it is refused with a pointer to `sharelora merge`.
 """
 
 import json
@@ -18,6 +21,8 @@ from sharelora_cli.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
+from sharelora_cli.adapters.vblora import VBLoraLayer
+from sharelora_cli.adapters.vera import VeraLayer
 from sharelora_cli.atomic import atomic_directory
 from sharelora_cli.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 from sharelora_cli.errors import UserError
@@ -39,17 +44,23 @@ def export_adapter(adapter_dir: Path, out: Path, fmt: str = "peft", base: str | 
     check_output_dir(out, overwrite, adapter_dir)
     saved = load_on_meta(adapter_dir, config, load_config(base_name, key="--base"))
     layers = saved.layers()
-    if all(isinstance(layer, LoraLayer) for layer in layers.values()):
-        tensors, peft_config = _lora(saved, layers)
-    elif all(isinstance(layer, MissLayer) for layer in layers.values()):
-        tensors, peft_config = _miss(saved, layers)
-    else:
+    writer = _writer(layers)
+    if writer is None:
         raise UserError(f"method '{saved.adapter.config.method}' has no PEFT format: use `sharelora merge` instead")
+    tensors, peft_config = writer(saved, layers)
     peft_config["base_model_name_or_path"] = base_name
     with atomic_directory(out, replace=overwrite) as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return f"exported {len(layers)} {saved.adapter.config.method} modules as a PEFT {peft_config['peft_type']} adapter -> {out}"
+
+
+def _writer(layers: dict[str, AdaptedLayer]):
+    """The PEFT writer for the layers' type (see WRITERS), or None when PEFT has no format for it."""
+    for layer_cls, write in WRITERS.items():
+        if all(isinstance(layer, layer_cls) for layer in layers.values()):
+            return write
+    return None
 
 
 def _lora(saved: SavedAdapter, layers: dict[str, LoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,7 +76,7 @@ def _lora(saved: SavedAdapter, layers: dict[str, LoraLayer]) -> tuple[dict[str, 
         "lora_dropout": adapter.dropout,
         "use_rslora": adapter.rslora,
         # Only PEFT's merge reads this: GPT-2's Conv1D stores the weight transposed.
-        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in layers.values()),
+        "fan_in_fan_out": _has_conv1d(layers),
         "init_lora_weights": True,
     }
     return tensors, config
@@ -85,6 +96,51 @@ def _miss(saved: SavedAdapter, layers: dict[str, MissLayer]) -> tuple[dict[str, 
         "init_weights": True,  # the plain MiSS forward; "bat" and "mini" are other methods
     }
     return tensors, config
+
+
+def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+               for path, layer in layers.items() for name in VeraLayer.factor_names}
+    # PeftModel keeps the pair on its VeraModel ("base_model"), once for all layers.
+    tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in ("vera_A", "vera_B")}
+    adapter = saved.adapter.config
+    config = _common_config("VERA", layers) | {
+        "r": adapter.rank,
+        "projection_prng_key": adapter.vera.projection_seed,
+        "save_projection": True,
+        "vera_dropout": adapter.dropout,
+        "d_initial": adapter.vera.d_initial,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+               for path, layer in layers.items() for name in VBLoraLayer.factor_names}
+    tensors["base_model.vblora_vector_bank"] = saved.adapter.shared["vblora_vector_bank"].detach().clone()
+    adapter = saved.adapter.config
+    config = _common_config("VBLORA", layers) | {
+        "r": adapter.rank,
+        "num_vectors": adapter.vblora.num_vectors,
+        "vector_length": adapter.vblora.vector_length,
+        "topk": adapter.vblora.topk,
+        "save_only_topk_weights": False,
+        "vblora_dropout": adapter.dropout,
+        "init_vector_bank_bound": adapter.vblora.init_vector_bank_bound,
+        "init_logits_std": adapter.vblora.init_logits_std,
+        "fan_in_fan_out": _has_conv1d(layers),
+    }
+    return tensors, config
+
+
+def _has_conv1d(layers: dict[str, AdaptedLayer]) -> bool:
+    return any(is_conv1d(layer.base_layer) for layer in layers.values())
+
+
+# Layer type -> its PEFT writer; every adapted layer must be of one type.
+WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora}
 
 
 def _common_config(peft_type: str, layers: dict[str, AdaptedLayer]) -> dict:

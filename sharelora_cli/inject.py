@@ -3,13 +3,14 @@
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sharelora_cli.adapters.base import AdaptedLayer, Hyper, is_adaptable, layer_shape
+from sharelora_cli.adapters.base import AdaptedLayer, Hyper, SharedTensor, is_adaptable, layer_shape
 from sharelora_cli.adapters.fusion import Fusion
-from sharelora_cli.adapters.plan import Adapter, Group
+from sharelora_cli.adapters.plan import Adapter, Group, regenerated_record
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
 from sharelora_cli.recipe import AdapterConfig
@@ -19,32 +20,70 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
     """Freeze the model and wrap its target modules; with a saved plan, rebuild exactly that sharing."""
     # Plan first: a target or plan that does not fit raises before the model is changed at all.
     groups = _groups_from_plan(model, plan) if plan is not None else _plan_groups(model, config)
+    layer_cls = METHODS[config.method].layer_cls
+    hyper = hyper_of(config)
+    specs = layer_cls.shared_tensors(group_dims(group.plan() for group in groups.values()), hyper)
     for param in model.parameters():
         param.requires_grad_(False)
-    method = METHODS[config.method]
-    hyper = Hyper(config.rank, config.alpha, config.dropout, config.rslora)
+    shared = _create_shared(model, groups, layer_cls, specs, hyper)
     fusion = Fusion()
     for group in groups.values():
-        _create_factors(model, group, method.layer_cls, config.rank)
+        _create_factors(model, group, layer_cls, hyper)
         for position, path in enumerate(group.modules):
-            factors = {f: group.tensors[f][group.index[f][position]] for f in method.layer_cls.factor_names}
-            layer = method.layer_cls(model.get_submodule(path), factors, hyper)
+            factors = {f: group.tensors[f][group.index[f][position]] for f in layer_cls.factor_names}
+            layer = layer_cls(model.get_submodule(path), factors | shared, hyper)
             layer.fusion = fusion
             _replace_module(model, path, layer)
     # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
     model.register_forward_pre_hook(fusion.start_forward)
-    return Adapter(model, config, groups)
+    return Adapter(model, config, groups, shared, regeneration_rules(specs))
+
+
+def regeneration_rules(specs: dict[str, SharedTensor]) -> dict[str, str]:
+    """Name -> rule of the shared tensors that are regenerated rather than trained and saved."""
+    return {name: spec.regenerated_by for name, spec in specs.items() if spec.regenerated_by is not None}
+
+
+def hyper_of(config: AdapterConfig) -> Hyper:
+    """What every layer of the adapter is built with, its method's own settings included."""
+    section = METHODS[config.method].settings
+    return Hyper(config.rank, config.alpha, config.dropout, config.rslora, getattr(config, section) if section else None)
+
+
+def group_dims(entries) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every group of a plan."""
+    return [(entry["d_in"], entry["d_out"]) for entry in entries]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A distinct tensor a sharing plan implies: its shape, whether it trains, whether the adapter file holds it."""
+
+    shape: tuple[int, ...]
+    trainable: bool
+    saved: bool
+
+
+def planned_tensors(config: AdapterConfig, plan: dict) -> dict[str, PlannedTensor]:
+    """Name -> every distinct tensor an adapter with this config and plan has."""
+    layer_cls = METHODS[config.method].layer_cls
+    hyper = hyper_of(config)
+    # A shared tensor is either trained and saved, or frozen and regenerated.
+    tensors = {
+        name: PlannedTensor(tuple(spec.shape), trainable=spec.regenerated_by is None, saved=spec.regenerated_by is None)
+        for name, spec in layer_cls.shared_tensors(group_dims(plan.values()), hyper).items()
+    }
+    frozen = layer_cls.frozen_factors(hyper)
+    for name, entry in plan.items():
+        for factor, shape in layer_cls.factor_shapes(entry["d_in"], entry["d_out"], hyper).items():
+            for k in range(max(entry["index"][factor]) + 1):
+                tensors[f"{name}.{factor}.{k}"] = PlannedTensor(tuple(shape), factor not in frozen, saved=True)
+    return tensors
 
 
 def tensor_shapes(config: AdapterConfig, plan: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every distinct tensor a sharing plan implies (the saved file's exact contents)."""
-    layer_cls = METHODS[config.method].layer_cls
-    shapes = {}
-    for name, entry in plan.items():
-        for factor, shape in layer_cls.factor_shapes(entry["d_in"], entry["d_out"], config.rank).items():
-            for k in range(max(entry["index"][factor]) + 1):
-                shapes[f"{name}.{factor}.{k}"] = tuple(shape)
-    return shapes
+    """Name -> shape of every tensor a sharing plan implies in the adapter file (the saved file's exact contents)."""
+    return {name: tensor.shape for name, tensor in planned_tensors(config, plan).items() if tensor.saved}
 
 
 def planned_plan(model: nn.Module, config: AdapterConfig) -> dict:
@@ -54,7 +93,7 @@ def planned_plan(model: nn.Module, config: AdapterConfig) -> dict:
 
 def plan_trainable(config: AdapterConfig, plan: dict) -> int:
     """Trainable parameters of a sharing plan."""
-    return sum(math.prod(shape) for shape in tensor_shapes(config, plan).values())
+    return sum(math.prod(t.shape) for t in planned_tensors(config, plan).values() if t.trainable)
 
 
 def planned_trainable(model: nn.Module, config: AdapterConfig) -> int:
@@ -142,17 +181,48 @@ def _groups_from_plan(model: nn.Module, plan: dict) -> dict[str, Group]:
     return groups
 
 
-def _create_factors(model: nn.Module, group: Group, layer_cls: type[AdaptedLayer], rank: int) -> None:
+def _create_factors(model: nn.Module, group: Group, layer_cls: type[AdaptedLayer], hyper: Hyper) -> None:
     # Factors live on the base weight's device, in float32 even under a 4-bit or bf16 base
     # (QLoRA keeps adapters in full precision; autocast lowers the matmuls).
     device = model.get_submodule(group.modules[0]).weight.device
-    for factor, shape in layer_cls.factor_shapes(group.d_in, group.d_out, rank).items():
+    frozen = layer_cls.frozen_factors(hyper)
+    for factor, shape in layer_cls.factor_shapes(group.d_in, group.d_out, hyper).items():
         tensors = []
         for _ in range(max(group.index[factor]) + 1):
             tensor = torch.empty(shape, device=device, dtype=torch.float32)
-            layer_cls.init_factor(factor, tensor)
-            tensors.append(nn.Parameter(tensor))
+            layer_cls.init_factor(factor, tensor, hyper)
+            tensors.append(nn.Parameter(tensor, requires_grad=factor not in frozen))
         group.tensors[factor] = tensors
+
+
+def _create_shared(model: nn.Module, groups: dict[str, Group], layer_cls: type[AdaptedLayer],
+                   specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, nn.Parameter]:
+    """The method's shared tensors, drawn on the CPU and moved to the base's device.
+
+    On a weightless (meta) base they stay on the CPU: merge and export compute ΔW from them there.
+    """
+    tensors = _draw_shared(layer_cls, specs, hyper)
+    first = next(iter(groups.values())).modules[0]
+    device = model.get_submodule(first).weight.device
+    device = torch.device("cpu") if device.type == "meta" else device
+    return {name: nn.Parameter(tensors[name].to(device), requires_grad=spec.regenerated_by is None)
+            for name, spec in specs.items()}
+
+
+def _draw_shared(layer_cls: type[AdaptedLayer], specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, torch.Tensor]:
+    # On the CPU whatever the device: VeRA's rule draws from a CPU generator, so every device gets the same numbers.
+    tensors = {name: torch.empty(spec.shape, dtype=torch.float32) for name, spec in specs.items()}
+    layer_cls.init_shared_tensors(tensors, hyper)
+    return tensors
+
+
+def planned_regenerated_record(config: AdapterConfig, plan: dict) -> dict[str, dict]:
+    """The record (plan.regenerated_record) of the shared tensors an adapter with this plan regenerates, drawn afresh."""
+    layer_cls, hyper = METHODS[config.method].layer_cls, hyper_of(config)
+    specs = layer_cls.shared_tensors(group_dims(plan.values()), hyper)
+    rules = regeneration_rules(specs)
+    # Nothing is drawn for methods without such tensors: their shared tensors (VB-LoRA's bank) use the global RNG.
+    return regenerated_record(_draw_shared(layer_cls, specs, hyper), rules) if rules else {}
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -3,18 +3,21 @@
 from dataclasses import dataclass
 
 from sharelora_cli.adapters.aslora import target_plan
+from sharelora_cli.errors import UserError
 from sharelora_cli.inject import plan_trainable, planned_plan, planned_trainable
 from sharelora_cli.modeling import build_on_meta, load_config
 from sharelora_cli.recipe import AdapterConfig
 
-COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss")
+COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora")
 
 
 @dataclass(frozen=True)
 class MethodCount:
     method: str
-    trainable: int
+    # None when the method cannot adapt this architecture as configured; `unfit` says why.
+    trainable: int | None
     lora_trainable: int
+    unfit: str = ""
 
     @property
     def reduction(self) -> float:
@@ -25,8 +28,16 @@ class MethodCount:
 def count_methods(model_name: str, adapter: AdapterConfig, methods=COMPARED_METHODS) -> list[MethodCount]:
     """Count every method's trainable parameters for one architecture, rank and target set."""
     model = build_on_meta(load_config(model_name))
-    counts = {m: planned_trainable(model, adapter.model_copy(update={"method": m})) for m in {"lora", *methods}}
-    return [MethodCount(m, counts[m], counts["lora"]) for m in methods] + aslora_counts(model, adapter, counts["lora"])
+    lora = planned_trainable(model, adapter.model_copy(update={"method": "lora"}))
+    return [method_count(model, adapter, m, lora) for m in methods] + aslora_counts(model, adapter, lora)
+
+
+def method_count(model, adapter: AdapterConfig, method: str, lora_trainable: int) -> MethodCount:
+    """One method's count; a method whose settings do not fit the model (VB-LoRA's vector_length) says why."""
+    try:
+        return MethodCount(method, planned_trainable(model, adapter.model_copy(update={"method": method})), lora_trainable)
+    except UserError as err:
+        return MethodCount(method, None, lora_trainable, unfit=str(err))
 
 
 def aslora_counts(model, adapter: AdapterConfig, lora_trainable: int) -> list[MethodCount]:
@@ -42,5 +53,13 @@ def aslora_counts(model, adapter: AdapterConfig, lora_trainable: int) -> list[Me
 def format_table(rows: list[MethodCount]) -> str:
     lines = [f"{'method':<14}{'trainable':>16}{'vs LoRA':>10}"]
     for row in rows:
-        lines.append(f"{row.method:<14}{row.trainable:>16}{-row.reduction:>+10.1%}")
+        if row.trainable is None:
+            lines.append(f"{row.method:<14}{'—':>16}{'':>10}  {row.unfit}")
+        else:
+            lines.append(f"{row.method:<14}{row.trainable:>16}{-row.reduction:>+10.1%}")
     return "\n".join(lines)
+
+
+def unfit_notes(rows: list[MethodCount]) -> list[str]:
+    """One line per method left out of the counts, for stderr beside --json."""
+    return [f"note: {row.method} not counted: {row.unfit}" for row in rows if row.trainable is None]

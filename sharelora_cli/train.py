@@ -299,12 +299,23 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], fused_loss: bool = Fal
     never building the logits; num_items_in_batch=1 makes it return the sum rather than the mean.
     """
     if fused_loss:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     num_items_in_batch=1).loss
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss
+    logits = model(**model_inputs(batch), use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given: the padding mask, or for packed blocks the per-example position ids alone.
+
+    Given position ids that restart at 0, no attention mask and no KV cache, transformers (>= 4.55) builds
+    sdpa and eager masks that attend only within each packed example, and flash-attention's varlen path
+    takes the same boundaries. A 2D mask (or a cache) turns that off: a block's examples would see each other.
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 @torch.no_grad()

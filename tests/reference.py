@@ -7,15 +7,30 @@ because a factor is still zero-initialised.
 
 import torch
 
-# Which factors one module type shares across its layers, per methods.md.
+from sharelora_cli.recipe import AdapterConfig
+
+# Which factors one module type shares across its layers, per methods.md and the VeRA, Tied-LoRA, VB-LoRA papers
+# (VeRA's pair and VB-LoRA's bank are shared by the whole model, not per module type).
 SHARED_FACTORS = {
     "lora": set(),
     "sharea": {"lora_A"},
     "shareb": {"lora_B"},
     "shareab": {"lora_A", "lora_B"},
     "miss": set(),
+    "vera": set(),
+    "tied-lora": {"tied_A", "tied_B"},
+    "vblora": set(),
 }
 METHODS = tuple(SHARED_FACTORS)
+# Settings the tiny test models need: VB-LoRA's default vector length (256) divides none of their widths
+# (64, 128, 192, 256, 320); 32 divides them all.
+TINY_BANK = {"num_vectors": 16, "vector_length": 32}
+METHOD_OPTIONS = {"vblora": {"vblora": TINY_BANK}}
+
+
+def adapter_config(method: str, **fields) -> AdapterConfig:
+    """An AdapterConfig for `method` on the tiny test models (with METHOD_OPTIONS), plus `fields`."""
+    return AdapterConfig.model_validate({"method": method, **METHOD_OPTIONS.get(method, {}), **fields})
 
 
 def lora_delta(A: torch.Tensor, B: torch.Tensor, alpha: float, rank: int, rslora: bool = False) -> torch.Tensor:
@@ -30,19 +45,64 @@ def miss_delta(D: torch.Tensor, d_in: int) -> torch.Tensor:
     return D.t()[:, torch.arange(d_in) % rank]
 
 
-def expected_delta(config, group, position: int) -> torch.Tensor:
-    """ΔW of the position-th module of a group, using the factors methods.md says that layer uses."""
+def vera_delta(A: torch.Tensor, B: torch.Tensor, d: torch.Tensor, b: torch.Tensor, d_in: int) -> torch.Tensor:
+    """ΔW = Λ_b B Λ_d A with the model's pair cut to the layer: A's first d_in columns, B's first d_out rows."""
+    return torch.diag(b) @ B[: b.shape[0]] @ torch.diag(d) @ A[:, :d_in]
+
+
+def tied_lora_delta(A, B, u, v, alpha: float, rank: int) -> torch.Tensor:
+    """ΔW = (α/r) Λ_v B Λ_u A."""
+    return (alpha / rank) * (torch.diag(v) @ B @ torch.diag(u) @ A)
+
+
+def bank_mixture(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
+    """One sub-vector: Σ over the top-k logits of softmax(those logits)_k · bank[their index]."""
+    top = sorted(range(logits.shape[0]), key=lambda i: -float(logits[i].detach()))[:topk]
+    weights = torch.softmax(logits[top], dim=0)
+    return sum(w * bank[i] for w, i in zip(weights, top))
+
+
+def vblora_delta(logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
+    """ΔW = B A, A's rows and B's columns each made of vector_length-long mixtures of the bank, in order."""
+    rank, tiles_in, _ = logits_A.shape
+    tiles_out, length = logits_B.shape[0], bank.shape[1]
+    A = torch.zeros(rank, tiles_in * length, dtype=bank.dtype)
+    B = torch.zeros(tiles_out * length, rank, dtype=bank.dtype)
+    for i in range(rank):
+        for t in range(tiles_in):
+            A[i, t * length:(t + 1) * length] = bank_mixture(logits_A[i, t], bank, topk)
+        for t in range(tiles_out):
+            B[t * length:(t + 1) * length, i] = bank_mixture(logits_B[t, i], bank, topk)
+    return B @ A
+
+
+def expected_delta(adapter, group, position: int) -> torch.Tensor:
+    """ΔW of the position-th module of a group, using the factors the method's formula says that layer uses."""
+    config = adapter.config
+
+    def factor(name: str) -> torch.Tensor:
+        return group.tensors[name][0 if name in SHARED_FACTORS[config.method] else position]
+
     if config.method == "miss":
-        return miss_delta(group.tensors["miss_D"][position], group.d_in)
-    shared = SHARED_FACTORS[config.method]
-    A = group.tensors["lora_A"][0 if "lora_A" in shared else position]
-    B = group.tensors["lora_B"][0 if "lora_B" in shared else position]
-    return lora_delta(A, B, config.alpha, config.rank, config.rslora)
+        return miss_delta(factor("miss_D"), group.d_in)
+    if config.method == "vera":
+        shared = adapter.shared
+        return vera_delta(shared["vera_A"], shared["vera_B"], factor("vera_lambda_d"), factor("vera_lambda_b"), group.d_in)
+    if config.method == "tied-lora":
+        return tied_lora_delta(*(factor(f"tied_{n}") for n in "ABuv"), config.alpha, config.rank)
+    if config.method == "vblora":
+        bank = adapter.shared["vblora_vector_bank"]
+        return vblora_delta(factor("vblora_logits_A"), factor("vblora_logits_B"), bank, config.vblora.topk)
+    return lora_delta(factor("lora_A"), factor("lora_B"), config.alpha, config.rank, config.rslora)
 
 
-def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, int]]) -> int:
-    """Trainable parameters for module types given as (d_in, d_out, number of layers)."""
-    total = 0
+def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, int]], bank=(256, 256)) -> int:
+    """Trainable parameters for module types given as (d_in, d_out, number of layers).
+
+    bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained.
+    """
+    num_vectors, length = bank
+    total = num_vectors * length if method == "vblora" else 0
     for d_in, d_out, layers in module_types:
         total += {
             "lora": layers * rank * (d_in + d_out),
@@ -50,6 +110,9 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
             "shareb": layers * rank * d_in + rank * d_out,
             "shareab": rank * (d_in + d_out),
             "miss": layers * rank * d_out,
+            "vera": layers * (rank + d_out),
+            "tied-lora": rank * (d_in + d_out) + layers * (rank + d_out),
+            "vblora": layers * num_vectors * rank * (d_in + d_out) // length,
         }[method]
     return total
 

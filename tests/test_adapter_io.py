@@ -5,20 +5,19 @@ import json
 
 import pytest
 import torch
-from reference import METHODS, SHARED_FACTORS, randomize_factors
+from reference import METHODS, SHARED_FACTORS, adapter_config, randomize_factors
 from safetensors.torch import load_file, save_file
 from tiny_architectures import GPT2_TARGETS, LLAMA_TARGETS, load_tiny_llama, narrow_llama, tiny_gpt2
 
 from sharelora_cli.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
 from sharelora_cli.errors import UserError
 from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(12))
 
 
 def save_random_adapter(model, directory, method: str = "sharea", targets=LLAMA_TARGETS):
-    adapter = inject_adapter(model, AdapterConfig(method=method, rank=4, alpha=8, targets=targets))
+    adapter = inject_adapter(model, adapter_config(method, rank=4, alpha=8, targets=targets))
     randomize_factors(adapter, seed=11)
     save_adapter(adapter, directory, base_model="tiny-test", extra={"note": "kept"})
     return adapter

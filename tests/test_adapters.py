@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import METHODS, expected_delta, miss_delta, randomize_factors
+from reference import METHODS, adapter_config, expected_delta, miss_delta, randomize_factors
 from tiny_architectures import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2
 
 from sharelora_cli.adapters.base import is_conv1d
@@ -16,8 +16,7 @@ from sharelora_cli.recipe import AdapterConfig
 def adapt(model, method: str, targets: list[str], **options):
     """Inject an adapter with random non-zero factors; returns (adapter, untouched copy of the base)."""
     base = copy.deepcopy(model)
-    config = AdapterConfig(method=method, targets=targets, **options)
-    adapter = inject_adapter(model, config)
+    adapter = inject_adapter(model, adapter_config(method, targets=targets, **options))
     randomize_factors(adapter)
     return adapter, base
 
@@ -28,7 +27,7 @@ def fold_reference_deltas(adapter, base) -> None:
         for group in adapter.groups.values():
             for position, path in enumerate(group.modules):
                 weight = base.get_submodule(path).weight
-                delta = expected_delta(adapter.config, group, position)
+                delta = expected_delta(adapter, group, position)
                 weight.add_(delta.t() if is_conv1d(base.get_submodule(path)) else delta)
 
 
@@ -37,7 +36,7 @@ def assert_layers_follow_formula(adapter) -> None:
     for group in adapter.groups.values():
         for position, path in enumerate(group.modules):
             layer = adapter.model.get_submodule(path)
-            delta = expected_delta(adapter.config, group, position)
+            delta = expected_delta(adapter, group, position)
             x = torch.randn(2, 5, group.d_in, generator=generator)
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.t(), atol=1e-6, rtol=1e-5)
@@ -101,7 +100,7 @@ def test_dropout_masks_adapter_input_only_in_train_mode(tiny_model, method):
     adapter, _ = adapt(tiny_model, method, ["up_proj"], rank=8, dropout=p)
     group = adapter.groups["up_proj"]
     layer = adapter.model.get_submodule(group.modules[0])
-    delta = expected_delta(adapter.config, group, 0)
+    delta = expected_delta(adapter, group, 0)
     x = torch.randn(4, 6, group.d_in)
     with torch.no_grad():
         layer.train()
@@ -133,7 +132,7 @@ def test_merge_matches_unmerged_forward_and_unmerge_restores_weight(tiny_model, 
                 unmerged = layer(x)
                 layer.merge()
                 merged = layer(x)
-            delta = expected_delta(adapter.config, group, position)
+            delta = expected_delta(adapter, group, position)
             torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(weight - original, delta.t() if arch == "gpt2" else delta, atol=1e-6, rtol=1e-5)
             layer.unmerge()

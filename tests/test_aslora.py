@@ -157,6 +157,43 @@ def test_schedule_and_target_options_are_checked():
         target_groups(ASLoRAConfig(target_groups=5), 4, "q_proj")
 
 
+@pytest.mark.parametrize(
+    "fraction, max_steps, step",
+    [(0.25, 10, 3), (0.35, 10, 4), (0.45, 10, 5), (0.15, 10, 2), (0.125, 20, 3), (0.24, 10, 2), (0.5, 7, 4), (0.7, 5, 4)],
+)
+def test_window_ends_round_half_up(fraction, max_steps, step):
+    """x.5 always rounds up, whatever the parity (round() gives 2 for 2.5 and 4 for 3.5), and float noise does not count."""
+    schedule = merge_steps(ASLoRAConfig(merge_start=fraction, merge_end=fraction), max_steps)
+    assert schedule == [step]
+
+
+@pytest.mark.parametrize(
+    "window, max_steps, expected",
+    [
+        ((0.6, 1.0), 10, [6, 8]),  # merge_end=1.0 would be step 10, the last step: clamped to 9
+        ((1.0, 1.0), 10, [9]),
+        ((0.0, 0.0), 10, [1]),  # step 0 is before any training: clamped to 1
+        ((0.0, 1.0), 3, [1]),
+        ((0.9, 1.0), 4, [3]),
+    ],
+)
+def test_window_is_clamped_so_the_last_merge_is_followed_by_a_training_step(window, max_steps, expected):
+    schedule = merge_steps(ASLoRAConfig(merge_start=window[0], merge_end=window[1], merge_every=2), max_steps)
+    assert schedule == expected and 1 <= schedule[0] and schedule[-1] <= max_steps - 1
+
+
+def test_merging_up_to_the_last_step_leaves_one_step_to_train_the_merged_bs(tiny_model):
+    adapter, _ = aslora(tiny_model, merge_start=0.5, merge_end=1.0, merge_every=1, target_groups=1)
+    merger, optimizer = BMerger(adapter, max_steps=4), torch.optim.AdamW(adapter.parameters())
+    merged_at = [step for step in range(1, 5) if merger.after_step(step, optimizer)]
+    assert merged_at[-1] == 3 and all(len(g.tensors["lora_B"]) == 1 for g in adapter.groups.values())
+
+
+def test_aslora_needs_two_steps():
+    with pytest.raises(UserError, match="train.max_steps >= 2"):
+        merge_steps(ASLoRAConfig(), 1)
+
+
 def write_recipe(tmp: Path, model_dir: Path, output_dir: Path) -> Path:
     recipe = {
         "model": {"name_or_path": str(model_dir)},

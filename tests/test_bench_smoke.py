@@ -9,7 +9,8 @@ from sharelora_cli.paths import PROJECT_ROOT
 
 FIELDS = {"name", "step_time_s", "peak_mem_bytes", "optimizer_state_bytes", "trainable_params", "ratio_to_floor",
           "ratio_to_peft_lora", "ratio_to_lora"}
-NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora"]
+NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora",
+         "vera", "peft-vera", "tied-lora", "vblora", "peft-vblora"]
 
 
 def test_bench_train_smoke_writes_every_row(tmp_path: Path):
@@ -24,6 +25,9 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
     # Same targets and rank: sharelora's LoRA has PEFT's parameter count, and sharing only removes parameters.
     assert rows["lora"]["trainable_params"] == rows["peft-lora"]["trainable_params"]
     assert rows["miss"]["trainable_params"] == rows["peft-miss"]["trainable_params"]
+    assert rows["vera"]["trainable_params"] == rows["peft-vera"]["trainable_params"]
+    assert rows["vblora"]["trainable_params"] == rows["peft-vblora"]["trainable_params"]
+    assert rows["vera"]["trainable_params"] < rows["tied-lora"]["trainable_params"] < rows["lora"]["trainable_params"]
     assert rows["shareab"]["trainable_params"] < rows["sharea"]["trainable_params"] < rows["lora"]["trainable_params"]
     # AdamW keeps two float32 moments per trainable parameter (plus a step counter per tensor).
     for name in NAMES[1:]:

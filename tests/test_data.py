@@ -70,7 +70,8 @@ def test_overlength_truncate_and_drop(tmp_path, tokenizer):
 def test_packing_fills_blocks_of_max_length(tokenizer, shared_data):
     cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=40, validation_fraction=0.0, packing=True, max_length=128)
     splits = build_splits(cfg, tokenizer, 0)
-    assert splits.train and all(len(ex.input_ids) == 128 == len(ex.labels) for ex in splits.train)
+    assert splits.train and all(len(ex.input_ids) == 128 == len(ex.labels) for ex in splits.train[:-1])
+    assert 0 < len(splits.train[-1].input_ids) <= 128
 
 
 def test_collate_pads_right_and_masks_padding():
@@ -80,7 +81,18 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert pack([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])], 2)[1].input_ids == [3, 4]
+    assert "position_ids" not in batch
+
+
+def test_collate_gives_packed_blocks_their_position_ids_and_padding_its_own():
+    from sharelora_cli.data import Example
+
+    blocks = pack([Example([1, 2, 3], [1, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7])], 5)
+    batch = collate(blocks, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5], [IGNORE_INDEX, 7] + [IGNORE_INDEX] * 3]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
 
 
 def test_sampler_splits_the_same_global_batch_across_processes_and_accumulation():

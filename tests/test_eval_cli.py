@@ -138,9 +138,15 @@ def test_eval_writes_per_task_metrics_records_and_config(tmp_path, tiny_model_di
     assert len(records["gsm8k"]) == document["gsm8k"]["num_samples"] == 2
     for record, reference in zip(records["gsm8k"], references):
         assert record["prompt"].endswith(gsm8k.format_question(reference["question"]))
-        assert record["extracted"] == gsm8k.extract_answer(record["output"])
         assert record["target"] == gsm8k.normalize(reference["answer"])
+        for metric in ("strict-match", "flexible-extract"):
+            answer = gsm8k.extract(record["output"], metric)
+            assert record[metric] == {"extracted": answer, "correct": gsm8k.normalize(answer) == record["target"]}
+        strict, flexible = record["strict-match"]["extracted"], record["flexible-extract"]["extracted"]
+        assert record["extracted"] == (strict if strict != "[invalid]" else None if flexible == "[invalid]" else flexible)
         assert record["correct"] == (record["extracted"] is not None and gsm8k.normalize(record["extracted"]) == record["target"])
+    for metric in ("strict-match", "flexible-extract"):
+        assert document["gsm8k"][metric] == sum(r[metric]["correct"] for r in records["gsm8k"]) / 2
     assert document["gsm8k"]["exact_match"] == sum(r["correct"] for r in records["gsm8k"]) / 2
 
     assert [r["subject"] for r in records["mmlu"]] == ["anatomy"] * 2 + ["sociology"] * 2

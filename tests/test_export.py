@@ -8,6 +8,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from reference import adapter_config
+
 from sharelora_cli.adapter_io import read_adapter_config
 from sharelora_cli.recipe import AdapterConfig
 from test_merge import GPT2_TARGETS, LLAMA_TARGETS, RANKS, assert_one_line_error, gpt2_dir, logits, make_adapter, run_cli
@@ -96,6 +98,43 @@ def test_miss_on_conv1d_points_to_merge(gpt2_dir, tmp_path, monkeypatch, capsys)
     adapter_dir, *_ = make_adapter(gpt2_dir, tmp_path / "adapter", config)
     result = run_cli(monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p")
     assert_one_line_error(*result, "Conv1D", "sharelora merge")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vera_export_equals_peft_vera(arch, tiny_model_dir, gpt2_dir, tmp_path, monkeypatch, capsys):
+    base_dir, targets = (tiny_model_dir, LLAMA_TARGETS) if arch == "llama" else (gpt2_dir, GPT2_TARGETS)
+    config = adapter_config("vera", rank=4, targets=targets, vera={"projection_seed": 3, "d_initial": 0.05})
+    adapter_dir, ids, before, adapted = make_adapter(base_dir, tmp_path / "adapter", config)
+    peft_config = export(monkeypatch, capsys, adapter_dir, tmp_path / "peft")
+    assert (peft_config["peft_type"], peft_config["r"], peft_config["projection_prng_key"]) == ("VERA", 4, 3)
+    assert peft_config["save_projection"] is True and peft_config["fan_in_fan_out"] is (arch == "gpt2")
+    tensors = exported_tensors(tmp_path / "peft")
+    modules = [p for g in read_adapter_config(adapter_dir)["plan"].values() for p in g["modules"]]
+    assert set(tensors) == {"base_model.vera_A", "base_model.vera_B"} | {
+        f"base_model.model.{path}.vera_lambda_{v}" for path in modules for v in "bd"}
+    assert (adapted - before).abs().max() > 0.01
+    torch.testing.assert_close(peft_logits(base_dir, tmp_path / "peft", ids), adapted, atol=1e-5, rtol=0)
+
+
+def test_vblora_export_equals_peft_vblora(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    config = adapter_config("vblora", rank=4, targets=LLAMA_TARGETS, vblora={"num_vectors": 12, "vector_length": 32,
+                                                                            "topk": 3})
+    adapter_dir, ids, before, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
+    peft_config = export(monkeypatch, capsys, adapter_dir, tmp_path / "peft")
+    assert (peft_config["peft_type"], peft_config["num_vectors"], peft_config["vector_length"],
+            peft_config["topk"], peft_config["save_only_topk_weights"]) == ("VBLORA", 12, 32, 3, False)
+    tensors = exported_tensors(tmp_path / "peft")
+    assert tensors["base_model.vblora_vector_bank"].shape == (12, 32)
+    assert sum(key.endswith(("vblora_logits_A", "vblora_logits_B")) for key in tensors) == 2 * 7 * 4
+    assert (adapted - before).abs().max() > 0.01
+    torch.testing.assert_close(peft_logits(tiny_model_dir, tmp_path / "peft", ids), adapted, atol=1e-5, rtol=0)
+
+
+def test_tied_lora_has_no_peft_format_and_points_to_merge(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    adapter_dir, *_ = make_adapter(tiny_model_dir, tmp_path / "adapter", adapter_config("tied-lora", rank=4))
+    result = run_cli(monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p")
+    assert_one_line_error(*result, "tied-lora", "no PEFT format", "sharelora merge")
     assert not (tmp_path / "p").exists()
 
 

@@ -8,7 +8,7 @@ layers' fused path (adapters/fusion.py: modules that read one input computed tog
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import randomize_factors
+from reference import adapter_config, expected_delta, randomize_factors
 from tiny_architectures import LLAMA_TARGETS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -216,9 +216,9 @@ def loss_and_gradients(model, adapter, tokens, plain: bool) -> list[torch.Tensor
     return result
 
 
-@pytest.mark.parametrize("method", ["lora", "sharea", "shareab", "aslora", "miss"])
+@pytest.mark.parametrize("method", ["lora", "sharea", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora"])
 def test_fused_model_equals_the_plain_formula_in_loss_and_every_gradient(tiny_model, method):
-    adapter = inject_adapter(tiny_model, AdapterConfig(method=method, rank=4, targets=LLAMA_TARGETS))
+    adapter = inject_adapter(tiny_model, adapter_config(method, rank=4, targets=LLAMA_TARGETS))
     randomize_factors(adapter, seed=2)
     find_shared_inputs(tiny_model, torch.device("cpu"))
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -325,10 +325,21 @@ def test_a_sibling_called_with_another_input_is_computed_alone_then_leaves_the_g
     assert first.group is not second.group and first.group.members == [first]
 
 
-@pytest.mark.parametrize("method", ["lora", "sharea", "shareab", "miss"])
-def test_frozen_a_saves_nothing_of_the_input_and_trained_a_one_copy_per_group(tiny_model, method):
-    """For backward, MiSS (A fixed) keeps only the r-wide chunk sum; LoRA-like methods one input for q, k and v."""
-    adapter = inject_adapter(tiny_model, AdapterConfig(method=method, rank=4, targets=LLAMA_TARGETS))
+# (method, its settings, whether A trains, distinct A's among q, k and v: ShareA shares across layers, not types)
+SAVED_CASES = {
+    "lora": ({}, True, 3), "sharea": ({}, True, 3), "shareab": ({}, True, 3), "vera": ({}, True, 3),
+    "miss": ({}, False, 1),  # one chunk-sum matrix for every layer of a width
+    "tied-lora-frozen-A": ({"tied_lora": {"train": ["B", "v"]}}, False, 3),  # u ⊙ A is computed per layer
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_CASES))
+def test_frozen_a_saves_nothing_of_the_input_and_trained_a_one_copy_per_group(tiny_model, case):
+    """For backward, a fixed A (MiSS, Tied-LoRA with A and u frozen) keeps only the r-wide products (MiSS: the chunk
+    sum); a trained A one copy of the input for q, k and v together."""
+    settings, a_trains, distinct_As = SAVED_CASES[case]
+    method = case.removesuffix("-frozen-A")
+    adapter = inject_adapter(tiny_model, adapter_config(method, rank=4, targets=LLAMA_TARGETS, **settings))
     find_shared_inputs(tiny_model, torch.device("cpu"))
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     block = tiny_model.model.layers[0]
@@ -343,12 +354,12 @@ def test_frozen_a_saves_nothing_of_the_input_and_trained_a_one_copy_per_group(ti
     adapter.layers()[0].fusion.start_forward()  # a new pass, with the groups the probe found
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
         block.self_attn.q_proj(x)  # the leader of q, k and v
-    assert widths == ([4] if method == "miss" else [tiny_model.config.hidden_size, 3 * 4])
+    assert widths == [tiny_model.config.hidden_size] * a_trains + [distinct_As * 4]
 
 
-@pytest.mark.parametrize("method", ["lora", "sharea", "miss"])
+@pytest.mark.parametrize("method", ["lora", "sharea", "miss", "vera", "tied-lora", "vblora"])
 def test_gradient_checkpointing_recomputes_to_the_same_factor_gradients(tiny_model, method):
-    adapter = inject_adapter(tiny_model, AdapterConfig(method=method, rank=4, targets=LLAMA_TARGETS))
+    adapter = inject_adapter(tiny_model, adapter_config(method, rank=4, targets=LLAMA_TARGETS))
     randomize_factors(adapter)
     find_shared_inputs(tiny_model, torch.device("cpu"))
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -364,3 +375,36 @@ def test_gradient_checkpointing_recomputes_to_the_same_factor_gradients(tiny_mod
     for plain, recomputed in zip(*grads):
         assert plain.abs().sum() > 0
         torch.testing.assert_close(recomputed, plain)
+
+
+@pytest.mark.parametrize("method", ["vera", "tied-lora", "vblora"])
+def test_vectors_and_bank_folded_into_the_fused_factors_give_the_plain_formula_s_gradients(method):
+    """VeRA and Tied-LoRA fold their vectors into A and B, VB-LoRA builds them from the bank: the fused kernel's
+    output and gradients (input, every trainable tensor) equal autograd through the plain formula, x (W + ΔW)ᵀ + b.
+
+    In float64, so that the two orders of summation agree far below any difference a wrong gradient would make.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 96))  # two shapes: VeRA cuts its pair for each
+    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=["0", "1"]))
+    randomize_factors(adapter, seed=1, scale=0.3)
+    model.double()
+    assert all(plain_frozen_weight(layer.base_layer) is not None for layer in adapter.layers())
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    results = []
+    for plain in (False, True):
+        h = x
+        for group in adapter.groups.values():
+            layer = model.get_submodule(group.modules[0])
+            if plain:
+                h = F.linear(h, layer.base_layer.weight + expected_delta(adapter, group, 0), layer.base_layer.bias)
+            else:
+                h = layer(h)
+        h.square().sum().backward()
+        results.append([h.detach(), x.grad] + [p.grad for p in adapter.parameters()])
+        x.grad = None
+        for p in adapter.parameters():
+            p.grad = None
+    for fused, reference in zip(*results):
+        assert reference.abs().sum() > 0 and fused.dtype == torch.float64
+        torch.testing.assert_close(fused, reference, atol=1e-12, rtol=1e-10)

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from reference import adapter_config
+
 from sharelora_cli import merge
 from sharelora_cli.adapter_io import load_adapter, save_adapter
 from sharelora_cli.cli import main
@@ -18,9 +20,12 @@ from sharelora_cli.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
-METHODS = ["lora", "sharea", "shareb", "shareab", "miss"]
+METHODS = ["lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora"]
 # MiSS at rank 6 does not divide d_in (128, 320, 64, 256): the zero-padding path is exercised too.
 RANKS = {"miss": 6}
+# VeRA's and Tied-LoRA's ΔW multiplies four factors: at the 0.05 noise the others get, it would move the logits
+# by less than the checks below can see, so their trained tensors get more.
+FACTOR_STD = {"vera": 0.3, "tied-lora": 0.3}
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +56,7 @@ def make_adapter(base_dir: Path, out: Path, config: AdapterConfig, extra: dict |
     torch.manual_seed(1)
     with torch.no_grad():
         for factor in adapter.parameters():
-            factor.normal_(0, 0.05)
+            factor.normal_(0, FACTOR_STD.get(config.method, 0.05))
     save_adapter(adapter, out, base_model=str(base_dir), extra=extra)
     return out, ids, before, logits(model, ids)
 
@@ -88,7 +93,7 @@ def load_merged(directory: Path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merged_llama_equals_base_plus_adapter(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    config = AdapterConfig(method=method, rank=RANKS.get(method, 4), targets=LLAMA_TARGETS)
+    config = adapter_config(method, rank=RANKS.get(method, 4), targets=LLAMA_TARGETS)
     adapter_dir, ids, before, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
     code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged",
                            "--dtype", "fp32")
@@ -101,7 +106,7 @@ def test_merged_llama_equals_base_plus_adapter(method, tiny_model_dir, tmp_path,
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merged_gpt2_conv1d_equals_base_plus_adapter(method, gpt2_dir, tmp_path, monkeypatch, capsys):
-    config = AdapterConfig(method=method, rank=RANKS.get(method, 4), targets=GPT2_TARGETS)
+    config = adapter_config(method, rank=RANKS.get(method, 4), targets=GPT2_TARGETS)
     adapter_dir, ids, before, adapted = make_adapter(gpt2_dir, tmp_path / "adapter", config)
     code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged")
     assert code == 0, output
@@ -255,22 +260,26 @@ def test_bad_options_are_refused(args, needle, llama_adapter, tmp_path, monkeypa
 FP32_4BIT = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
 
 
-@pytest.fixture
-def qlora_adapter(tiny_model_dir, tmp_path, bnb_cpu_path):
-    """An adapter on the 4-bit base (fp32 compute), on either bitsandbytes CPU path; returns (dir, ids, logits).
+def save_qlora_adapter(tiny_model_dir: Path, out: Path, method: str):
+    """An adapter on the 4-bit base (fp32 compute); returns (dir, ids, logits).
 
     The logits come from an eval-mode pass, the one that would repack the weights for bf16 on AVX512-BF16 CPUs.
     """
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), FP32_4BIT, torch.device("cpu"))
     ids = token_ids(model.config.vocab_size)
-    adapter = inject_adapter(model, AdapterConfig(method="shareab", rank=4, targets=LLAMA_TARGETS))
+    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=LLAMA_TARGETS))
     torch.manual_seed(1)
     with torch.no_grad():
         for factor in adapter.parameters():
-            factor.normal_(0, 0.05)
-    save_adapter(adapter, tmp_path / "adapter", base_model=str(tiny_model_dir),
-                 extra={"quantization": FP32_4BIT.model_dump()})
-    return tmp_path / "adapter", ids, logits(model, ids)
+            factor.normal_(0, FACTOR_STD.get(method, 0.05))
+    save_adapter(adapter, out, base_model=str(tiny_model_dir), extra={"quantization": FP32_4BIT.model_dump()})
+    return out, ids, logits(model, ids)
+
+
+@pytest.fixture
+def qlora_adapter(tiny_model_dir, tmp_path, bnb_cpu_path):
+    """A ShareAB adapter on the 4-bit base, on either bitsandbytes CPU path."""
+    return save_qlora_adapter(tiny_model_dir, tmp_path / "adapter", "shareab")
 
 
 def test_cli_merges_a_4bit_adapter_into_the_dequantized_base_or_the_full_precision_one(
@@ -291,3 +300,16 @@ def test_cli_merges_a_4bit_adapter_into_the_dequantized_base_or_the_full_precisi
     torch.testing.assert_close(full_logits, logits(full, ids), atol=1e-5, rtol=0)
     # The two merges differ by the quantisation error, so the default really reproduced the 4-bit base.
     assert (full_logits - qlora_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bnb_cpu_path", ["no-avx512-bf16"], indirect=True)
+@pytest.mark.parametrize("method", ["vera", "tied-lora", "vblora"])
+def test_cli_merges_vera_tied_lora_and_vblora_trained_on_a_4bit_base(method, tiny_model_dir, tmp_path, monkeypatch,
+                                                                      capsys, bnb_cpu_path):
+    """The merge regenerates VeRA's frozen pair and reads the saved bank and tied factors, into the dequantised base."""
+    adapter_dir, ids, qlora_logits = save_qlora_adapter(tiny_model_dir, tmp_path / "adapter", method)
+    code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged")
+    assert code == 0 and "dequantised 4-bit base" in output, output
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert (qlora_logits - logits(base, ids)).abs().max() > 0.1
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)

@@ -63,8 +63,9 @@ def test_training_lowers_validation_loss_on_gsm8k(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-28"]
 
 
-def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir):
-    path = write_recipe(tmp_path, tiny_model_dir, train={"max_steps": 3, "checkpoint_every": 100, "eval_every": 100})
+@pytest.mark.parametrize("packing", [False, True], ids=["examples", "packed"])
+def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, packing):
+    path = write_recipe(tmp_path, tiny_model_dir, data={"packing": packing}, train={"max_steps": 3, "checkpoint_every": 100, "eval_every": 100})
     big = train(load_recipe(str(path), ["train.batch_size=8", f"output_dir={tmp_path / 'big'}"]))
     accumulated = train(load_recipe(str(path), ["train.batch_size=2", "train.grad_accum=4", f"output_dir={tmp_path / 'acc'}"]))
     big_losses = [m["loss"] for m in read_metrics(tmp_path / "big")]

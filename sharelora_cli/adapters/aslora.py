@@ -5,9 +5,11 @@ ShareA) and B matrices are merged during training, ending below 25% of LoRA's pa
 stored copy of the paper says nothing more, so the rest is our choice, set by the recipe
 (adapter.aslora.*) and documented in docs/aslora.md:
 
-- schedule: a merge event every merge_every optimizer steps from round(merge_start·max_steps)
-  to round(merge_end·max_steps). A module type's L−K merges are spread evenly over the events,
-  so it reaches its target K at the last one.
+- schedule: a merge event every merge_every optimizer steps from merge_start·max_steps to
+  merge_end·max_steps, each rounded half up (2.5 -> 3, as 3.5 -> 4; Python's round() would give
+  2 and 4) and clamped to steps 1..max_steps-1, so the B's of the last merge still train for at
+  least one step before the adapter is saved. A module type's L−K merges are spread evenly over
+  the events, so it reaches its target K at the last one.
 - choice: the most similar pair of the type's current B tensors (cosine of the flattened
   tensors, or the smallest L2 distance), any two layers, not only neighbours; ties go to the
   lowest indices. Similarities are computed in float64 so every process picks the same pair.
@@ -35,15 +37,24 @@ MERGED_FACTOR = "lora_B"
 
 
 def merge_steps(cfg: ASLoRAConfig, max_steps: int) -> list[int]:
-    """The optimizer steps (1-based) after which B's are merged."""
-    start = max(1, round(cfg.merge_start * max_steps))
-    end = round(cfg.merge_end * max_steps)
-    if end < start:
+    """The optimizer steps (1-based) after which B's are merged: the window's ends rounded half up, within 1..max_steps-1."""
+    if cfg.merge_end < cfg.merge_start:
+        raise UserError(f"adapter.aslora: merge_end={cfg.merge_end} is before merge_start={cfg.merge_start}; set merge_end >= merge_start")
+    if max_steps < 2:
         raise UserError(
-            f"adapter.aslora: merge_end·max_steps={cfg.merge_end}·{max_steps} rounds to step {end}, before "
-            f"merge_start's step {start}; set merge_end >= merge_start"
+            f"adapter.method=aslora needs train.max_steps >= 2 (got {max_steps}): the B's merged after a step "
+            "must train for at least one more step"
         )
+    start, end = (min(max(1, nearest_step(fraction * max_steps)), max_steps - 1) for fraction in (cfg.merge_start, cfg.merge_end))
     return list(range(start, end + 1, cfg.merge_every))
+
+
+def nearest_step(position: float) -> int:
+    """position rounded half up (2.5 -> 3, 3.5 -> 4), not half to even as round() does.
+
+    Float noise is rounded away first: 0.35·10 is 3.4999999999999996 and must give 4.
+    """
+    return math.floor(round(position, 9) + 0.5)
 
 
 def target_groups(cfg: ASLoRAConfig, layers: int, module_type: str) -> int:

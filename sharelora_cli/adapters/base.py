@@ -3,10 +3,13 @@
 An adapted layer wraps a frozen base layer (nn.Linear, GPT-2 Conv1D or bitsandbytes
 Linear4bit) and adds a trainable delta: h = base(x) + s · B A x, every method giving its ΔW as
 a low-rank product (run by adapters/fusion.py, which computes together the adapters of layers
-that read one input; ΔW is never materialised). Its
-trainable tensors are *factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter
+that read one input; ΔW is never materialised). Its tensors are *factors* (lora_A, lora_B,
+miss_D, ...). A factor may be one nn.Parameter
 shared by every layer of a module type: the same object is registered in each layer, so autograd
-sums its gradient over all of them and nothing is ever copied.
+sums its gradient over all of them and nothing is ever copied. A method may also declare *shared
+tensors* that every adapted layer of the model uses, whatever its type (VeRA's random pair, VB-LoRA's
+vector bank), and *frozen* factors or shared tensors, which are registered with requires_grad=False:
+they are never counted as trainable and never reach the optimizer.
 """
 
 from collections.abc import Callable
@@ -66,34 +69,61 @@ class Hyper:
     alpha: float
     dropout: float
     rslora: bool
+    # The method's own recipe section (adapter.vera, adapter.vblora, ...); None for methods without one.
+    settings: Any = None
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A tensor every adapted layer of the model uses, one object for all of them."""
+
+    shape: tuple[int, ...]
+    # None: trained, and saved with the adapter. Otherwise frozen and regenerated from the adapter config by
+    # this rule (a sentence naming the seed); the saved adapter records the rule and a checksum of the tensor.
+    regenerated_by: str | None = None
 
 
 class AdaptedLayer(nn.Module):
     """A frozen base layer plus a trainable delta. Subclasses define the factors and ΔW's A, B and s."""
 
-    #: the trainable tensors of one layer, as attribute names; set by each method.
+    #: the factors of one layer, as attribute names; set by each method.
     factor_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
+        """factors: the layer's factors and the model's shared tensors, by attribute name."""
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = layer_shape(base_layer)
         self.hyper = hyper
         self.merged = False
-        for name in self.factor_names:
-            setattr(self, name, factors[name])
+        for name, tensor in factors.items():
+            setattr(self, name, tensor)
         self.dropout = nn.Dropout(hyper.dropout) if hyper.dropout > 0 else nn.Identity()
         # Plain attributes, not submodules: inject_adapter gives every layer of a model one Fusion.
         self.fusion = Fusion()
         self.group = Group([self])
 
     @staticmethod
-    def factor_shapes(d_in: int, d_out: int, rank: int) -> dict[str, tuple[int, ...]]:
+    def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
     @staticmethod
-    def init_factor(name: str, tensor: torch.Tensor) -> None:
+    def init_factor(name: str, tensor: torch.Tensor, hyper: Hyper) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def frozen_factors(hyper: Hyper) -> frozenset[str]:
+        """Factors that do not train (they still take part in ΔW and are saved)."""
+        return frozenset()
+
+    @staticmethod
+    def shared_tensors(dims: list[tuple[int, int]], hyper: Hyper) -> dict[str, SharedTensor]:
+        """The tensors every adapted layer uses, given every adapted layer's (d_in, d_out)."""
+        return {}
+
+    @staticmethod
+    def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
+        """Fill the shared tensors (float32, on the CPU) in place."""
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""
@@ -170,3 +200,5 @@ class Method:
     make_trainer_hook: Callable[[Any, int], TrainerHook] | None = None
     # Parameters may stop being used mid-run, so DDP must look for unused ones (find_unused_parameters).
     drops_parameters: bool = False
+    # The AdapterConfig field holding the method's own settings (Hyper.settings), if it has one.
+    settings: str | None = None

@@ -16,11 +16,11 @@ class LoraLayer(AdaptedLayer):
         self.scaling = lora_scaling(hyper)
 
     @staticmethod
-    def factor_shapes(d_in: int, d_out: int, rank: int) -> dict[str, tuple[int, ...]]:
-        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+    def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (hyper.rank, d_in), "lora_B": (d_out, hyper.rank)}
 
     @staticmethod
-    def init_factor(name: str, tensor: torch.Tensor) -> None:
+    def init_factor(name: str, tensor: torch.Tensor, hyper: Hyper) -> None:
         if name == "lora_A":
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
         else:

@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from sharelora_cli.adapters.base import AdaptedLayer, Method
+from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method
 
 
 @lru_cache(maxsize=None)
@@ -28,11 +28,11 @@ class MissLayer(AdaptedLayer):
     factor_names = ("miss_D",)
 
     @staticmethod
-    def factor_shapes(d_in: int, d_out: int, rank: int) -> dict[str, tuple[int, ...]]:
-        return {"miss_D": (rank, d_out)}
+    def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
+        return {"miss_D": (hyper.rank, d_out)}
 
     @staticmethod
-    def init_factor(name: str, tensor: torch.Tensor) -> None:
+    def init_factor(name: str, tensor: torch.Tensor, hyper: Hyper) -> None:
         nn.init.zeros_(tensor)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:

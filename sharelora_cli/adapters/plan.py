@@ -3,10 +3,16 @@
 Per module type (a *group*): the list of adapted module paths and, for each factor, the index of
 the distinct tensor each module uses. LoRA uses indices 0..L-1, a shared factor uses [0]*L,
 ASLoRA's merged B groups use any partition. Every method saves and loads through it.
+
+Beside the groups, an adapter may hold *shared tensors* that every adapted module uses (VeRA's
+random pair, VB-LoRA's vector bank). Their names have no dot, so they never collide with a group
+tensor's '{group}.{factor}.{k}'. Frozen ones are regenerated from the adapter config, not saved.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer
@@ -34,23 +40,39 @@ class Group:
 class Adapter:
     """The adapters injected into one model."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, groups: dict[str, Group]):
+    def __init__(self, model: nn.Module, config: AdapterConfig, groups: dict[str, Group],
+                 shared: dict[str, nn.Parameter] | None = None, regenerated: dict[str, str] | None = None):
+        """shared: the tensors every adapted module uses, by name; regenerated: rule per frozen shared tensor."""
         self.model = model
         self.config = config
         self.groups = groups
+        self.shared = shared or {}
+        self.regenerated = regenerated or {}
 
     def parameters(self) -> list[nn.Parameter]:
-        """Every distinct trainable tensor, once, in a stable order."""
-        return [p for group in self.groups.values() for tensors in group.tensors.values() for p in tensors]
+        """Every distinct trainable tensor, once, in a stable order (frozen factors and shared tensors left out)."""
+        return [p for p in self._distinct_tensors() if p.requires_grad]
+
+    def _distinct_tensors(self) -> list[nn.Parameter]:
+        grouped = [p for group in self.groups.values() for tensors in group.tensors.values() for p in tensors]
+        return grouped + list(self.shared.values())
 
     def named_tensors(self) -> dict[str, nn.Parameter]:
-        """Stable names for the distinct tensors: '{group}.{factor}.{k}'."""
-        return {
+        """What an adapter file holds, by stable name: '{group}.{factor}.{k}', and shared tensors by their own name.
+
+        Frozen factors are included (nothing else could rebuild them); regenerated shared tensors are not.
+        """
+        grouped = {
             f"{group.name}.{factor}.{k}": tensor
             for group in self.groups.values()
             for factor, tensors in group.tensors.items()
             for k, tensor in enumerate(tensors)
         }
+        return grouped | {name: t for name, t in self.shared.items() if name not in self.regenerated}
+
+    def regenerated_record(self) -> dict[str, dict]:
+        """What the adapter file records of its regenerated shared tensors (see regenerated_record)."""
+        return regenerated_record(self.shared, self.regenerated)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -66,3 +88,19 @@ class Adapter:
         group.tensors[factor], group.index[factor] = tensors, index
         for path, k in zip(group.modules, index):
             setattr(self.model.get_submodule(path), factor, tensors[k])
+
+    def bind_shared(self, name: str, tensor: nn.Parameter) -> None:
+        """Point every adapted module at one shared tensor."""
+        self.shared[name] = tensor
+        for layer in self.layers():
+            setattr(layer, name, tensor)
+
+
+def regenerated_record(tensors: dict[str, torch.Tensor], rules: dict[str, str]) -> dict[str, dict]:
+    """Per regenerated tensor: its rule, shape and the SHA-256 of its float32 bytes, so a load can prove it drew the same."""
+    return {name: {"rule": rule, "shape": list(tensors[name].shape), "sha256": tensor_digest(tensors[name])}
+            for name, rule in rules.items()}
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()

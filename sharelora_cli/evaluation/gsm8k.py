@@ -1,14 +1,23 @@
-"""GSM8K: few-shot chain-of-thought prompts, greedy generation, final-number exact match.
+"""GSM8K: few-shot chain-of-thought prompts, greedy generation, scored as lm-evaluation-harness scores it.
 
 The prompt is lm-evaluation-harness's `gsm8k` format: "Question: ...\\nAnswer: <worked solution>" shots,
 separated by blank lines, the solutions ending in "#### N". Shots are the first `num_fewshot` rows of the
-train split (the harness's `first_n` sampler), the same for every question. The answer is the number after
-"#### ", else the last number-like span (the harness's strict-match and flexible-extract regexes), compared
-as a string after removing commas, "$", a trailing "." and case, as the harness's exact_match does.
+train split (the harness's `first_n` sampler), the same for every question.
+
+Scores are the harness's two filters of its `gsm8k` task (lm_eval 0.4, tasks/gsm8k/gsm8k.yaml), each
+followed by the task's exact_match against the whole reference solution:
+- `strict-match`: the first "#### N" of the output;
+- `flexible-extract`: the last number-like span of the output.
+Either gives "[invalid]" when its regex finds nothing, which matches no GSM8K reference. exact_match removes
+",", "$", everything up to the last "#### " and a final "." from both sides, lower-cases, and compares.
+`exact_match` is sharelora's earlier score (strict-match's answer, else flexible-extract's), kept so
+existing results files keep their key; papers quote one of the harness's two.
 """
 
 import re
 from pathlib import Path
+
+import numpy as np
 
 from sharelora_cli.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
@@ -17,9 +26,13 @@ from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
 from sharelora_cli.recipe import GSM8KTaskConfig
 
 STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>"]
-FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
-ANY_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-# Removed from prediction and reference before comparing, in this order.
+INVALID = "[invalid]"
+# metric name -> (regex, which match: 0 the first, -1 the last), as in the harness's filter_list.
+FILTERS = {
+    "strict-match": (re.compile(r"#### (\-?[0-9\.\,]+)"), 0),
+    "flexible-extract": (re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"), -1),
+}
+# exact_match's regexes_to_ignore, removed from prediction and reference in this order.
 IGNORED = [re.compile(pattern) for pattern in (r",", r"\$", r"(?s).*#### ", r"\.$")]
 
 
@@ -40,21 +53,45 @@ def build_prompt(question: str, shots: list[dict]) -> str:
     return examples + format_question(question)
 
 
-def extract_answer(text: str) -> str | None:
-    """The number after "#### ", else the last number in the text; None when there is none."""
-    final = FINAL_ANSWER.search(text)
-    if final:
-        return final.group(1).strip()
-    matches = ANY_NUMBER.findall(text)
+def extract(output: str, metric: str) -> str:
+    """The answer a harness filter takes from a generation: its regex's chosen match, stripped, else "[invalid]"."""
+    pattern, which = FILTERS[metric]
+    matches = pattern.findall(output)
     if not matches:
-        return None
-    return next(group for group in matches[-1] if group).strip()
+        return INVALID
+    match = matches[which]
+    if isinstance(match, tuple):  # several groups: the first that matched
+        match = next((group for group in match if group), INVALID)
+    return match.strip()
 
 
-def normalize(answer: str) -> str:
+def normalize(text: str) -> str:
+    """exact_match's normalisation of a prediction or a reference.
+
+    Done on a one-element numpy array, as the harness does: numpy drops trailing NUL characters and
+    lower-cases within the array's width ("İ" becomes "i", not the two characters str.lower gives).
+    """
+    texts = np.array([text])
     for pattern in IGNORED:
-        answer = pattern.sub("", answer)
-    return answer.lower()
+        texts = np.array([pattern.sub("", item) for item in texts])
+    return str(np.char.lower(texts)[0])
+
+
+def is_correct(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
+
+
+def score(output: str, reference: str) -> dict:
+    """Per-sample record fields: each harness metric's answer and verdict, and the earlier exact_match's."""
+    record: dict = {}
+    for metric in FILTERS:
+        answer = extract(output, metric)
+        record[metric] = {"extracted": answer, "correct": is_correct(answer, reference)}
+    strict, flexible = record["strict-match"]["extracted"], record["flexible-extract"]["extracted"]
+    answer = strict if strict != INVALID else flexible
+    record["extracted"] = None if answer == INVALID else answer
+    record["correct"] = answer != INVALID and is_correct(answer, reference)
+    return record
 
 
 def evaluate(engine: Engine, cfg: GSM8KTaskConfig, limit: int | None) -> TaskResult:
@@ -62,11 +99,14 @@ def evaluate(engine: Engine, cfg: GSM8KTaskConfig, limit: int | None) -> TaskRes
     docs = load_split(cfg.path, "test")[:limit]
     prompts = [build_prompt(doc["question"], shots) for doc in docs]
     outputs = engine.generate(prompts, STOP_SEQUENCES, cfg.max_new_tokens)
-    records = []
-    for doc, prompt, output in zip(docs, prompts, outputs):
-        extracted = extract_answer(output)
-        target = normalize(doc["answer"])
-        correct = extracted is not None and normalize(extracted) == target
-        records.append({"prompt": prompt, "output": output, "extracted": extracted, "target": target, "correct": correct})
-    accuracy = sum(r["correct"] for r in records) / len(records) if records else 0.0
-    return TaskResult({"exact_match": accuracy, "num_samples": len(records)}, records)
+    records = [
+        {"prompt": prompt, "output": output, "target": normalize(doc["answer"]), **score(output, doc["answer"])}
+        for doc, prompt, output in zip(docs, prompts, outputs)
+    ]
+    metrics = {metric: accuracy([r[metric]["correct"] for r in records]) for metric in FILTERS}
+    metrics["exact_match"] = accuracy([r["correct"] for r in records])
+    return TaskResult({**metrics, "num_samples": len(records)}, records)
+
+
+def accuracy(verdicts: list[bool]) -> float:
+    return sum(verdicts) / len(verdicts) if verdicts else 0.0

@@ -72,13 +72,17 @@ def adapted_modules(preset: bench_train.Preset) -> int:
 
 
 def dispatches_per_module(configs: list[str]) -> dict[str, dict[str, float]]:
-    """base ('fp32', 'nf4') -> configuration -> dispatches per adapted module above the floor."""
+    """base ('fp32', 'nf4') -> configuration -> dispatches per adapted module above the floor.
+
+    A configuration that cannot run on a base (bench_train.runs_on: PEFT's VB-LoRA on NF4) has no entry there.
+    """
     result = {}
     for base, preset_name in DISPATCH_BASES.items():
         preset = bench_train.PRESETS[preset_name]
         floor = sum(step_dispatches("floor", preset).values())
         modules = adapted_modules(preset)
-        result[base] = {name: (sum(step_dispatches(name, preset).values()) - floor) / modules for name in configs}
+        result[base] = {name: (sum(step_dispatches(name, preset).values()) - floor) / modules
+                        for name in configs if bench_train.runs_on(name, preset)}
     return result
 
 
@@ -105,9 +109,13 @@ def print_dispatches(args: argparse.Namespace) -> None:
     print("dispatches per adapted module and training step, above the frozen base (2-layer Llama, 14 modules)")
     print("| configuration | fp32 base | NF4 base |\n| --- | ---: | ---: |")
     for name in configs:
-        print(f"| {name} | {counts['fp32'][name]:.2f} | {counts['nf4'][name]:.2f} |")
+        print(f"| {name} | {figure(counts['fp32'], name)} | {figure(counts['nf4'], name)} |")
     if args.json:
         args.json.write_text(json.dumps(counts, indent=2) + "\n")
+
+
+def figure(counts: dict[str, float], name: str) -> str:
+    return f"{counts[name]:.2f}" if name in counts else "n/a"
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """`sharelora train` end to end on the tiny model and real GSM8K text."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sharelora_cli.errors import UserError
+from sharelora_cli.liger import require_liger_kernel
 from sharelora_cli.recipe import load_recipe
 from sharelora_cli.train import train
 
@@ -166,6 +169,14 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, tiny_model_dir):
     assert len(eager) == len(compiled) == 3
     # float32 throughout; inductor only reorders sums within a kernel.
     assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], rel=1e-4)
+
+
+def test_liger_kernel_without_its_package_is_refused_naming_the_key():
+    """On a CUDA device with liger-kernel missing, train.liger_kernel stops before anything is loaded."""
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(UserError, match=r"train\.liger_kernel needs the liger-kernel package"):
+        require_liger_kernel(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -408,3 +408,17 @@ def test_vectors_and_bank_folded_into_the_fused_factors_give_the_plain_formula_s
     for fused, reference in zip(*results):
         assert reference.abs().sum() > 0 and fused.dtype == torch.float64
         torch.testing.assert_close(fused, reference, atol=1e-12, rtol=1e-10)
+
+
+def test_inference_mode_runs_the_fused_path_and_gives_the_plain_formula(tiny_model):
+    """Evaluation runs under torch.inference_mode, whose tensors have no version counter to group by."""
+    adapter = inject_adapter(tiny_model, AdapterConfig(method="lora", rank=4, targets=LLAMA_TARGETS))
+    randomize_factors(adapter, seed=3)
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    tiny_model.eval()
+    with torch.inference_mode():
+        for _ in range(2):  # the first pass finds the groups, the second runs them
+            fused = tiny_model(input_ids=tokens).logits
+    assert group_names(adapter) == [["down_proj"], ["gate_proj", "up_proj"], ["o_proj"], ["q_proj", "k_proj", "v_proj"]]
+    _, plain = logits_on_both_paths(tiny_model, adapter, tokens, autocast=False)
+    torch.testing.assert_close(fused, plain)

@@ -80,7 +80,7 @@ class Fusion:
 
     def forward(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         autocast = autocast_dtype(x)
-        key = (x._version, torch.is_grad_enabled(), autocast, self.generation)
+        key = (input_version(x), torch.is_grad_enabled(), autocast, self.generation)
         entry = layer.group.pending.pop(layer, None)
         if entry is not None and entry.key == key and entry.x is x and (entry.output is None or not (args or kwargs)):
             # (a fused output was computed without the arguments a plain linear does not take)
@@ -157,6 +157,12 @@ def add_delta(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, x2, 
         base_out = layer.base_layer(x2)
     out = AddLowRank.apply(base_out, h, lora_B, lora_B_c, lora_B_t, scaling)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def input_version(x: torch.Tensor) -> int:
+    """x's version counter; -1 for a tensor made under inference_mode, which has none (evaluation only:
+    nothing there writes into a layer input between the calls of its readers)."""
+    return -1 if x.is_inference() else x._version
 
 
 def groupable(layer: nn.Module) -> bool:

@@ -4,9 +4,10 @@
 
 For each (d_in, d_out) of the CPU preset's Llama (hidden 512, ffn 1536, GQA k/v 256) it prints the
 median time of: the frozen base alone (input requiring grad), LoRA differentiated by autograd
-(F.linear twice, as before LowRankFunction) and LowRankFunction. Then the thin products whose
-layout decided the design: dy·B with B (d_out × r) as stored vs through its contiguous transpose,
-and B's gradient as dyᵀh vs (hᵀdy)ᵀ. Findings are in docs/benchmarks.md ("Profile").
+(F.linear twice) and sharelora's LoRA layer (its fused path, adapters/fusion.py, for a module
+alone). Then the thin products whose layout the design weighs: dy·B with B (d_out × r) as stored vs
+through its contiguous transpose, and B's gradient as dyᵀh (in B's layout) vs (hᵀdy)ᵀ. Findings are
+in docs/benchmarks.md ("Profile").
 """
 
 import argparse
@@ -16,8 +17,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sharelora_cli.adapters.low_rank_function import LowRankFunction
+from sharelora_cli.adapters.base import Hyper
+from sharelora_cli.adapters.lora import LoraLayer
 
 SHAPES = [(512, 512), (512, 256), (512, 1536), (1536, 512)]
 SCALING = 2.0
@@ -37,6 +40,11 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
 
 def layer_steps(x, dy, weight, lora_A, lora_B) -> dict[str, Callable[[], None]]:
     """name -> one forward + backward of the layer computed that way."""
+    base = nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
+    base.weight.data = weight
+    rank = lora_A.shape[0]
+    layer = LoraLayer(base, {"lora_A": lora_A, "lora_B": lora_B}, Hyper(rank, SCALING * rank, 0.0, False))
+
     def floor():
         F.linear(x, weight).backward(dy)
 
@@ -44,10 +52,10 @@ def layer_steps(x, dy, weight, lora_A, lora_B) -> dict[str, Callable[[], None]]:
         out = F.linear(x, weight).add_(F.linear(F.linear(x, lora_A) * SCALING, lora_B))
         out.backward(dy)
 
-    def fused():
-        LowRankFunction.apply(x, lora_A, lora_B, SCALING, x, weight, None).backward(dy)
+    def sharelora():
+        layer(x).backward(dy)
 
-    return {"floor": floor, "autograd LoRA": autograd_lora, "LowRankFunction": fused}
+    return {"floor": floor, "autograd LoRA": autograd_lora, "sharelora": sharelora}
 
 
 def thin_products(x2, dy2, lora_B) -> dict[str, Callable[[], torch.Tensor]]:
@@ -72,8 +80,8 @@ def main() -> None:
     torch.manual_seed(0)
     for d_in, d_out in SHAPES:
         weight = torch.randn(d_out, d_in) / d_in**0.5
-        lora_A = torch.randn(args.rank, d_in, requires_grad=True)
-        lora_B = torch.randn(d_out, args.rank, requires_grad=True)
+        lora_A = nn.Parameter(torch.randn(args.rank, d_in))
+        lora_B = nn.Parameter(torch.randn(d_out, args.rank))
         x = torch.randn(args.tokens, d_in, requires_grad=True)
         dy = torch.randn(args.tokens, d_out)
         layer = median_ms(layer_steps(x, dy, weight, lora_A, lora_B), args.repeats)

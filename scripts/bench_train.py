@@ -15,15 +15,17 @@ rotated by one per round, after --warmup untimed steps each. step_time_s is the 
 timed steps; the ratios are medians over rounds of the within-round ratio, so a burst of
 background load that hits one round hits every configuration of it alike.
 
-Peak memory: each configuration runs in its own child process (forked on CPU, so it costs no
-re-import; spawned on CUDA, which a forked child may not initialise). The child builds the base,
-takes a baseline, then injects the adapter and runs two steps; peak_mem_bytes is the peak above
-that baseline: resident set size on CPU (the kernel's high-water mark, reset to the current RSS
-through /proc/self/clear_refs after glibc's malloc_trim returned freed heap to the OS), and
-torch.cuda.max_memory_allocated on CUDA. It is what training adds to a loaded base: adapter
-weights, gradients, optimizer state and activations.
+Peak memory: what training adds to a loaded base (adapter weights, gradients, optimizer state and
+activations), peak_mem_bytes. On CUDA it is measured in this process, configuration after
+configuration as they are built: the peak of torch.cuda.max_memory_allocated over building the
+configuration and its first two steps, above what was allocated before (exact per tensor, so the
+configurations built earlier do not count). On CPU the resident set size cannot be reset that way,
+so each configuration runs in a forked child process (no re-import) that builds the base, takes a
+baseline, then injects the adapter and runs two steps: the kernel's high-water mark, reset to the
+current RSS through /proc/self/clear_refs after glibc's malloc_trim returned freed heap to the OS.
+--skip-memory skips the measurement (peak_mem_bytes is then null).
 
-    .venv/bin/python scripts/bench_train.py [--preset cpu] [--json PATH] [--markdown PATH]
+    .venv/bin/python scripts/bench_train.py [--preset cpu] [--skip-memory] [--json PATH] [--markdown PATH]
 """
 
 import argparse
@@ -46,10 +48,13 @@ from peft import LoraConfig, MissConfig, VBLoRAConfig, VeraConfig, get_peft_mode
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.inject import inject_adapter
+from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.modeling import load_config, prepare_for_kbit_training
 from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.train import adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The frozen floor, then each method (sharelora's rows when the registry has it) with PEFT's beside it where PEFT has one.
@@ -74,6 +79,8 @@ class Preset:
     batch_size: int
     seq_len: int
     rank: int
+    compile_mode: str | None = None  # torch.compile every configuration's model in this mode (--compile)
+    liger_kernel: bool = False  # Liger's kernels in the base, for every configuration (--liger-kernel)
 
 
 PRESETS = {
@@ -83,6 +90,7 @@ PRESETS = {
     # bitsandbytes' CPU kernels for the NF4 base, float32 compute: what quantization.load_in_4bit does on CPU.
     "cpu-nf4": Preset(CPU_MODEL, "cpu", torch.float32, True, batch_size=4, seq_len=256, rank=8),
     "smoke": Preset(SMOKE_MODEL, "cpu", torch.float32, False, batch_size=1, seq_len=16, rank=4),
+    "smoke-nf4": Preset(SMOKE_MODEL, "cpu", torch.float32, True, batch_size=1, seq_len=16, rank=4),
     "llama-3.2-1b-bf16": Preset("llama-3.2-1b", "cuda", torch.bfloat16, False, batch_size=4, seq_len=512, rank=16),
     "llama-3.2-1b-nf4": Preset("llama-3.2-1b", "cuda", torch.bfloat16, True, batch_size=4, seq_len=512, rank=16),
     "llama3-8b-bf16": Preset("llama3-8b", "cuda", torch.bfloat16, False, batch_size=2, seq_len=512, rank=16),
@@ -110,6 +118,9 @@ def build_base(preset: Preset, seed: int) -> nn.Module:
     if preset.nf4:
         quantize_linears(model, preset.dtype)
         prepare_for_kbit_training(model)
+    if preset.liger_kernel:
+        require_liger_kernel(torch.device(preset.device))
+        apply_liger_kernel(model)
     return model.requires_grad_(False)
 
 
@@ -155,6 +166,7 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
         return get_peft_model(model, VBLoRAConfig(r=rank, target_modules=TARGETS, **bank))
     inject_adapter(model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS,
                                         vblora=bank))
+    find_shared_inputs(model, model.device)  # as training does: grouped from the first step
     return model
 
 
@@ -174,7 +186,9 @@ def make_run(name: str, base: nn.Module, preset: Preset, seed: int) -> Run:
     torch.manual_seed(seed)  # the same adapter initialisation whatever was built before
     model = configure(name, base, preset.rank)
     params = trainable(model)
-    return Run(model, torch.optim.AdamW(params, lr=1e-4) if params else None)
+    if preset.compile_mode:
+        model = torch.compile(model, mode=preset.compile_mode)
+    return Run(model, adamw(params, lr=1e-4, weight_decay=0.0) if params else None)
 
 
 def make_batch(preset: Preset, vocab_size: int, seed: int) -> torch.Tensor:
@@ -272,14 +286,26 @@ def child_peak(name: str, preset: Preset, seed: int, threads: int) -> int:
     return meter.peak()
 
 
-def peak_memory(names: list[str], preset: Preset, seed: int, threads: int) -> dict[str, int]:
-    # Fork is free on CPU and safe here (this process has run no kernels yet); CUDA needs spawn.
-    context = multiprocessing.get_context("spawn" if preset.device == "cuda" else "fork")
+def peak_memory_forked(names: list[str], preset: Preset, seed: int, threads: int) -> dict[str, int]:
+    """CPU: one forked child per configuration (free here: this process has run no kernels yet)."""
     peaks = {}
     for name in names:
-        with context.Pool(1) as pool:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
             peaks[name] = pool.apply(child_peak, (name, preset, seed, threads))
     return peaks
+
+
+def runs_with_cuda_peaks(names: list[str], base: nn.Module, preset: Preset, batch: torch.Tensor,
+                         seed: int) -> tuple[dict[str, Run], dict[str, int]]:
+    """CUDA: build each configuration and run its first two steps under the allocator's peak counter."""
+    runs, peaks = {}, {}
+    for name in names:
+        meter = PeakMeter(preset.device)
+        runs[name] = make_run(name, share_base(base), preset, seed)
+        for _ in range(2):
+            train_step(runs[name], batch)
+        peaks[name] = meter.peak()
+    return runs, peaks
 
 
 # ---------------------------------------------------------------- results
@@ -297,7 +323,7 @@ def make_rows(times: dict[str, list[list[float]]], runs: dict[str, Run], peaks: 
         {
             "name": name,
             "step_time_s": statistics.median(t for steps in times[name] for t in steps),
-            "peak_mem_bytes": peaks[name],
+            "peak_mem_bytes": peaks.get(name),
             "optimizer_state_bytes": optimizer_state_bytes(runs[name].optimizer),
             "trainable_params": sum(p.numel() for p in trainable(runs[name].model)),
             "ratio_to_floor": median_ratio(times, name, "floor"),
@@ -313,12 +339,15 @@ def markdown_table(rows: list[dict]) -> str:
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.3f}"
 
+    def mib(value: int | None) -> str:
+        return "—" if value is None else f"{value / 2**20:.1f}"
+
     lines = ["| configuration | step time (s) | × floor | × PEFT LoRA | × LoRA | peak memory (MiB) "
              "| optimizer state (MiB) | trainable params |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['step_time_s']:.3f} | {ratio(row['ratio_to_floor'])} | "
                      f"{ratio(row['ratio_to_peft_lora'])} | {ratio(row['ratio_to_lora'])} | "
-                     f"{row['peak_mem_bytes'] / 2**20:.1f} | "
+                     f"{mib(row['peak_mem_bytes'])} | "
                      f"{row['optimizer_state_bytes'] / 2**20:.2f} | {row['trainable_params']:,} |")
     return "\n".join(lines)
 
@@ -337,7 +366,9 @@ def describe_setup(args: argparse.Namespace, preset: Preset, base: nn.Module, lo
         f"- model: random-weight Llama, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
         f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {parameters / 1e6:.1f}M parameters, {base_kind}",
         f"- step: batch {preset.batch_size} × {preset.seq_len} tokens, rank {preset.rank} (alpha {2 * preset.rank}) on "
-        f"{', '.join(TARGETS)}, AdamW; {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps",
+        f"{', '.join(TARGETS)}, AdamW (fused); {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps"
+        f"{f'; torch.compile mode {preset.compile_mode}' if preset.compile_mode else ''}"
+        f"{'; Liger kernels' if preset.liger_kernel else ''}",
         f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load[0])}; "
         f"after: {', '.join(f'{x:.2f}' for x in load[1])}",
     ])
@@ -361,7 +392,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list")
     parser.add_argument("--markdown", type=Path, default=None, help="write the set-up and table as Markdown")
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory (peak_mem_bytes: null)")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead"], default=None,
+                        help="torch.compile every configuration in this mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--liger-kernel", action="store_true",
+                        help="Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the base (CUDA)")
     args = parser.parse_args(argv)
+    if args.liger_kernel and PRESETS[args.preset].device != "cuda":
+        parser.error("--liger-kernel needs a CUDA preset (Liger's kernels are Triton)")
     unknown = set(args.configs.split(",")) - set(NAMES)
     if unknown:
         parser.error(f"--configs: unknown {', '.join(sorted(unknown))}; choose from {', '.join(NAMES)}")
@@ -369,17 +407,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def chosen_names(args: argparse.Namespace, preset: Preset) -> list[str]:
-    """The configurations asked for that can run on the preset (PEFT's VB-LoRA wraps no 4-bit layer)."""
+    """The configurations asked for that can run on the preset."""
     names = [name for name in NAMES if name in args.configs.split(",")]
-    if preset.nf4 and "peft-vblora" in names:
-        print("note: peft-vblora left out: PEFT's VB-LoRA cannot adapt 4-bit layers", file=sys.stderr)
-        names.remove("peft-vblora")
+    for name in [name for name in names if not runs_on(name, preset)]:
+        print(f"note: {name} left out: PEFT's VB-LoRA cannot adapt 4-bit layers", file=sys.stderr)
+        names.remove(name)
     return names
+
+
+def runs_on(name: str, preset: Preset) -> bool:
+    """Whether configuration `name` can run on the preset's base (PEFT's VB-LoRA wraps no 4-bit layer)."""
+    return not (preset.nf4 and name == "peft-vblora")
 
 
 def chosen_preset(args: argparse.Namespace) -> Preset:
     preset = PRESETS[args.preset]
-    return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len)
+    return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len,
+                   compile_mode=args.compile, liger_kernel=args.liger_kernel)
 
 
 def main() -> None:
@@ -388,10 +432,15 @@ def main() -> None:
     names = chosen_names(args, preset)
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
-    peaks = peak_memory(names, preset, args.seed, args.threads)  # first, while this process holds no model
+    forked = not args.skip_memory and preset.device != "cuda"
+    # Forked first, while this process holds no model.
+    peaks = peak_memory_forked(names, preset, args.seed, args.threads) if forked else {}
     base = build_base(preset, args.seed)
-    runs = {name: make_run(name, share_base(base), preset, args.seed) for name in names}
     batch = make_batch(preset, base.config.vocab_size, args.seed)
+    if preset.device == "cuda" and not args.skip_memory:
+        runs, peaks = runs_with_cuda_peaks(names, base, preset, batch, args.seed)
+    else:
+        runs = {name: make_run(name, share_base(base), preset, args.seed) for name in names}
     times = time_round_robin(runs, batch, args.rounds, args.steps, args.warmup)
     rows = make_rows(times, runs, peaks)
     report = describe_setup(args, preset, base, (load_before, list(os.getloadavg()))) + "\n\n" + markdown_table(rows)

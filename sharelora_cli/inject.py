@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, SharedTensor, is_adaptable, layer_shape
+from sharelora_cli.adapters.fusion import Fusion
 from sharelora_cli.adapters.plan import Adapter, Group, regenerated_record
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.errors import UserError
@@ -25,12 +26,16 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
     for param in model.parameters():
         param.requires_grad_(False)
     shared = _create_shared(model, groups, layer_cls, specs, hyper)
+    fusion = Fusion()
     for group in groups.values():
         _create_factors(model, group, layer_cls, hyper)
         for position, path in enumerate(group.modules):
             factors = {f: group.tensors[f][group.index[f][position]] for f in layer_cls.factor_names}
-            base = model.get_submodule(path)
-            _replace_module(model, path, layer_cls(base, factors | shared, hyper))
+            layer = layer_cls(model.get_submodule(path), factors | shared, hyper)
+            layer.fusion = fusion
+            _replace_module(model, path, layer)
+    # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
+    model.register_forward_pre_hook(fusion.start_forward)
     return Adapter(model, config, groups, shared, regeneration_rules(specs))
 
 

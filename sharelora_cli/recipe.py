@@ -154,6 +154,13 @@ class TrainConfig(Section):
     # auto: bf16 on CUDA, none on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # torch.compile the model (through Accelerate); the adapters then run as plain operators for inductor to fuse.
+    compile: bool = False
+    # With compile, on CUDA: capture CUDA graphs of the compiled regions (torch.compile's "reduce-overhead" mode).
+    cuda_graphs: bool = False
+    # On CUDA: Liger's Triton kernels for RMSNorm, RoPE, SwiGLU and a fused linear cross-entropy that never
+    # builds the logits tensor (needs the liger-kernel package: pip install 'sharelora[gpu]').
+    liger_kernel: bool = False
     seed: int = 42
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(50, gt=0)

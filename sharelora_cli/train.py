@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from sharelora_cli.adapter_io import check_regenerated, copy_tensors, save_adapter
@@ -36,6 +36,7 @@ from sharelora_cli.checkpoint import (
     save_checkpoint,
 )
 from sharelora_cli.adapters.base import TrainerHook
+from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
@@ -44,6 +45,7 @@ from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
 from sharelora_cli.evaluation.runner import CodeExecution, run_task
 from sharelora_cli.inject import inject_adapter
+from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.lr_schedule import make_scheduler
 from sharelora_cli.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
 from sharelora_cli.modeling import load_model, load_tokenizer
@@ -134,6 +136,8 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         require_permission(code.allowed, code.weak_sandbox)
     output_dir = Path(recipe.output_dir)
     accelerator = make_accelerator(cfg, output_dir, find_unused_parameters=method.drops_parameters)
+    if cfg.liger_kernel:
+        require_liger_kernel(accelerator.device)
     resume_from = prepare_output_dir(recipe, accelerator)
     start = read_starting_point(recipe.adapter) if recipe.adapter.init_from and resume_from is None else None
     set_seed(cfg.seed)
@@ -147,9 +151,12 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         check_regenerated(adapter.regenerated_record(), start.config, start.source)
         copy_tensors(adapter, start.tensors)
     hook = method.make_trainer_hook(adapter, cfg.max_steps) if method.make_trainer_hook else None
+    if cfg.liger_kernel:
+        apply_liger_kernel(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    find_shared_inputs(model, accelerator.device)
     optimizer = make_optimizer(adapter, cfg, accelerator.device)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -233,7 +240,19 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, find_unused_parameters:
         precision = "bf16" if torch.cuda.is_available() else "no"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
-                       log_with=trackers(cfg.report_to, output_dir) or None, project_dir=str(output_dir))
+                       log_with=trackers(cfg.report_to, output_dir) or None, project_dir=str(output_dir),
+                       dynamo_plugin=dynamo_plugin(cfg))
+
+
+def dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
+    """How Accelerate's prepare() compiles the model: not at all unless train.compile is set."""
+    if cfg.cuda_graphs and not cfg.compile:
+        raise UserError("train.cuda_graphs captures the graphs torch.compile makes: set train.compile=true too")
+    if cfg.cuda_graphs and not torch.cuda.is_available():
+        raise UserError("train.cuda_graphs needs a CUDA GPU; set train.cuda_graphs=false")
+    if not cfg.compile:
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if cfg.cuda_graphs else "default")
 
 
 def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
@@ -263,7 +282,13 @@ def make_optimizer(adapter: Adapter, cfg: TrainConfig, device: torch.device) -> 
         if device.type != "cuda":
             raise UserError("train.optimizer=paged_adamw_8bit needs a CUDA GPU; use train.optimizer=adamw on CPU")
         return bitsandbytes().optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw(params, cfg.lr, cfg.weight_decay)
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over every tensor: torch's default on CPU loops over the tensors at
+    about ten dispatches each, more than an adapted module's whole forward and backward."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int]):
@@ -280,7 +305,7 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = i == len(batches) - 1
         with accelerator.no_sync(model) if not sync else nullcontext():
-            summed = token_loss_sum(model, batch)
+            summed = token_loss_sum(model, batch, fused_loss=cfg.liger_kernel)
             # DDP averages gradients over processes, so scale by their number to get the global token mean.
             accelerator.backward(summed * accelerator.num_processes / target_tokens)
         total_loss += summed.detach()
@@ -311,8 +336,14 @@ def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: T
     return loss, tokens, None
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's target tokens."""
+def token_loss_sum(model, batch: dict[str, torch.Tensor], fused_loss: bool = False) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens.
+
+    fused_loss: the model's forward computes it from labels (Liger's fused linear cross-entropy, liger.py),
+    never building the logits; num_items_in_batch=1 makes it return the sum rather than the mean.
+    """
+    if fused_loss:
+        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss
     logits = model(**model_inputs(batch), use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

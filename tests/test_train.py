@@ -1,5 +1,6 @@
 """`sharelora train` end to end on the tiny model and real GSM8K text."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sharelora_cli.errors import UserError
+from sharelora_cli.liger import require_liger_kernel
 from sharelora_cli.recipe import load_recipe
 from sharelora_cli.train import train
 
@@ -42,8 +45,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_cli(*args, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([*SHARELORA, *args], capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
@@ -145,3 +148,48 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compiled_training_gives_the_eager_losses(tmp_path, tiny_model_dir):
+    """train.compile=true (torch.compile through Accelerate: inductor's C++ code on CPU) trains like eager.
+
+    The compiled run is its own process, since Accelerate keeps one compile setting per process. Packed
+    rows give every step one shape, so the model compiles once; no validation pass keeps it at that.
+    """
+    path = write_recipe(tmp_path, tiny_model_dir, adapter={"targets": ["q_proj", "k_proj", "v_proj", "down_proj"]},
+                        data={"max_length": 128, "packing": True, "max_examples": 64, "validation_fraction": 0.0},
+                        train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 100})
+    train(load_recipe(str(path), [f"output_dir={tmp_path / 'eager'}"]))
+    inductor = tmp_path / "inductor"  # its own cache: the run compiles, and leaves the code it generated here
+    result = run_cli("train", str(path), "train.compile=true", f"output_dir={tmp_path / 'compiled'}",
+                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any(path.suffix == ".py" for path in inductor.rglob("*"))
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    # float32 throughout; inductor only reorders sums within a kernel.
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], rel=1e-4)
+
+
+def test_liger_kernel_without_its_package_is_refused_naming_the_key():
+    """On a CUDA device with liger-kernel missing, train.liger_kernel stops before anything is loaded."""
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(UserError, match=r"train\.liger_kernel needs the liger-kernel package"):
+        require_liger_kernel(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.liger_kernel=true"], "train.liger_kernel needs a CUDA GPU"),
+    (["train.cuda_graphs=true"], "train.cuda_graphs captures the graphs torch.compile makes"),
+    (["train.cuda_graphs=true", "train.compile=true"], "train.cuda_graphs needs a CUDA GPU"),
+])
+def test_gpu_only_options_are_refused_in_one_line_on_cpu(tmp_path, tiny_model_dir, overrides, needle):
+    if torch.cuda.is_available():
+        pytest.skip("these options are valid on a CUDA machine")
+    path = write_recipe(tmp_path, tiny_model_dir)
+    result = run_cli("train", str(path), *overrides)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not (tmp_path / "run" / "checkpoint-4").exists()

@@ -2,8 +2,9 @@
 
 An adapted layer wraps a frozen base layer (nn.Linear, GPT-2 Conv1D or bitsandbytes
 Linear4bit) and adds a trainable delta: h = base(x) + s · B A x, every method giving its ΔW as
-a low-rank product (run by adapters/low_rank_function.py; ΔW is never materialised). Its
-tensors are *factors* (lora_A, lora_B, miss_D, ...). A factor may be one nn.Parameter
+a low-rank product (run by adapters/fusion.py, which computes together the adapters of layers
+that read one input; ΔW is never materialised). Its tensors are *factors* (lora_A, lora_B,
+miss_D, ...). A factor may be one nn.Parameter
 shared by every layer of a module type: the same object is registered in each layer, so autograd
 sums its gradient over all of them and nothing is ever copied. A method may also declare *shared
 tensors* that every adapted layer of the model uses, whatever its type (VeRA's random pair, VB-LoRA's
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sharelora_cli.adapters.low_rank_function import LowRankFunction, compute_dtype
+from sharelora_cli.adapters.fusion import Fusion, Group
+from sharelora_cli.adapters.low_rank_function import compute_dtype
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -47,9 +50,10 @@ def plain_frozen_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     """
     if type(layer) not in (nn.Linear, Conv1D) or layer._forward_hooks or layer._forward_pre_hooks:
         return None
-    if any(p.requires_grad for p in layer.parameters()):
+    weight, bias = layer.weight, layer.bias  # a plain linear's only parameters
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
-    return (layer.weight.t() if is_conv1d(layer) else layer.weight), layer.bias
+    return (weight.t() if is_conv1d(layer) else weight), bias
 
 
 def is_adaptable(layer: nn.Module) -> bool:
@@ -95,6 +99,9 @@ class AdaptedLayer(nn.Module):
         for name, tensor in factors.items():
             setattr(self, name, tensor)
         self.dropout = nn.Dropout(hyper.dropout) if hyper.dropout > 0 else nn.Identity()
+        # Plain attributes, not submodules: inject_adapter gives every layer of a model one Fusion.
+        self.fusion = Fusion()
+        self.group = Group([self])
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
@@ -130,16 +137,21 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.plain_forward(x, *args, **kwargs)
+        return self.fusion.forward(self, x, args, kwargs)
+
+    def plain_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base(x) + s · B A x as plain operators: what torch.compile traces, and the fused path's reference."""
         lora_A, lora_B, scaling = self.low_rank()
-        x_a = self.dropout(x)
-        base = plain_frozen_weight(self.base_layer)
-        if base is not None and not (args or kwargs) and base[0].dtype == compute_dtype(x, lora_A):
-            return LowRankFunction.apply(x_a, lora_A, lora_B, scaling, x, *base)
         result = self.base_layer(x, *args, **kwargs)
-        # Never in place: another module's output may be a view, or saved for its own backward
-        # (bitsandbytes' CPU bf16 kernel returns a view of a leaf), and then an in-place add fails or is wrong.
-        delta = LowRankFunction.apply(x_a, lora_A, lora_B, scaling, None, None, None)
+        dtype = compute_dtype(x, lora_A)
+        delta = F.linear(F.linear(self.dropout(x).to(dtype), lora_A.to(dtype)), lora_B.to(dtype)) * scaling
         return result + delta.to(result.dtype)
+
+    def fusable_base(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) when the adapter may compute the base product itself (plain_frozen_weight)."""
+        return plain_frozen_weight(self.base_layer)
 
     def merge(self) -> None:
         """Fold ΔW into a full-precision base weight in place (reversible with unmerge); idempotent."""

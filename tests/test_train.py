@@ -76,7 +76,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, packi
     assert big_losses == pytest.approx(acc_losses, abs=1e-5)
     a = load_file(tmp_path / "big" / "adapter" / "adapter.safetensors")
     b = load_file(tmp_path / "acc" / "adapter" / "adapter.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The two runs sum the same fp32 gradients in another order. AdamW scales each element's step to about
+    # lr whatever the gradient's size, so where a gradient is near zero that rounding can move a few
+    # elements by up to a step (elementwise bounds then depend on thread count); the root mean square
+    # difference stays far below one step: here under 0.1% of lr.
+    lr = load_recipe(str(path)).train.lr
+    assert all((a[k] - b[k]).pow(2).mean().sqrt() < 1e-3 * lr for k in a)
     assert big.tokens == accumulated.tokens
 
 

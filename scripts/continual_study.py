@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from sharelora_cli.doc_sections import replace_section  # noqa: E402
 from sharelora_cli.errors import UserError  # noqa: E402
 from sharelora_cli.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name  # noqa: E402
 from sharelora_cli.stages import run_stages, stage_dir  # noqa: E402
+from sharelora_cli.study_runs import finished_or_run, run_all  # noqa: E402
 from sharelora_cli.train import SUMMARY_FILE  # noqa: E402
 
 DEFAULT_METHODS = ["lora", "sharea", "shareab", "aslora", "miss"]
@@ -54,22 +53,13 @@ def run_recipe(recipe: str, overrides: list[str], run: Run, out: Path) -> Recipe
                                 f"output_dir={out / run.name}"])
 
 
-def run_once(recipe: str, overrides: list[str], run: Run, out: Path) -> tuple[dict, bool]:
-    """The run's row, and whether it was reused from an earlier study (its row.json exists) rather than run now."""
-    folder = out / run.name
-    done = folder / "row.json"
-    if done.is_file():
-        return json.loads(done.read_text()), True
-    if folder.exists():
-        print(f"{run.name}: removing an unfinished run", flush=True)
-        shutil.rmtree(folder)
+def run_stages_once(recipe: str, overrides: list[str], run: Run, out: Path) -> dict:
+    """The run's row: its identity, trainable parameters and continual.json."""
     cfg = run_recipe(recipe, overrides, run, out)
     report = run_stages(cfg)
     last_stage = json.loads((stage_dir(cfg, len(cfg.stages) - 1) / SUMMARY_FILE).read_text())
-    row = {"method": run.method, "rank": cfg.adapter.rank, "seed": run.seed,
-           "trainable_params": last_stage["trainable_parameters"], **report.summary}
-    done.write_text(json.dumps(row) + "\n")
-    return row, False
+    return {"method": run.method, "rank": cfg.adapter.rank, "seed": run.seed,
+            "trainable_params": last_stage["trainable_parameters"], **report.summary}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -174,20 +164,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_args(argv)
-    started = time.perf_counter()
     runs = [Run(method, seed) for method in args.methods for seed in args.seeds]
-    rows, trained = [], 0
-    for i, run in enumerate(runs, 1):
-        row, reused = run_once(args.recipe, args.override, run, args.out)
-        rows.append(row)
-        trained += not reused
-        print(f"[{i}/{len(runs)}] {run.name}: average accuracy {row['average_accuracy']:.3f}, backward transfer "
-              f"{row['backward_transfer']:+.3f}" + (" (reused)" if reused else ""), flush=True)
+    rows, timing = run_all(
+        runs, lambda run: finished_or_run(args.out / run.name, lambda: run_stages_once(args.recipe, args.override, run, args.out)),
+        lambda row: f"average accuracy {row['average_accuracy']:.3f}, backward transfer {row['backward_transfer']:+.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    timing = f"{trained} of {len(runs)} runs trained in {(time.perf_counter() - started) / 60:.0f} min"
-    timing += " (the others reused from an earlier call)" if trained < len(runs) else ""
     command = "python scripts/continual_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stage_names = [stage_name(cfg, k) for k in range(len(cfg.stages))]
     body = markdown(summarise(rows), stage_names, command, describe_setup(cfg, args.seeds, timing))

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -47,10 +46,11 @@ from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
 from sharelora_cli.evaluation.results import TaskResult  # noqa: E402
 from sharelora_cli.evaluation.runner import build_engine  # noqa: E402
 from sharelora_cli.inject import plan_trainable, planned_plan  # noqa: E402
+from sharelora_cli.lr_schedule import make_scheduler  # noqa: E402
 from sharelora_cli.modeling import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
 from sharelora_cli.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
+from sharelora_cli.study_runs import finished_or_run, run_all  # noqa: E402
 from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
-from sharelora_cli.lr_schedule import make_scheduler  # noqa: E402
 from sharelora_cli.train import make_accelerator, train, train_step  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,40 +178,36 @@ TRAINERS: dict[str, Callable[[Run, Recipe], Row]] = {
 }
 
 
-def trainable_count(model, method: str, rank: int) -> int:
+def trainable_count(model, method: str, rank: int, vector_length: int) -> int:
     """Trainable parameters at the end of training (ASLoRA: after its merges), counted on the meta device."""
-    config = AdapterConfig(**adapter_settings(method, rank, vblora_vector_length(model)))
+    config = AdapterConfig(**adapter_settings(method, rank, vector_length))
     plan = planned_plan(model, config)
     return plan_trainable(config, target_plan(plan, config.aslora) if method == "aslora" else plan)
 
 
-def matched_rank(model, method: str, lora_rank: int) -> int:
+def matched_rank(model, method: str, lora_rank: int, vector_length: int) -> int:
     """The rank whose trainable count is closest to LoRA's at lora_rank (the smaller rank on a tie)."""
-    budget = trainable_count(model, "lora", lora_rank)
-    return min(range(1, 16 * lora_rank + 1), key=lambda r: (abs(trainable_count(model, method, r) - budget), r))
+    budget = trainable_count(model, "lora", lora_rank, vector_length)
+
+    def distance(rank: int) -> tuple[int, int]:
+        return abs(trainable_count(model, method, rank, vector_length) - budget), rank
+
+    return min(range(1, 16 * lora_rank + 1), key=distance)
 
 
-def plan_runs(base: str, methods: list[str], ranks: list[int], match_lora_ranks: list[int], seeds: list[int]) -> list[Run]:
-    model = build_on_meta(load_config(base))
+def plan_runs(model, vector_length: int, methods: list[str], ranks: list[int], match_lora_ranks: list[int],
+              seeds: list[int]) -> list[Run]:
+    """model: the base on the meta device, for the parameter counts of the equal-budget sweep."""
     pairs = {(m, r) for m in methods for r in ranks}
-    pairs |= {(m, matched_rank(model, m, lora_rank)) for m in methods for lora_rank in match_lora_ranks}
+    pairs |= {(m, matched_rank(model, m, lora_rank, vector_length)) for m in methods for lora_rank in match_lora_ranks}
     order = {m: i for i, m in enumerate(methods)}
     return [Run(m, r, s) for m, r in sorted(pairs, key=lambda p: (order[p[0]], p[1])) for s in seeds]
 
 
 def run_once(run: Run, settings: Settings) -> tuple[Row, bool]:
-    """The run's row, and whether it was reused from an earlier study (its row.json exists) rather than run now."""
-    folder = settings.out / run.name
-    done = folder / "row.json"
-    if done.is_file():
-        return Row(**json.loads(done.read_text())), True
-    if folder.exists():
-        print(f"{run.name}: removing an unfinished run", flush=True)
-        shutil.rmtree(folder)
-    row = TRAINERS[run.method](run, recipe(run, settings))
-    folder.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(asdict(row)) + "\n")
-    return row, False
+    """The run's row, and whether it was reused from an earlier study rather than run now."""
+    row, reused = finished_or_run(settings.out / run.name, lambda: asdict(TRAINERS[run.method](run, recipe(run, settings))))
+    return Row(**row), reused
 
 
 def base_accuracy(settings: Settings) -> float:
@@ -353,24 +349,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    started, load_start = time.perf_counter(), os.getloadavg()[0]
-    vector_length = vblora_vector_length(build_on_meta(load_config(args.base)))
+    load_start = os.getloadavg()[0]
+    model = build_on_meta(load_config(args.base))
+    vector_length = vblora_vector_length(model)
     settings = Settings(args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length)
-    runs = plan_runs(args.base, args.methods, args.ranks, args.match_lora_ranks, args.seeds)
-    rows, trained = [], 0
-    for i, run in enumerate(runs, 1):
-        row, reused = run_once(run, settings)
-        rows.append(row)
-        trained += not reused
-        print(f"[{i}/{len(runs)}] {run.name}: accuracy {row.accuracy:.3f}, {row.trainable_params:,} trainable, "
-              f"{row.step_time_s:.3f} s/step" + (" (reused)" if reused else ""), flush=True)
+    runs = plan_runs(model, vector_length, args.methods, args.ranks, args.match_lora_ranks, args.seeds)
+    rows, timing = run_all(runs, lambda run: run_once(run, settings), lambda row: (
+        f"accuracy {row.accuracy:.3f}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
     summary = summarise(rows)
     base = base_accuracy(settings)
-    timing = f"{trained} of {len(runs)} runs trained in {(time.perf_counter() - started) / 60:.0f} min"
-    timing += " (the others reused from an earlier call)" if trained < len(runs) else ""
     setup = describe_setup(settings, args.seeds, timing, (load_start, os.getloadavg()[0]))
     command = "python scripts/method_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     plotted = write_plot(args.plot, summary, base)

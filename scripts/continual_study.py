@@ -31,7 +31,7 @@ from sharelora_cli.doc_sections import replace_section  # noqa: E402
 from sharelora_cli.errors import UserError  # noqa: E402
 from sharelora_cli.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name  # noqa: E402
 from sharelora_cli.stages import run_stages, stage_dir  # noqa: E402
-from sharelora_cli.study_runs import finished_or_run, run_all  # noqa: E402
+from sharelora_cli.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
 from sharelora_cli.train import SUMMARY_FILE  # noqa: E402
 
 DEFAULT_METHODS = ["lora", "sharea", "shareab", "aslora", "miss"]
@@ -124,16 +124,6 @@ def describe_setup(cfg: Recipe, seeds: list[int], timing: str) -> str:
     return (f"Recipe as shipped, model `{cfg.model.name_or_path}`, rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha}, "
             f"stages {stages}; seeds {', '.join(map(str, seeds))}. {timing} on {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s).")
-
-
-def whole_numbers(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        values = []
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 0, got {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:

@@ -49,7 +49,7 @@ from sharelora_cli.inject import plan_trainable, planned_plan  # noqa: E402
 from sharelora_cli.lr_schedule import make_scheduler  # noqa: E402
 from sharelora_cli.modeling import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
 from sharelora_cli.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
-from sharelora_cli.study_runs import finished_or_run, run_all  # noqa: E402
+from sharelora_cli.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
 from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
 from sharelora_cli.train import make_accelerator, train, train_step  # noqa: E402
 
@@ -301,17 +301,6 @@ def describe_setup(settings: Settings, seeds: list[int], timing: str, load: tupl
             "are indicative only).")
 
 
-def positive_ints(text: str) -> list[int]:
-    """ "2,8,32" -> [2, 8, 32] (sorted, without repeats); 0 allowed (a seed), negatives and words not."""
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 0, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/method-study"),
@@ -321,10 +310,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=Path("docs/method_study.md"), help="update its study section")
     parser.add_argument("--plot", type=Path, default=Path("docs/method_study.png"))
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(TRAINERS)}")
-    parser.add_argument("--ranks", type=positive_ints, default="2,8,32", help="comma-separated")
-    parser.add_argument("--match-lora-ranks", type=positive_ints, default="2,8",
+    parser.add_argument("--ranks", type=whole_numbers, default="2,8,32", help="comma-separated")
+    parser.add_argument("--match-lora-ranks", type=whole_numbers, default="2,8",
                         help="also run each method at the rank closest to LoRA r=N's parameter count, for each N; 0: none")
-    parser.add_argument("--seeds", type=positive_ints, default="0,1,2", help="comma-separated")
+    parser.add_argument("--seeds", type=whole_numbers, default="0,1,2", help="comma-separated")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)

@@ -2,6 +2,7 @@
 row.json marks the run finished, so a study run again reuses what it already has and an interrupted one
 continues where it stopped."""
 
+import argparse
 import json
 import shutil
 import time
@@ -15,6 +16,17 @@ ROW_FILE = "row.json"
 class NamedRun(Protocol):
     @property
     def name(self) -> str: ...
+
+
+def whole_numbers(text: str) -> list[int]:
+    """A study's --seeds or --ranks: "2,8,32" -> [2, 8, 32] (sorted, without repeats); 0 allowed, negatives and words not."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 0, got {text!r}")
+    return values
 
 
 def finished_or_run(folder: Path, run: Callable[[], dict]) -> tuple[dict, bool]:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sharelora_cli.adapter_io import save_adapter
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import load_config
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.adapter_io import save_adapter
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import load_config
+from sharelora_cli.config.recipe import AdapterConfig
 
 GNU_TIME = "/usr/bin/time"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -50,11 +50,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.modeling import load_config, prepare_for_kbit_training
-from sharelora_cli.recipe import AdapterConfig
-from sharelora_cli.train import adamw
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
+from sharelora_cli.models.loading import load_config, prepare_for_kbit_training
+from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.training.loop import adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The frozen floor, then each method (sharelora's rows when the registry has it) with PEFT's beside it where PEFT has one.

@@ -22,10 +22,10 @@ import torch  # noqa: E402
 
 from sharelora_cli.evaluation import gsm8k, harness_tasks, mmlu  # noqa: E402
 from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
-from sharelora_cli.modeling import load_model, load_tokenizer  # noqa: E402
-from sharelora_cli.paths import data_dir  # noqa: E402
-from sharelora_cli.recipe import GSM8KTaskConfig, MMLUTaskConfig, ModelConfig, QuantizationConfig  # noqa: E402
-from sharelora_cli.tiny_model import build_tiny_model  # noqa: E402
+from sharelora_cli.models.loading import load_model, load_tokenizer  # noqa: E402
+from sharelora_cli.core.paths import data_dir  # noqa: E402
+from sharelora_cli.config.recipe import GSM8KTaskConfig, MMLUTaskConfig, ModelConfig, QuantizationConfig  # noqa: E402
+from sharelora_cli.models.tiny_model import build_tiny_model  # noqa: E402
 
 DEFAULT_SUBJECTS = ["abstract_algebra", "anatomy", "high_school_us_history", "sociology", "virology"]
 
@@ -136,7 +136,7 @@ def main() -> None:
         ours, our_seconds = run_ours(model_dir, args, subjects)
         theirs, harness_seconds = run_harness(model_dir, args, subjects)
     figures = {
-        "model": args.model or "tiny offline Llama (sharelora_cli.tiny_model)",
+        "model": args.model or "tiny offline Llama (sharelora_cli.models.tiny_model)",
         "torch_threads": torch.get_num_threads(),
         "gsm8k": {**gsm8k_agreement(ours["gsm8k"].records, theirs["gsm8k"]), "num_fewshot": args.gsm8k_shots},
         "mmlu": {**mmlu_agreement(ours["mmlu"].records, theirs), "subjects": subjects, "num_fewshot": 5},

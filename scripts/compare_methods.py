@@ -15,9 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sharelora_cli.paths import data_dir  # noqa: E402
-from sharelora_cli.recipe import validate  # noqa: E402
-from sharelora_cli.train import train  # noqa: E402
+from sharelora_cli.core.paths import data_dir  # noqa: E402
+from sharelora_cli.config.recipe import validate  # noqa: E402
+from sharelora_cli.training.loop import train  # noqa: E402
 
 # label -> adapter section; ASLoRA twice: the recipe default (target_ratio 0.25, one B per type
 # on this 4-layer model) and two B's per type.

@@ -27,12 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from sharelora_cli.doc_sections import replace_section  # noqa: E402
-from sharelora_cli.errors import UserError  # noqa: E402
-from sharelora_cli.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name  # noqa: E402
-from sharelora_cli.stages import run_stages, stage_dir  # noqa: E402
-from sharelora_cli.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
-from sharelora_cli.train import SUMMARY_FILE  # noqa: E402
+from sharelora_cli.core.doc_sections import replace_section  # noqa: E402
+from sharelora_cli.core.errors import UserError  # noqa: E402
+from sharelora_cli.config.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name  # noqa: E402
+from sharelora_cli.training.stages import run_stages, stage_dir  # noqa: E402
+from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
+from sharelora_cli.training.loop import SUMMARY_FILE  # noqa: E402
 
 DEFAULT_METHODS = ["lora", "sharea", "shareab", "aslora", "miss"]
 SECTION = "continual-study"

@@ -5,7 +5,7 @@
                                                              # pretrained base (artifacts/tiny-llama-arith) and the
                                                              # fine-tuning task's train/test files (artifacts/synthetic-tasks)
 
---pretrain trains every weight of the tiny Llama on the pretraining skills of sharelora_cli/synthetic_tasks.py
+--pretrain trains every weight of the tiny Llama on the pretraining skills of sharelora_cli/data/synthetic_tasks.py
 (a few minutes on 2 CPU cores, the same weights for the same seed) and writes each skill's held-out problems in
 GSM8K folder layout, TASKS/<skill>/{train,test}.jsonl; TASKS/story is the held-back skill to fine-tune on.
 """
@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.pretrain import PretrainConfig, pretrain
-from sharelora_cli.synthetic_tasks import write_tasks
-from sharelora_cli.tiny_model import build_tiny_model
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.pretrain import PretrainConfig, pretrain
+from sharelora_cli.data.synthetic_tasks import write_tasks
+from sharelora_cli.models.tiny_model import build_tiny_model
 
 RANDOM_DIR, PRETRAINED_DIR, TASKS_DIR = "artifacts/tiny-llama", "artifacts/tiny-llama-arith", "artifacts/synthetic-tasks"
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/method_study.py --out runs/method-study --json docs/method_study.json
 
-Each run fine-tunes one (method, rank, seed) on the held-back `story` skill of sharelora_cli/synthetic_tasks.py
+Each run fine-tunes one (method, rank, seed) on the held-back `story` skill of sharelora_cli/data/synthetic_tasks.py
 (artifacts/synthetic-tasks/story/train.jsonl) from the base built by `scripts/make_tiny_model.py --pretrain`,
 then scores the 200 held-out problems (test.jsonl) with the GSM8K evaluator, 0-shot, greedy, exact match of
 the number after "#### ". Every run gets the same steps, batches (per seed), learning rate, schedule, targets
@@ -39,19 +39,19 @@ import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from sharelora_cli.adapters.aslora import target_plan  # noqa: E402
-from sharelora_cli.data import StepSampler, build_splits, collate  # noqa: E402
-from sharelora_cli.doc_sections import replace_section  # noqa: E402
+from sharelora_cli.data.examples import StepSampler, build_splits, collate  # noqa: E402
+from sharelora_cli.core.doc_sections import replace_section  # noqa: E402
 from sharelora_cli.evaluation import gsm8k  # noqa: E402
 from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
 from sharelora_cli.evaluation.results import TaskResult  # noqa: E402
 from sharelora_cli.evaluation.runner import build_engine  # noqa: E402
-from sharelora_cli.inject import plan_trainable, planned_plan  # noqa: E402
-from sharelora_cli.lr_schedule import make_scheduler  # noqa: E402
-from sharelora_cli.modeling import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
-from sharelora_cli.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
-from sharelora_cli.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
-from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
-from sharelora_cli.train import make_accelerator, train, train_step  # noqa: E402
+from sharelora_cli.adapters.inject import plan_trainable, planned_plan  # noqa: E402
+from sharelora_cli.core.lr_schedule import make_scheduler  # noqa: E402
+from sharelora_cli.models.loading import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
+from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
+from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
+from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
+from sharelora_cli.training.loop import make_accelerator, train, train_step  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_METHODS = ["lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "peft-lora"]

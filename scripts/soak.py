@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sharelora_cli.checkpoint import latest_checkpoint
-from sharelora_cli.recipe import load_recipe
-from sharelora_cli.tiny_model import build_tiny_model
-from sharelora_cli.train import train
+from sharelora_cli.training.checkpoint import latest_checkpoint
+from sharelora_cli.config.recipe import load_recipe
+from sharelora_cli.models.tiny_model import build_tiny_model
+from sharelora_cli.training.loop import train
 
 # Steps a killed subprocess may run at most; it is usually killed one or two steps in.
 KILL_SPAN = 4

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 
 app = typer.Typer(
     help="Fine-tune causal LMs with shared low-rank adapters, driven by YAML recipes.",
@@ -27,7 +27,7 @@ AllowWeakSandbox = typer.Option(
 @app.command("recipes")
 def recipes_command() -> None:
     """List the shipped recipes."""
-    from sharelora_cli.recipe import find_recipe, shipped_recipes
+    from sharelora_cli.config.recipe import find_recipe, shipped_recipes
 
     for name in shipped_recipes():
         typer.echo(f"{name:<24}{find_recipe(name)}")
@@ -36,7 +36,7 @@ def recipes_command() -> None:
 @app.command("show")
 def show_command(recipe: str = typer.Argument(..., help="recipe path or shipped name"), overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe (defaults, file and overrides merged)."""
-    from sharelora_cli.recipe import load_recipe, to_yaml
+    from sharelora_cli.config.recipe import load_recipe, to_yaml
 
     typer.echo(to_yaml(load_recipe(recipe, overrides)), nl=False)
 
@@ -53,8 +53,8 @@ def inspect_command(
     ),
 ) -> None:
     """Trainable parameters per method for an architecture, built weightless on the meta device."""
-    from sharelora_cli.param_counts import count_methods, format_table, unfit_notes
-    from sharelora_cli.recipe import load_recipe, validate
+    from sharelora_cli.adapters.param_counts import count_methods, format_table, unfit_notes
+    from sharelora_cli.config.recipe import load_recipe, validate
 
     if recipe is None and model is None:
         raise UserError("inspect needs a RECIPE or --model CONFIG_DIR_OR_ID")
@@ -88,9 +88,9 @@ def train_command(
     A recipe with stages trains them in order into OUTPUT_DIR/stage-K/ and writes OUTPUT_DIR/continual.json.
     """
     from sharelora_cli.evaluation.runner import CodeExecution
-    from sharelora_cli.launch import relaunch_as_workers, requested_cpu_processes
-    from sharelora_cli.recipe import load_recipe
-    from sharelora_cli.train import Interrupted
+    from sharelora_cli.training.launch import relaunch_as_workers, requested_cpu_processes
+    from sharelora_cli.config.recipe import load_recipe
+    from sharelora_cli.training.loop import Interrupted
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
     processes = requested_cpu_processes()
@@ -105,16 +105,16 @@ def train_command(
 
 
 def run_training_command(recipe, code) -> str:
-    from sharelora_cli.train import train
+    from sharelora_cli.training.loop import train
 
     summary = train(recipe, code)
     return summary_line(summary) + "\n" if summary.is_main_process else ""
 
 
 def run_stages_command(recipe, code) -> str:
-    from sharelora_cli.continual_metrics import format_table
-    from sharelora_cli.recipe import stage_name
-    from sharelora_cli.stages import run_stages
+    from sharelora_cli.training.continual_metrics import format_table
+    from sharelora_cli.config.recipe import stage_name
+    from sharelora_cli.training.stages import run_stages
 
     report = run_stages(recipe, code)
     if report.summary is None:
@@ -143,7 +143,7 @@ def merge_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Fold the adapter into its base and write a plain transformers checkpoint (safetensors, config, tokenizer)."""
-    from sharelora_cli.merge import merge_adapter
+    from sharelora_cli.outputs.merge import merge_adapter
 
     typer.echo(merge_adapter(adapter, out, base, dtype, full_precision_base, overwrite).summary())
 
@@ -160,7 +160,7 @@ def export_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Write the adapter in another library's format, without merging it."""
-    from sharelora_cli.export import export_adapter
+    from sharelora_cli.outputs.export import export_adapter
 
     typer.echo(export_adapter(adapter, out, fmt, base, overwrite))
 

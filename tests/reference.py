@@ -7,7 +7,7 @@ because a factor is still zero-initialised.
 
 import torch
 
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.config.recipe import AdapterConfig
 
 # Which factors one module type shares across its layers, per methods.md and the VeRA, Tied-LoRA, VB-LoRA papers
 # (VeRA's pair and VB-LoRA's bank are shared by the whole model, not per module type).

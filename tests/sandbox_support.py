@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from sharelora_cli.evaluation.sandbox import Isolation, isolation_problem
+from sharelora_cli.evaluation.sandbox.session import Isolation, isolation_problem
 
 STRONG = (Isolation.BWRAP, Isolation.KERNEL)
 

@@ -4,7 +4,7 @@ re-import torch and transformers)."""
 import importlib.util
 from types import ModuleType
 
-from sharelora_cli.paths import PROJECT_ROOT
+from sharelora_cli.core.paths import PROJECT_ROOT
 
 
 def load_script(name: str) -> ModuleType:

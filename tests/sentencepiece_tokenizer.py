@@ -6,7 +6,7 @@ from pathlib import Path
 import sentencepiece
 from transformers import LlamaTokenizer
 
-from sharelora_cli.tiny_model import CHAT_TEMPLATE
+from sharelora_cli.models.tiny_model import CHAT_TEMPLATE
 
 
 def build_sentencepiece_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1000) -> LlamaTokenizer:

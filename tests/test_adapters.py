@@ -9,8 +9,8 @@ from reference import METHODS, adapter_config, expected_delta, miss_delta, rando
 from tiny_architectures import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2
 
 from sharelora_cli.adapters.base import is_conv1d
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
 
 
 def adapt(model, method: str, targets: list[str], **options):

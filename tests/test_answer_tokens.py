@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from sentencepiece_tokenizer import build_sentencepiece_tokenizer
-from sharelora_cli.data import IGNORE_INDEX, build_splits
-from sharelora_cli.errors import UserError
-from sharelora_cli.recipe import DataConfig
-from sharelora_cli.tiny_model import gsm8k_texts
+from sharelora_cli.data.examples import IGNORE_INDEX, build_splits
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.config.recipe import DataConfig
+from sharelora_cli.models.tiny_model import gsm8k_texts
 
 CHAT = [
     {"role": "user", "content": "How many legs do 3 spiders have?"},

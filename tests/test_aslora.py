@@ -15,14 +15,14 @@ from reference import lora_delta, randomize_factors
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sharelora_cli.adapter_io import load_adapter
+from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.aslora import BMerger, merge_steps, target_groups
-from sharelora_cli.errors import UserError
-from sharelora_cli.export import export_adapter
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.merge import merge_adapter
-from sharelora_cli.recipe import ASLoRAConfig, AdapterConfig, load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.outputs.export import export_adapter
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.outputs.merge import merge_adapter
+from sharelora_cli.config.recipe import ASLoRAConfig, AdapterConfig, load_recipe
+from sharelora_cli.training.loop import train
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANK, ALPHA = 8, 16.0

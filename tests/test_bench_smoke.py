@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sharelora_cli.paths import PROJECT_ROOT
+from sharelora_cli.core.paths import PROJECT_ROOT
 
 FIELDS = {"name", "step_time_s", "peak_mem_bytes", "optimizer_state_bytes", "trainable_params", "ratio_to_floor",
           "ratio_to_peft_lora", "ratio_to_lora"}

@@ -14,13 +14,13 @@ from cli_runner import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sharelora_cli.adapter_io import load_adapter
-from sharelora_cli.continual_metrics import ContinualTask, summarize
-from sharelora_cli.data import IGNORE_INDEX, StepSampler, build_splits, collate
+from sharelora_cli.adapters.adapter_io import load_adapter
+from sharelora_cli.training.continual_metrics import ContinualTask, summarize
+from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.runner import CodeExecution
-from sharelora_cli.metrics_log import PIP_NAMES
-from sharelora_cli.recipe import Tracker, load_recipe
-from sharelora_cli.train import set_up, token_loss_sum, train
+from sharelora_cli.training.metrics_log import PIP_NAMES
+from sharelora_cli.config.recipe import Tracker, load_recipe
+from sharelora_cli.training.loop import set_up, token_loss_sum, train
 from test_train import SHARELORA, read_metrics, write_recipe
 
 # A few greedy tokens on three GSM8K test questions: enough to exercise generation, cheap on CPU.

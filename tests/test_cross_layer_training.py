@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from test_train import read_metrics, write_recipe
 from transformers import AutoModelForCausalLM
 
-from sharelora_cli.adapter_io import load_adapter
-from sharelora_cli.export import export_adapter
-from sharelora_cli.merge import merge_adapter
-from sharelora_cli.recipe import load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.adapters.adapter_io import load_adapter
+from sharelora_cli.outputs.export import export_adapter
+from sharelora_cli.outputs.merge import merge_adapter
+from sharelora_cli.config.recipe import load_recipe
+from sharelora_cli.training.loop import train
 
 METHODS = ["vera", "tied-lora", "vblora"]
 # VeRA trains only scaling vectors and, as in its paper, needs a larger learning rate than LoRA-like methods.

@@ -8,9 +8,9 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from sharelora_cli.data import IGNORE_INDEX, StepSampler, build_splits, collate, load_rows, pack
-from sharelora_cli.errors import UserError
-from sharelora_cli.recipe import DataConfig
+from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate, load_rows, pack
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.config.recipe import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_packing_fills_blocks_of_max_length(tokenizer, shared_data):
 
 
 def test_collate_pads_right_and_masks_padding():
-    from sharelora_cli.data import Example
+    from sharelora_cli.data.examples import Example
 
     batch = collate([Example([5, 6, 7], [IGNORE_INDEX, 6, 7]), Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -85,7 +85,7 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_collate_gives_packed_blocks_their_position_ids_and_padding_its_own():
-    from sharelora_cli.data import Example
+    from sharelora_cli.data.examples import Example
 
     blocks = pack([Example([1, 2, 3], [1, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7])], 5)
     batch = collate(blocks, pad_id=0)

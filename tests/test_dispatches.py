@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sharelora_cli.paths import PROJECT_ROOT
+from sharelora_cli.core.paths import PROJECT_ROOT
 
 TARGET = 14
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sharelora_cli.adapter_io import save_adapter
+from sharelora_cli.adapters.adapter_io import save_adapter
 from sharelora_cli.cli import main
 from sharelora_cli.evaluation import gsm8k, mmlu
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
-from sharelora_cli.synthetic_tasks import write_task
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.data.synthetic_tasks import write_task
 from cli_runner import run_cli
 
 DOCUMENTS = [
@@ -173,7 +173,7 @@ def test_eval_writes_per_task_metrics_records_and_config(tmp_path, tiny_model_di
 
 def model_perplexities(model_dir: Path, adapter: Path | None) -> list[float]:
     """exp(mean next-token loss) of each document, straight from the model (plus adapter)."""
-    from sharelora_cli.adapter_io import load_adapter
+    from sharelora_cli.adapters.adapter_io import load_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -104,7 +104,7 @@ def test_windows_score_every_token_once_within_max_length(num_tokens, max_length
 
 def test_perplexity_equals_model_loss_when_documents_fit(tiny_model, tokenizer, shared_data):
     from sharelora_cli.evaluation import perplexity
-    from sharelora_cli.recipe import PerplexityTaskConfig
+    from sharelora_cli.config.recipe import PerplexityTaskConfig
 
     cfg = PerplexityTaskConfig(path=str(shared_data / "gsm8k" / "test.jsonl"), field="answer")
     result = perplexity.evaluate(Engine(tiny_model, tokenizer, batch_size=3, max_length=1024), cfg, limit=3)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation import gsm8k
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation import harness_tasks, mmlu
 
 HARNESS_CATEGORY_TAGS = {

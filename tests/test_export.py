@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from reference import adapter_config
 
-from sharelora_cli.adapter_io import read_adapter_config
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.adapter_io import read_adapter_config
+from sharelora_cli.config.recipe import AdapterConfig
 from test_merge import GPT2_TARGETS, LLAMA_TARGETS, RANKS, assert_one_line_error, gpt2_dir, logits, make_adapter, run_cli
 
 __all__ = ["gpt2_dir"]  # a fixture shared with test_merge

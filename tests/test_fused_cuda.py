@@ -10,10 +10,10 @@ from reference import randomize_factors
 from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.fusion import find_shared_inputs
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import load_model
-from sharelora_cli.recipe import AdapterConfig, ModelConfig, QuantizationConfig
-from sharelora_cli.train import adamw
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.training.loop import adamw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sandbox_support import strong  # noqa: F401 (a fixture)
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.humaneval import (
     STOP_SEQUENCES,
     load_problems,
@@ -21,7 +21,7 @@ from sharelora_cli.evaluation.humaneval import (
     truncate_completion,
 )
 from sharelora_cli.evaluation.humaneval_check import check_sample
-from sharelora_cli.evaluation.sandbox import Limits
+from sharelora_cli.evaluation.sandbox.session import Limits
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 

@@ -4,9 +4,9 @@ import pytest
 from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.errors import UserError
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
 
 
 def adapted_paths(model) -> list[str]:

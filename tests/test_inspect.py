@@ -7,10 +7,10 @@ from cli_runner import run_cli
 from reference import METHODS, TINY_BANK, adapter_config, llama_module_types, trainable_count
 from tiny_architectures import LLAMA_TARGETS
 
-from sharelora_cli.inject import inject_adapter, planned_trainable
-from sharelora_cli.modeling import build_on_meta, load_config
-from sharelora_cli.param_counts import count_methods
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
+from sharelora_cli.models.loading import build_on_meta, load_config
+from sharelora_cli.adapters.param_counts import count_methods
+from sharelora_cli.config.recipe import AdapterConfig
 
 # The worked counts table of methods.md, rows: LLaMA-7B r=64 all seven, LLaMA-7B r=8 q v, LLaMA-13B r=64 all seven.
 LLAMA7B_R64_ALL = {"lora": 159907840, "sharea": 89309184, "shareb": 75595776, "shareab": 4997120, "miss": 87031808}

@@ -18,9 +18,9 @@ from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.low_rank_function import AddLowRank, FusedPart, GroupLayout, SharedInputProduct
 from sharelora_cli.adapters.miss import MissLayer, chunk_sum_matrix
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
-from sharelora_cli.train import adamw
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.training.loop import adamw
 
 D_IN, D_OUT, RANK = 6, 5, 3
 

@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from reference import adapter_config
 
-from sharelora_cli import merge
-from sharelora_cli.adapter_io import load_adapter, save_adapter
+from sharelora_cli.outputs import merge
+from sharelora_cli.adapters.adapter_io import load_adapter, save_adapter
 from sharelora_cli.cli import main
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import load_model
-from sharelora_cli.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]

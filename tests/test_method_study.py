@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sharelora_cli.pretrain import PretrainConfig, pretrain
-from sharelora_cli.synthetic_tasks import write_tasks
+from sharelora_cli.models.pretrain import PretrainConfig, pretrain
+from sharelora_cli.data.synthetic_tasks import write_tasks
 from script_module import load_script
 from single_thread import single_thread
 

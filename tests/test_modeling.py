@@ -3,8 +3,8 @@
 import pytest
 from cli_runner import assert_one_line_error, run_cli
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.modeling import resolve_model_path
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.loading import resolve_model_path
 
 
 @pytest.mark.parametrize("name", ["gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B"])

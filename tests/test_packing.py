@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from sharelora_cli.data import IGNORE_INDEX, Example, build_splits, collate, pack
-from sharelora_cli.errors import UserError
-from sharelora_cli.recipe import DataConfig, load_recipe
-from sharelora_cli.train import token_loss_sum, train
+from sharelora_cli.data.examples import IGNORE_INDEX, Example, build_splits, collate, pack
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.config.recipe import DataConfig, load_recipe
+from sharelora_cli.training.loop import token_loss_sum, train
 from tiny_architectures import GPT2_TARGETS
 
 

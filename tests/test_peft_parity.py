@@ -11,8 +11,8 @@ from reference import TINY_BANK, adapter_config, randomize_factors
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 
 from sharelora_cli.adapters.fusion import find_shared_inputs
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
 
 
 def copy_into_peft(adapter, peft_model, copy_layer) -> None:

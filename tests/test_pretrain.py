@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from sharelora_cli.cli import main
-from sharelora_cli.data import build_splits
-from sharelora_cli.pretrain import SUMMARY_FILE, PretrainConfig, pretrain, tokenize
-from sharelora_cli.recipe import DataConfig, load_recipe
-from sharelora_cli.synthetic_tasks import PRETRAINING_MIX, rows, write_task
-from sharelora_cli.train import train
+from sharelora_cli.data.examples import build_splits
+from sharelora_cli.models.pretrain import SUMMARY_FILE, PretrainConfig, pretrain, tokenize
+from sharelora_cli.config.recipe import DataConfig, load_recipe
+from sharelora_cli.data.synthetic_tasks import PRETRAINING_MIX, rows, write_task
+from sharelora_cli.training.loop import train
 from single_thread import single_thread
 
 # The GSM8K evaluator's strict metric: the number after "#### " equals the reference's.

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from bnb_dispatch import force_detection_prelude
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import load_model
-from sharelora_cli.paths import PROJECT_ROOT
-from sharelora_cli.quantization import dequantized_weight
-from sharelora_cli.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.core.paths import PROJECT_ROOT
+from sharelora_cli.models.quantization import dequantized_weight
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from sharelora_cli.training.loop import train
 from test_train import read_metrics, write_recipe
 
 NF4 = {dtype: QuantizationConfig(load_in_4bit=True, compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
@@ -118,7 +118,7 @@ AT_IMPORT = "import torch\n{importer}\nprint(torch._C._dispatch_has_kernel_for_d
 @pytest.mark.parametrize("avx512bf16", [True, False])
 def test_bitsandbytes_is_imported_without_log_lines_on_either_path(avx512bf16):
     plain = run_child(AT_IMPORT.format(importer="import bitsandbytes"), avx512bf16)
-    quiet = run_child(AT_IMPORT.format(importer="from sharelora_cli.quantization import bitsandbytes\nbitsandbytes()"),
+    quiet = run_child(AT_IMPORT.format(importer="from sharelora_cli.models.quantization import bitsandbytes\nbitsandbytes()"),
                       avx512bf16)
     # The prelude really selected the path: the fused bf16 kernel is registered only on AVX512-BF16's.
     assert plain.stdout.strip() == quiet.stdout.strip() == str(avx512bf16)
@@ -128,8 +128,8 @@ def test_bitsandbytes_is_imported_without_log_lines_on_either_path(avx512bf16):
 
 TRAIN_TWICE = """
 import json, sys
-from sharelora_cli.recipe import load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.config.recipe import load_recipe
+from sharelora_cli.training.loop import train
 losses = {}
 for every in (2, 1000):
     recipe = load_recipe(sys.argv[1], [f"train.eval_every={every}", f"output_dir={sys.argv[2]}/{every}"])

@@ -4,9 +4,9 @@ import pytest
 import yaml
 from cli_runner import assert_one_line_error, run_cli
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.paths import RECIPES_DIR
-from sharelora_cli.recipe import AdapterConfig, Recipe, load_recipe, shipped_recipes
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.core.paths import RECIPES_DIR
+from sharelora_cli.config.recipe import AdapterConfig, Recipe, load_recipe, shipped_recipes
 
 
 @pytest.fixture

@@ -23,16 +23,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_train import read_metrics, write_recipe
-from sharelora_cli.lr_schedule import make_scheduler
+from sharelora_cli.core.lr_schedule import make_scheduler
 
-from sharelora_cli.checkpoint import checkpoint_plan, load_checkpoint
-from sharelora_cli.data import StepSampler, build_splits
-from sharelora_cli.errors import UserError
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import load_tokenizer
-from sharelora_cli.paths import RECIPES_DIR
-from sharelora_cli.recipe import Recipe, load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.training.checkpoint import checkpoint_plan, load_checkpoint
+from sharelora_cli.data.examples import StepSampler, build_splits
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import load_tokenizer
+from sharelora_cli.core.paths import RECIPES_DIR
+from sharelora_cli.config.recipe import Recipe, load_recipe
+from sharelora_cli.training.loop import train
 
 SHARELORA = [sys.executable, "-m", "sharelora_cli"]
 CHECKPOINT_FILES = ("adapter/adapter.safetensors", "adapter/sharelora_config.json", "optimizer.pt", "scheduler.pt",

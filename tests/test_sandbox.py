@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sandbox_support import STRONG, require, strong  # noqa: F401 (strong is a fixture)
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox import (
+from sharelora_cli.evaluation.sandbox.session import (
     RESULT_CHARS,
     Isolation,
     Limits,

@@ -2,7 +2,7 @@
 
 import os
 
-from sharelora_cli.evaluation.sandbox_cleanup import remove_tree
+from sharelora_cli.evaluation.sandbox.cleanup import remove_tree
 
 
 def _deep_chain(root, depth: int, mode: int) -> None:

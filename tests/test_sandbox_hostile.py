@@ -21,8 +21,8 @@ import pytest
 from sandbox_support import DISABLE_GUARD, hostile, marker, processes_named, strong  # noqa: F401 (strong is a fixture)
 
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox import NOBODY, Isolation, Limits, Sandbox, SampleRaised, SandboxStopped
-from sharelora_cli.paths import PROJECT_ROOT, data_dir
+from sharelora_cli.evaluation.sandbox.session import NOBODY, Isolation, Limits, Sandbox, SampleRaised, SandboxStopped
+from sharelora_cli.core.paths import PROJECT_ROOT, data_dir
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a root-only file and a victim owned by nobody need root")
@@ -352,7 +352,7 @@ def attack(data_file):
 """
 _UNPRIVILEGED_EVALUATOR = """
 import json, sys
-from sharelora_cli.evaluation.sandbox import Isolation, Sandbox, isolation_problem
+from sharelora_cli.evaluation.sandbox.session import Isolation, Sandbox, isolation_problem
 isolation, source, data_file = Isolation(sys.argv[1]), sys.argv[2], sys.argv[3]
 with Sandbox(source, isolation=isolation) as sandbox:
     print(json.dumps({"problem": isolation_problem(isolation), "report": sandbox.call("attack", data_file)}))
@@ -513,7 +513,7 @@ def test_the_weak_sandbox_removes_a_3000_deep_unreadable_tree(problems, monkeypa
 _EVALUATOR = """
 import json, pathlib, sys
 from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox import Isolation
+from sharelora_cli.evaluation.sandbox.session import Isolation
 samples, isolation, progress = json.loads(sys.argv[1]), Isolation(sys.argv[2]), pathlib.Path(sys.argv[3])
 score_samples(load_problems(), samples, ks=(1,), timeout=3600, workers=2, allow_code_execution=True, isolation=isolation, progress_file=progress)
 """

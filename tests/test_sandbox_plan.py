@@ -2,8 +2,8 @@
 
 import os
 
-from sharelora_cli.evaluation.sandbox_plan import bwrap_arguments, make_plan
-from sharelora_cli.paths import data_dir
+from sharelora_cli.evaluation.sandbox.plan import bwrap_arguments, make_plan
+from sharelora_cli.core.paths import data_dir
 
 
 def _steps_under(plan, root) -> list[tuple[str, str]]:

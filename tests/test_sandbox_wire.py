@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharelora_cli.evaluation import sandbox_wire
-from sharelora_cli.evaluation.sandbox_wire import WireError, decode, encode
+from sharelora_cli.evaluation.sandbox import wire as sandbox_wire
+from sharelora_cli.evaluation.sandbox.wire import WireError, decode, encode
 
 hashable = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary(),

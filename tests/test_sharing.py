@@ -7,8 +7,8 @@ import torch
 from reference import SHARED_FACTORS, randomize_factors
 from tiny_architectures import LLAMA_TARGETS
 
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig
 
 SHARING_METHODS = ["sharea", "shareb", "shareab"]
 LAYERS = 4

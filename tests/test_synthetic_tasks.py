@@ -7,7 +7,7 @@ import re
 import pytest
 
 from sharelora_cli.evaluation import gsm8k
-from sharelora_cli.synthetic_tasks import FINE_TUNING_SKILL, GAINS, LOSSES, SKILLS, TRAINED_SKILLS, write_tasks
+from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL, GAINS, LOSSES, SKILLS, TRAINED_SKILLS, write_tasks
 
 CHAIN_LINE = re.compile(r"^(\d+)([+-])(\d+)=(\d+)$")
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from test_adapters import assert_layers_follow_formula, assert_model_equals_merged_reference
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 
-from sharelora_cli.adapter_io import WEIGHTS_FILE, load_adapter, save_adapter
-from sharelora_cli.errors import UserError
-from sharelora_cli.inject import inject_adapter, planned_trainable
-from sharelora_cli.recipe import TrainConfig, validate
-from sharelora_cli.train import make_optimizer
+from sharelora_cli.adapters.adapter_io import WEIGHTS_FILE, load_adapter, save_adapter
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
+from sharelora_cli.config.recipe import TrainConfig, validate
+from sharelora_cli.training.loop import make_optimizer
 
 NAMES = "ABuv"
 VARIANTS = [list(v) for n in range(1, 5) for v in itertools.combinations(NAMES, n)]  # all 15 non-empty subsets

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.liger import require_liger_kernel
-from sharelora_cli.recipe import load_recipe
-from sharelora_cli.train import train
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.training.liger import require_liger_kernel
+from sharelora_cli.config.recipe import load_recipe
+from sharelora_cli.training.loop import train
 
 SHARELORA = [sys.executable, "-m", "sharelora_cli"]
 

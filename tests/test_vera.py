@@ -8,11 +8,11 @@ from reference import adapter_config, randomize_factors
 from safetensors.torch import load_file
 from tiny_architectures import load_tiny_llama
 
-from sharelora_cli.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
-from sharelora_cli.errors import UserError
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.recipe import TrainConfig
-from sharelora_cli.train import make_optimizer
+from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import TrainConfig
+from sharelora_cli.training.loop import make_optimizer
 
 TARGETS = ["q_proj", "k_proj", "down_proj"]  # (d_in, d_out): (128, 128), (128, 64), (320, 128)
 TOKENS = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(3))

@@ -30,8 +30,8 @@ from torch import nn
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.plan import Adapter, Group
-from sharelora_cli.errors import UserError
-from sharelora_cli.recipe import ASLoRAConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.config.recipe import ASLoRAConfig
 
 MERGED_FACTOR = "lora_B"
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.config.recipe import AdapterConfig
 
 
 @dataclass

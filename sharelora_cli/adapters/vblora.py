@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method, SharedTensor
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 
 
 def check_vector_length(dims: list[tuple[int, int]], length: int) -> None:

@@ -1,1 +1,3 @@
-"""`sharelora eval`: benchmarks as data (prompt, few-shot source, answer extraction, metric) run by one engine."""
+"""Scores: one engine (generation and log-likelihood) running tasks that are data (GSM8K, MMLU, HumanEval,
+perplexity), results files, and sandbox/, where HumanEval samples run. Imports core, config, models and adapters
+(an evaluated model is a base plus an adapter); sandbox/ imports only core."""

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.evaluation.humaneval_check import check_sample
-from sharelora_cli.evaluation.sandbox import Isolation, Limits, choose_isolation
-from sharelora_cli.paths import data_dir
+from sharelora_cli.evaluation.sandbox.session import Isolation, Limits, choose_isolation
+from sharelora_cli.core.paths import data_dir
 
 # A completion ends where the model starts a new top-level statement after the function body.
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]

@@ -11,7 +11,7 @@ call the tests made returned a value the tests accepted; docs/sandbox.md says wh
 
 from collections.abc import Iterable, Mapping
 
-from sharelora_cli.evaluation.sandbox import (
+from sharelora_cli.evaluation.sandbox.session import (
     RESULT_CHARS,
     Isolation,
     Limits,
@@ -20,7 +20,7 @@ from sharelora_cli.evaluation.sandbox import (
     SampleRaised,
     SandboxStopped,
 )
-from sharelora_cli.evaluation.sandbox_wire import describe
+from sharelora_cli.evaluation.sandbox.wire import describe
 
 
 def check_sample(

@@ -8,11 +8,11 @@ over subjects (macro) and over all questions (micro; the harness's "mmlu" number
 
 from pathlib import Path
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
-from sharelora_cli.recipe import MMLUTaskConfig
+from sharelora_cli.config.recipe import MMLUTaskConfig
 
 LETTERS = ["A", "B", "C", "D"]
 CATEGORIES = {

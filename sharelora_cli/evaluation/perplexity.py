@@ -8,11 +8,11 @@ max_length - stride tokens. Token 0 (the BOS a Llama-style tokenizer adds) is co
 
 import math
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sources import read_rows
-from sharelora_cli.recipe import PerplexityTaskConfig
+from sharelora_cli.config.recipe import PerplexityTaskConfig
 
 
 def windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from accelerate.utils import set_seed
 
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
-from sharelora_cli.recipe import EvalConfig, Recipe, load_recipe, validate
+from sharelora_cli.config.recipe import EvalConfig, Recipe, load_recipe, validate
 
 DEFAULT_RESULTS_FILE = "eval_results.json"
 
@@ -84,7 +84,7 @@ def _batch_size(text: str | None) -> int | str | None:
 def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:
     if request.no_adapter:
         return None
-    from sharelora_cli.adapter_io import CONFIG_FILE, read_adapter_config
+    from sharelora_cli.adapters.adapter_io import CONFIG_FILE, read_adapter_config
 
     if recipe.eval.adapter:
         read_adapter_config(Path(recipe.eval.adapter))  # a wrong --adapter fails before the model loads
@@ -108,8 +108,8 @@ def needs_model(request: EvalRequest, tasks: list[str]) -> bool:
 
 
 def build_engine(recipe: Recipe, adapter: Path | None) -> Engine:
-    from sharelora_cli.adapter_io import load_adapter
-    from sharelora_cli.modeling import load_model, load_tokenizer
+    from sharelora_cli.adapters.adapter_io import load_adapter
+    from sharelora_cli.models.loading import load_model, load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)

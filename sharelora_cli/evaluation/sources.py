@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.core.errors import UserError, first_line
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sharelora_cli.adapter_io import read_adapter_config
+from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
-from sharelora_cli.atomic import atomic_directory
-from sharelora_cli.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
-from sharelora_cli.errors import UserError
-from sharelora_cli.modeling import load_config
+from sharelora_cli.core.atomic import atomic_directory
+from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.loading import load_config
 
 FORMATS = ("peft",)
 # PeftModelForCausalLM's key prefix; PEFT drops the adapter name ("default") from saved keys.

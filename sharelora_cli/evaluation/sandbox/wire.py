@@ -4,7 +4,7 @@ Only None, bool, int, float, complex, str, bytes, and lists, tuples, dicts, sets
 A subclass travels as its base type, so an object with its own __eq__ (the "always equal" reward hack) never
 reaches the checker, only the value it wraps. The receiver rebuilds exact built-in types from JSON, which no
 byte string can turn into code, so whatever a hostile sample writes decodes to plain data or to a WireError.
-Both sides import this module: the parent as sharelora_cli.evaluation.sandbox_wire, the child (standard
+Both sides import this module: the parent as sharelora_cli.evaluation.sandbox.wire, the child (standard
 library only) from its own directory.
 """
 

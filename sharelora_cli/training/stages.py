@@ -14,13 +14,13 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from sharelora_cli.continual_metrics import ContinualTask, summarize
-from sharelora_cli.errors import UserError
+from sharelora_cli.training.continual_metrics import ContinualTask, summarize
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.humaneval_task import require_permission
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
 from sharelora_cli.evaluation.runner import CodeExecution, build_engine, run_task
-from sharelora_cli.recipe import Recipe, stage_name, stage_recipe, to_yaml
-from sharelora_cli.train import SUMMARY_FILE, train
+from sharelora_cli.config.recipe import Recipe, stage_name, stage_recipe, to_yaml
+from sharelora_cli.training.loop import SUMMARY_FILE, train
 
 CONTINUAL_FILE = "continual.json"
 INITIAL_EVAL_FILE = "initial_eval.json"

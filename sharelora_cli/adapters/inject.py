@@ -12,8 +12,8 @@ from sharelora_cli.adapters.base import AdaptedLayer, Hyper, SharedTensor, is_ad
 from sharelora_cli.adapters.fusion import Fusion
 from sharelora_cli.adapters.plan import Adapter, Group, regenerated_record
 from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.errors import UserError
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.config.recipe import AdapterConfig
 
 
 def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = None) -> Adapter:

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from sharelora_cli.recipe import QuantizationConfig
+from sharelora_cli.config.recipe import QuantizationConfig
 
 def bitsandbytes() -> ModuleType:
     """The bitsandbytes module, imported without its import-time log lines.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.recipe import DataConfig
+from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.config.recipe import DataConfig
 
 IGNORE_INDEX = -100
 LOCAL_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.paths import RECIPES_DIR
-from sharelora_cli.quantization import bnb_config, prepare_for_kbit_training
-from sharelora_cli.recipe import ModelConfig, QuantizationConfig
+from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.core.paths import RECIPES_DIR
+from sharelora_cli.models.quantization import bnb_config, prepare_for_kbit_training
+from sharelora_cli.config.recipe import ModelConfig, QuantizationConfig
 
 log = logging.getLogger(__name__)
 

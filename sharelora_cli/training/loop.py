@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from sharelora_cli.adapter_io import check_regenerated, copy_tensors, save_adapter
-from sharelora_cli.checkpoint import (
+from sharelora_cli.adapters.adapter_io import check_regenerated, copy_tensors, save_adapter
+from sharelora_cli.training.checkpoint import (
     TrainerState,
     checkpoint_plan,
     latest_checkpoint,
@@ -39,18 +39,18 @@ from sharelora_cli.adapters.base import TrainerHook
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.data import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
-from sharelora_cli.errors import UserError
+from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
 from sharelora_cli.evaluation.runner import CodeExecution, run_task
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.lr_schedule import make_scheduler
-from sharelora_cli.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
-from sharelora_cli.modeling import load_model, load_tokenizer
-from sharelora_cli.quantization import bitsandbytes
-from sharelora_cli.recipe import Recipe, TrainConfig, to_yaml
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
+from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
+from sharelora_cli.models.loading import load_model, load_tokenizer
+from sharelora_cli.models.quantization import bitsandbytes
+from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Written last when a run finishes: its presence says the run is complete.

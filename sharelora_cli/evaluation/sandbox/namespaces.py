@@ -1,6 +1,6 @@
 """The kernel launcher: bubblewrap's isolation built directly with unshare(2), mount(2) and the new mount API.
 
-sandbox_child.py calls enter() before any sample code when bubblewrap is not installed. Three processes result:
+child.py calls enter() before any sample code when bubblewrap is not installed. Three processes result:
 
     launcher (host namespaces, waits)  ->  init (PID 1 of a new PID namespace, builds the mounts, reaps)  ->  sample
 
@@ -71,7 +71,7 @@ class _MountAttr(ctypes.Structure):
 def enter(plan: dict, info_fd: int, samples_fds: tuple[int, ...]) -> None:
     """Build the namespaces and mounts; returns only in the sample process, inside them, in the working directory.
 
-    plan: sandbox_plan.Plan as a dict plus "workdir" and "devices"; samples_fds: descriptors only the sample keeps.
+    plan: plan.Plan as a dict plus "workdir" and "devices"; samples_fds: descriptors only the sample keeps.
     """
     libc = _libc()
     as_root = os.geteuid() == 0

@@ -12,8 +12,8 @@ import accelerate.utils.imports as available
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
 
-from sharelora_cli.checkpoint import write_failure
-from sharelora_cli.errors import UserError
+from sharelora_cli.training.checkpoint import write_failure
+from sharelora_cli.core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

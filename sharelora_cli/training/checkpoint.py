@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from sharelora_cli.adapter_io import (
+from sharelora_cli.adapters.adapter_io import (
     CONFIG_FILE,
     check_regenerated,
     copy_tensors,
@@ -26,10 +26,10 @@ from sharelora_cli.adapter_io import (
     read_checked_tensors,
     save_adapter,
 )
-from sharelora_cli.atomic import atomic_directory, remove_directory, remove_stale_staging
-from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.core.atomic import atomic_directory, remove_directory, remove_stale_staging
+from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.config.recipe import AdapterConfig
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"

@@ -1,13 +1,13 @@
 """Run untrusted Python in a throwaway sandbox and exchange nothing with it but plain data.
 
-A Sandbox starts one child (sandbox_child.py) that runs the program's top-level code and then answers calls to
+A Sandbox starts one child (child.py) that runs the program's top-level code and then answers calls to
 the functions it defined. The caller (HumanEval's checker, in this process) only ever sees plain values coming
-back (sandbox_wire.py), so the verdict is decided outside the program's reach.
+back (wire.py), so the verdict is decided outside the program's reach.
 
 The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a read-only
 file system without home directories or benchmark data and with fresh size-capped tmpfs mounts at /tmp (its
-working directory) and /dev/shm (sandbox_plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
-when the evaluator is root. Bubblewrap builds the namespaces when installed, else sandbox_namespaces.py does
+working directory) and /dev/shm (plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
+when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
 through the kernel. Where neither can, only an explicit --allow-weak-sandbox runs samples, with rlimits, the
 in-process audit hook and (as root) the nobody user. docs/sandbox.md lists every boundary. Linux only.
 """
@@ -31,20 +31,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.evaluation import sandbox_plan, sandbox_wire
-from sharelora_cli.evaluation.sandbox_cleanup import remove_tree
-from sharelora_cli.evaluation.sandbox_namespaces import SETUP_FAILED
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.evaluation.sandbox import plan as sandbox_plan
+from sharelora_cli.evaluation.sandbox import wire as sandbox_wire
+from sharelora_cli.evaluation.sandbox.cleanup import remove_tree
+from sharelora_cli.evaluation.sandbox.namespaces import SETUP_FAILED
 
 NOBODY = 65534
 RESULT_CHARS = 300  # the most of any text from a sample that reaches a result
-_CHILD_SCRIPT = str(Path(__file__).with_name("sandbox_child.py"))
+_CHILD_SCRIPT = str(Path(__file__).with_name("child.py"))
 _TEARDOWN_SECONDS = 30  # killing a namespace takes milliseconds; this only bounds a wedged kernel
 
 
 class Isolation(str, enum.Enum):
     BWRAP = "bwrap"  # bubblewrap builds the namespaces
-    KERNEL = "kernel"  # sandbox_namespaces.py builds them with unshare(2) and mount(2)
+    KERNEL = "kernel"  # namespaces.py builds them with unshare(2) and mount(2)
     WEAK = "weak"  # no namespaces: rlimits, the audit hook and, as root, the nobody user
 
 

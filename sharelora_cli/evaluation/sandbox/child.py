@@ -1,14 +1,14 @@
 """The sandboxed side of sandbox.Sandbox, run as a script: contain this process, run the program, answer calls.
 
 Reads its settings (marshal) from stdin, then: stdin becomes /dev/null; with isolation "kernel" the launcher in
-sandbox_namespaces.py builds the namespaces and mounts (under bubblewrap they exist already); as root it becomes
+namespaces.py builds the namespaces and mounts (under bubblewrap they exist already); as root it becomes
 nobody; it keeps no capabilities and sets no_new_privs, checking both; rlimits; an audit hook that refuses
 processes, signals, sockets, native calls and file access outside the working directory. The namespaces are the
 boundary; the hook is defence in depth. In the "weak" mode there are no namespaces and the hook does more work.
 
 Then it runs the program's top-level code and replies ("ready",) or ("failed", why); after that it answers each
 ("call", name, args, kwargs) with ("returned", value) or ("raised", why) until the parent closes the request pipe.
-Every message is plain data (sandbox_wire.py), so nothing the program builds reaches the parent but values.
+Every message is plain data (wire.py), so nothing the program builds reaches the parent but values.
 Standard library only and few imports: it starts once per sample.
 """
 
@@ -20,8 +20,8 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory off the path
-import sandbox_namespaces  # noqa: E402
-import sandbox_wire  # noqa: E402
+import namespaces  # noqa: E402
+import wire  # noqa: E402
 
 del sys.path[0]
 
@@ -66,14 +66,14 @@ def main() -> None:
         if settings["isolation"] == "kernel":
             _die_with_parent(libc, settings["parent_pid"])  # the launcher; init then dies with it, and the rest
             samples_fds = (settings["request_fd"], settings["reply_fd"])
-            sandbox_namespaces.enter(settings["plan"], settings["info_fd"], samples_fds)
+            namespaces.enter(settings["plan"], settings["info_fd"], samples_fds)
         if settings["isolation"] == "weak":
             _contain_weakly(libc, settings)
         else:
             _drop_privileges(libc, settings["uid"])
-    except sandbox_namespaces.SetupError as err:
+    except namespaces.SetupError as err:
         print(f"sandbox setup failed: {err}", file=sys.stderr, flush=True)
-        os._exit(sandbox_namespaces.SETUP_FAILED)
+        os._exit(namespaces.SETUP_FAILED)
     sys.path.extend(settings["site_packages"])  # third-party imports work as in the parent
     _set_limits(settings)
     _refuse_unaudited_signallers()
@@ -89,17 +89,17 @@ def _serve(settings: dict) -> None:
         exec(compile(settings.pop("source"), "<sample>", "exec"), namespace)
         _flush_output()  # output beyond the size limit fails here rather than vanishing unnoticed
     except BaseException as err:  # SystemExit and KeyboardInterrupt from the program are failures too
-        sandbox_wire.send(replies, sandbox_wire.encode(("failed", sandbox_wire.describe(err))))
+        wire.send(replies, wire.encode(("failed", wire.describe(err))))
         os._exit(1)
-    sandbox_wire.send(replies, sandbox_wire.encode(("ready",)))
-    while (request := sandbox_wire.receive(requests, max_bytes)) is not None:
-        _, name, args, kwargs = sandbox_wire.decode(request)
+    wire.send(replies, wire.encode(("ready",)))
+    while (request := wire.receive(requests, max_bytes)) is not None:
+        _, name, args, kwargs = wire.decode(request)
         try:
-            reply = sandbox_wire.encode(("returned", _function(namespace, name)(*args, **kwargs)))
+            reply = wire.encode(("returned", _function(namespace, name)(*args, **kwargs)))
             _flush_output()
         except BaseException as err:
-            reply = sandbox_wire.encode(("raised", sandbox_wire.describe(err)))
-        sandbox_wire.send(replies, reply)
+            reply = wire.encode(("raised", wire.describe(err)))
+        wire.send(replies, reply)
     os._exit(0)  # skip atexit handlers the program may have registered
 
 
@@ -123,11 +123,11 @@ def _drop_privileges(libc: ctypes.CDLL, uid: int) -> None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # without PR_SET_KEEPCAPS the kernel clears every capability here
-    sandbox_namespaces.set_capabilities(libc, 0)
+    namespaces.set_capabilities(libc, 0)
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if os.geteuid() == 0 or sandbox_namespaces.capabilities_held(libc) or libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
-        raise sandbox_namespaces.SetupError("could not drop root, capabilities or set no_new_privs")
+    if os.geteuid() == 0 or namespaces.capabilities_held(libc) or libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+        raise namespaces.SetupError("could not drop root, capabilities or set no_new_privs")
 
 
 def _contain_weakly(libc: ctypes.CDLL, settings: dict) -> None:
@@ -151,8 +151,8 @@ def _become_nobody_keeping_reads(libc: ctypes.CDLL, uid: int) -> None:
         os.setuid(uid)
     except PermissionError:  # root without CAP_SETUID: a locked-down container, which is then the boundary
         return
-    if not sandbox_namespaces.set_capabilities(libc, 1 << _CAP_DAC_READ_SEARCH):
-        sandbox_namespaces.set_capabilities(libc, 0)  # not held: keep no capability at all
+    if not namespaces.set_capabilities(libc, 1 << _CAP_DAC_READ_SEARCH):
+        namespaces.set_capabilities(libc, 0)  # not held: keep no capability at all
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can hand privileges back
 
 

@@ -25,14 +25,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from sharelora_cli.adapter_io import read_adapter_config
+from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
-from sharelora_cli.atomic import atomic_directory
-from sharelora_cli.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
-from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.modeling import DTYPES, load_config, resolve_model_path
-from sharelora_cli.quantization import bitsandbytes, bnb_config, dequantized_weight, keep_standard_layout
-from sharelora_cli.recipe import QuantizationConfig
+from sharelora_cli.core.atomic import atomic_directory
+from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
+from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.models.loading import DTYPES, load_config, resolve_model_path
+from sharelora_cli.models.quantization import bitsandbytes, bnb_config, dequantized_weight, keep_standard_layout
+from sharelora_cli.config.recipe import QuantizationConfig
 
 log = logging.getLogger(__name__)
 

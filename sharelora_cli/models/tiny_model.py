@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sharelora_cli.errors import UserError
-from sharelora_cli.paths import data_dir
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.core.paths import data_dir
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 # A minimal chat template so chat-format data works with the tiny model.

@@ -8,11 +8,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sharelora_cli.atomic import atomic_directory
-from sharelora_cli.errors import UserError, first_line
+from sharelora_cli.core.atomic import atomic_directory
+from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.inject import inject_adapter, planned_regenerated_record, tensor_shapes
-from sharelora_cli.recipe import AdapterConfig, validate
+from sharelora_cli.adapters.inject import inject_adapter, planned_regenerated_record, tensor_shapes
+from sharelora_cli.config.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"
 WEIGHTS_FILE = "adapter.safetensors"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from sharelora_cli.paths import data_dir
+from sharelora_cli.core.paths import data_dir
 
 WORKDIR = "/tmp"
 DEVICES = ("null", "zero", "full", "random", "urandom")

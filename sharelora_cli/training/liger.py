@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 
 
 def require_liger_kernel(device: torch.device) -> None:

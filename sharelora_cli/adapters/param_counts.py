@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 
 from sharelora_cli.adapters.aslora import target_plan
-from sharelora_cli.errors import UserError
-from sharelora_cli.inject import plan_trainable, planned_plan, planned_trainable
-from sharelora_cli.modeling import build_on_meta, load_config
-from sharelora_cli.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.adapters.inject import plan_trainable, planned_plan, planned_trainable
+from sharelora_cli.models.loading import build_on_meta, load_config
+from sharelora_cli.config.recipe import AdapterConfig
 
 COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora")
 

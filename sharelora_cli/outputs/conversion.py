@@ -14,13 +14,13 @@ from pathlib import Path
 from torch import nn
 from transformers import PretrainedConfig
 
-from sharelora_cli.adapter_io import read_checked_tensors
+from sharelora_cli.adapters.adapter_io import read_checked_tensors
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.errors import UserError
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.inject import inject_adapter
-from sharelora_cli.modeling import build_on_meta
-from sharelora_cli.recipe import QuantizationConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.models.loading import build_on_meta
+from sharelora_cli.config.recipe import QuantizationConfig
 
 
 @dataclass

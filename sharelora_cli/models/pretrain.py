@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from sharelora_cli.data import Example, collate
-from sharelora_cli.lr_schedule import make_scheduler
-from sharelora_cli.synthetic_tasks import PRETRAINING_MIX, rows
-from sharelora_cli.tiny_model import tiny_config, train_tokenizer
+from sharelora_cli.data.examples import Example, collate
+from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.data.synthetic_tasks import PRETRAINING_MIX, rows
+from sharelora_cli.models.tiny_model import tiny_config, train_tokenizer
 
 # The corpus repeats a small vocabulary, which its first rows already hold.
 TOKENIZER_ROWS = 5000

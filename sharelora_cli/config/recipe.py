@@ -21,9 +21,9 @@ from pydantic import (
 )
 from yaml import YAMLError
 
-from sharelora_cli.errors import UserError, first_line
-from sharelora_cli.paths import RECIPES_DIR, data_dir
-from sharelora_cli.recipe_yaml import load_yaml, override_value
+from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.core.paths import RECIPES_DIR, data_dir
+from sharelora_cli.config.recipe_yaml import load_yaml, override_value
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
 METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")

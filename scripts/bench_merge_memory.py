@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import save_adapter
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import load_config
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.models.loading import load_config
 
 GNU_TIME = "/usr/bin/time"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,12 +48,19 @@ def build_base_and_adapter(model: str, rank: int, workdir: Path) -> tuple[Path, 
 
 def run_merge(adapter_dir: Path, out_dir: Path, workdir: Path) -> tuple[list[str], float, int]:
     """Run the CLI under GNU time; returns (command, seconds, peak RSS in bytes)."""
-    command = [str(Path(sys.executable).with_name("sharelora")), "merge", "--adapter", str(adapter_dir),
-               "--out", str(out_dir)]
+    command = [
+        str(Path(sys.executable).with_name("sharelora")),
+        "merge",
+        "--adapter",
+        str(adapter_dir),
+        "--out",
+        str(out_dir),
+    ]
     report = workdir / "time.txt"
     start = time.perf_counter()
-    subprocess.run([GNU_TIME, "-f", "%M", "-o", str(report), *command], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [GNU_TIME, "-f", "%M", "-o", str(report), *command], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     seconds = time.perf_counter() - start
     return command, seconds, int(report.read_text().split()[-1]) * 1024  # %M is in KiB
 
@@ -68,18 +75,22 @@ def main() -> None:
         sys.exit(f"{GNU_TIME} not found: install GNU time (apt-get install time)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
-        base_dir, adapter_dir, parameters = build_base_and_adapter(args.model, args.rank, workdir)
+        _base_dir, adapter_dir, parameters = build_base_and_adapter(args.model, args.rank, workdir)
         gc.collect()
         command, seconds, peak = run_merge(adapter_dir, workdir / "merged", workdir)
         merged = sum(p.stat().st_size for p in (workdir / "merged").glob("*.safetensors"))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"model: {args.model}, {parameters / 1e9:.2f}B parameters (bf16), LoRA rank {args.rank} on {len(TARGETS)} targets")
+    print(
+        f"model: {args.model}, {parameters / 1e9:.2f}B parameters (bf16), LoRA rank {args.rank} on {len(TARGETS)} targets"
+    )
     print(f"command: {' '.join(command)}")
     print(f"merge time: {seconds:.1f} s")
-    print(f"peak RSS: {peak / 2**30:.2f} GiB; merged weights: {merged / 2**30:.2f} GiB; "
-          f"peak / merged = {peak / merged:.2f}x")
+    print(
+        f"peak RSS: {peak / 2**30:.2f} GiB; merged weights: {merged / 2**30:.2f} GiB; "
+        f"peak / merged = {peak / merged:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -49,23 +49,51 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sharelora_cli.adapters.fusion import find_shared_inputs
-from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.models.loading import load_config, prepare_for_kbit_training
+from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.models.loading import load_config, prepare_for_kbit_training
+from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.training.loop import adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The frozen floor, then each method (sharelora's rows when the registry has it) with PEFT's beside it where PEFT has one.
-ALL_NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora",
-             "vera", "peft-vera", "tied-lora", "vblora", "peft-vblora"]
+ALL_NAMES = [
+    "floor",
+    "peft-lora",
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "miss",
+    "peft-miss",
+    "aslora",
+    "vera",
+    "peft-vera",
+    "tied-lora",
+    "vblora",
+    "peft-vblora",
+]
 NAMES = [name for name in ALL_NAMES if name == "floor" or name.startswith("peft-") or name in METHODS]
 # A ~30M-parameter Llama (GQA, 8 layers): a step takes about a second on two CPU cores.
-CPU_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=True)
-SMOKE_MODEL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+CPU_MODEL = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 8192,
+    "tie_word_embeddings": True,
+}
+SMOKE_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "tie_word_embeddings": True,
+}
 
 
 @dataclass(frozen=True)
@@ -132,12 +160,19 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype) -> None:
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is head:
             continue
-        quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                      device="meta")
+        quantized = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+            device="meta",
+        )
         # Params4bit quantizes when moved to a device; double quantisation (compress_statistics) as QLoRA.
-        quantized.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, module=quantized).to(module.weight.device)
+        quantized.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, module=quantized
+        ).to(module.weight.device)
         if module.bias is not None:
             quantized.bias = module.bias
         parent, _, child = path.rpartition(".")
@@ -164,16 +199,21 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
         return get_peft_model(model, VeraConfig(r=rank, target_modules=TARGETS))
     if name == "peft-vblora":
         return get_peft_model(model, VBLoRAConfig(r=rank, target_modules=TARGETS, **bank))
-    inject_adapter(model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS,
-                                        vblora=bank))
+    inject_adapter(
+        model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS, vblora=bank)
+    )
     find_shared_inputs(model, model.device)  # as training does: grouped from the first step
     return model
 
 
 def vblora_bank(model: nn.Module) -> dict:
     """VB-LoRA's bank settings: PEFT's defaults, the vector length cut to a divisor of every adapted width."""
-    widths = [size for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in TARGETS
-              for size in (module.in_features, module.out_features)]
+    widths = [
+        size
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS
+        for size in (module.in_features, module.out_features)
+    ]
     return {"num_vectors": 256, "vector_length": math.gcd(256, *widths)}
 
 
@@ -220,8 +260,9 @@ def timed_step(run: Run, batch: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_round_robin(runs: dict[str, Run], batch: torch.Tensor, rounds: int, steps: int,
-                     warmup: int) -> dict[str, list[list[float]]]:
+def time_round_robin(
+    runs: dict[str, Run], batch: torch.Tensor, rounds: int, steps: int, warmup: int
+) -> dict[str, list[list[float]]]:
     """name -> per round, the step times; the order of configurations rotates by one every round."""
     for run in runs.values():
         for _ in range(warmup):
@@ -229,7 +270,7 @@ def time_round_robin(runs: dict[str, Run], batch: torch.Tensor, rounds: int, ste
     names = list(runs)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append([timed_step(runs[name], batch) for _ in range(steps)])
     return times
 
@@ -237,8 +278,9 @@ def time_round_robin(runs: dict[str, Run], batch: torch.Tensor, rounds: int, ste
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     if optimizer is None:
         return 0
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t))
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
 
 
 # ---------------------------------------------------------------- peak memory, one child process each
@@ -295,8 +337,9 @@ def peak_memory_forked(names: list[str], preset: Preset, seed: int, threads: int
     return peaks
 
 
-def runs_with_cuda_peaks(names: list[str], base: nn.Module, preset: Preset, batch: torch.Tensor,
-                         seed: int) -> tuple[dict[str, Run], dict[str, int]]:
+def runs_with_cuda_peaks(
+    names: list[str], base: nn.Module, preset: Preset, batch: torch.Tensor, seed: int
+) -> tuple[dict[str, Run], dict[str, int]]:
     """CUDA: build each configuration and run its first two steps under the allocator's peak counter."""
     runs, peaks = {}, {}
     for name in names:
@@ -314,8 +357,7 @@ def runs_with_cuda_peaks(names: list[str], base: nn.Module, preset: Preset, batc
 def median_ratio(times: dict[str, list[list[float]]], name: str, reference: str) -> float | None:
     if reference not in times:
         return None
-    return statistics.median(statistics.median(a) / statistics.median(b)
-                             for a, b in zip(times[name], times[reference]))
+    return statistics.median(statistics.median(a) / statistics.median(b) for a, b in zip(times[name], times[reference]))
 
 
 def make_rows(times: dict[str, list[list[float]]], runs: dict[str, Run], peaks: dict[str, int]) -> list[dict]:
@@ -342,13 +384,18 @@ def markdown_table(rows: list[dict]) -> str:
     def mib(value: int | None) -> str:
         return "—" if value is None else f"{value / 2**20:.1f}"
 
-    lines = ["| configuration | step time (s) | × floor | × PEFT LoRA | × LoRA | peak memory (MiB) "
-             "| optimizer state (MiB) | trainable params |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| configuration | step time (s) | × floor | × PEFT LoRA | × LoRA | peak memory (MiB) "
+        "| optimizer state (MiB) | trainable params |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['step_time_s']:.3f} | {ratio(row['ratio_to_floor'])} | "
-                     f"{ratio(row['ratio_to_peft_lora'])} | {ratio(row['ratio_to_lora'])} | "
-                     f"{mib(row['peak_mem_bytes'])} | "
-                     f"{row['optimizer_state_bytes'] / 2**20:.2f} | {row['trainable_params']:,} |")
+        lines.append(
+            f"| {row['name']} | {row['step_time_s']:.3f} | {ratio(row['ratio_to_floor'])} | "
+            f"{ratio(row['ratio_to_peft_lora'])} | {ratio(row['ratio_to_lora'])} | "
+            f"{mib(row['peak_mem_bytes'])} | "
+            f"{row['optimizer_state_bytes'] / 2**20:.2f} | {row['trainable_params']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -360,18 +407,20 @@ def describe_setup(args: argparse.Namespace, preset: Preset, base: nn.Module, lo
     if preset.device == "cuda":
         machine += f", {torch.cuda.get_device_name()}"
     base_kind = "NF4 4-bit (bitsandbytes)" if preset.nf4 else str(preset.dtype).removeprefix("torch.")
-    return "\n".join([
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads",
-        f"- model: random-weight Llama, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
-        f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {parameters / 1e6:.1f}M parameters, {base_kind}",
-        f"- step: batch {preset.batch_size} × {preset.seq_len} tokens, rank {preset.rank} (alpha {2 * preset.rank}) on "
-        f"{', '.join(TARGETS)}, AdamW (fused); {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps"
-        f"{f'; torch.compile mode {preset.compile_mode}' if preset.compile_mode else ''}"
-        f"{'; Liger kernels' if preset.liger_kernel else ''}",
-        f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load[0])}; "
-        f"after: {', '.join(f'{x:.2f}' for x in load[1])}",
-    ])
+    return "\n".join(
+        [
+            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+            f"- machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+            f"- model: random-weight Llama, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
+            f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, {parameters / 1e6:.1f}M parameters, {base_kind}",
+            f"- step: batch {preset.batch_size} × {preset.seq_len} tokens, rank {preset.rank} (alpha {2 * preset.rank}) on "
+            f"{', '.join(TARGETS)}, AdamW (fused); {args.warmup} warm-up steps, {args.rounds} rounds × {args.steps} timed steps"
+            f"{f'; torch.compile mode {preset.compile_mode}' if preset.compile_mode else ''}"
+            f"{'; Liger kernels' if preset.liger_kernel else ''}",
+            f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load[0])}; "
+            f"after: {', '.join(f'{x:.2f}' for x in load[1])}",
+        ]
+    )
 
 
 def proc_meminfo_gib() -> float:
@@ -393,10 +442,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list")
     parser.add_argument("--markdown", type=Path, default=None, help="write the set-up and table as Markdown")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory (peak_mem_bytes: null)")
-    parser.add_argument("--compile", choices=["default", "reduce-overhead"], default=None,
-                        help="torch.compile every configuration in this mode (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--liger-kernel", action="store_true",
-                        help="Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the base (CUDA)")
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead"],
+        default=None,
+        help="torch.compile every configuration in this mode (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
+        "--liger-kernel",
+        action="store_true",
+        help="Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy in the base (CUDA)",
+    )
     args = parser.parse_args(argv)
     if args.liger_kernel and PRESETS[args.preset].device != "cuda":
         parser.error("--liger-kernel needs a CUDA preset (Liger's kernels are Triton)")
@@ -422,8 +478,13 @@ def runs_on(name: str, preset: Preset) -> bool:
 
 def chosen_preset(args: argparse.Namespace) -> Preset:
     preset = PRESETS[args.preset]
-    return replace(preset, batch_size=args.batch_size or preset.batch_size, seq_len=args.seq_len or preset.seq_len,
-                   compile_mode=args.compile, liger_kernel=args.liger_kernel)
+    return replace(
+        preset,
+        batch_size=args.batch_size or preset.batch_size,
+        seq_len=args.seq_len or preset.seq_len,
+        compile_mode=args.compile,
+        liger_kernel=args.liger_kernel,
+    )
 
 
 def main() -> None:

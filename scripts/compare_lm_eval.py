@@ -18,14 +18,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from sharelora_cli.evaluation import gsm8k, harness_tasks, mmlu  # noqa: E402
-from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
-from sharelora_cli.models.loading import load_model, load_tokenizer  # noqa: E402
-from sharelora_cli.core.paths import data_dir  # noqa: E402
-from sharelora_cli.config.recipe import GSM8KTaskConfig, MMLUTaskConfig, ModelConfig, QuantizationConfig  # noqa: E402
-from sharelora_cli.models.tiny_model import build_tiny_model  # noqa: E402
+from sharelora_cli.config.recipe import GSM8KTaskConfig, MMLUTaskConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.core.paths import data_dir
+from sharelora_cli.evaluation import gsm8k, harness_tasks, mmlu
+from sharelora_cli.evaluation.engine import Engine, context_window
+from sharelora_cli.models.loading import load_model, load_tokenizer
+from sharelora_cli.models.tiny_model import build_tiny_model
 
 DEFAULT_SUBJECTS = ["abstract_algebra", "anatomy", "high_school_us_history", "sociology", "virology"]
 
@@ -64,7 +64,9 @@ def run_ours(model_dir: str, args: argparse.Namespace, subjects: list[str]) -> t
     model = load_model(ModelConfig(name_or_path=model_dir), QuantizationConfig(), torch.device("cpu"))
     engine = Engine(model, tokenizer, args.batch_size, context_window(model, None))
     watch.lap("setup")
-    gsm = gsm8k.evaluate(engine, GSM8KTaskConfig(path=str(data_dir() / "gsm8k"), num_fewshot=args.gsm8k_shots), args.gsm8k_limit)
+    gsm = gsm8k.evaluate(
+        engine, GSM8KTaskConfig(path=str(data_dir() / "gsm8k"), num_fewshot=args.gsm8k_shots), args.gsm8k_limit
+    )
     watch.lap("gsm8k")
     mm = mmlu.evaluate(engine, MMLUTaskConfig(path=str(data_dir() / "mmlu"), subjects=subjects), args.mmlu_limit)
     watch.lap("mmlu")
@@ -99,7 +101,9 @@ def gsm8k_agreement(ours: list[dict], theirs: list[dict]) -> dict:
         harness = [by_filter[metric][doc_id] for doc_id in range(len(ours))]
         figures[metric] = {
             "answer_agreement": mean([r[metric]["extracted"] == h["filtered_resps"][0] for r, h in zip(ours, harness)]),
-            "verdict_agreement": mean([r[metric]["correct"] == (h["exact_match"] == 1.0) for r, h in zip(ours, harness)]),
+            "verdict_agreement": mean(
+                [r[metric]["correct"] == (h["exact_match"] == 1.0) for r, h in zip(ours, harness)]
+            ),
             "sharelora": mean([r[metric]["correct"] for r in ours]),
             "lm_eval": mean([h["exact_match"] for h in harness]),
         }

@@ -15,9 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sharelora_cli.core.paths import data_dir  # noqa: E402
-from sharelora_cli.config.recipe import validate  # noqa: E402
-from sharelora_cli.training.loop import train  # noqa: E402
+from sharelora_cli.config.recipe import validate
+from sharelora_cli.core.paths import data_dir
+from sharelora_cli.training.loop import train
 
 # label -> adapter section; ASLoRA twice: the recipe default (target_ratio 0.25, one B per type
 # on this 4-layer model) and two B's per type.
@@ -31,15 +31,36 @@ RUNS = {
 
 
 def recipe(model: str, adapter: dict, steps: int, output_dir: Path):
-    return validate({
-        "model": {"name_or_path": model},
-        "adapter": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], **adapter},
-        "data": {"path": str(data_dir() / "gsm8k" / "train.jsonl"), "max_length": 256, "overlength": "drop", "max_examples": 1000, "validation_fraction": 0.1},
-        "train": {"max_steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5, "scheduler": "cosine",
-                  "log_every": 10, "eval_every": steps, "eval_batches": 16, "checkpoint_every": steps},
-        "output_dir": str(output_dir),
-    })
+    return validate(
+        {
+            "model": {"name_or_path": model},
+            "adapter": {
+                "rank": 8,
+                "alpha": 16.0,
+                "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                **adapter,
+            },
+            "data": {
+                "path": str(data_dir() / "gsm8k" / "train.jsonl"),
+                "max_length": 256,
+                "overlength": "drop",
+                "max_examples": 1000,
+                "validation_fraction": 0.1,
+            },
+            "train": {
+                "max_steps": steps,
+                "batch_size": 4,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "scheduler": "cosine",
+                "log_every": 10,
+                "eval_every": steps,
+                "eval_batches": 16,
+                "checkpoint_every": steps,
+            },
+            "output_dir": str(output_dir),
+        }
+    )
 
 
 def main() -> None:
@@ -53,15 +74,21 @@ def main() -> None:
     rows = {}
     for label, adapter in RUNS.items():
         summary = train(recipe(args.model, adapter, args.steps, args.out / label.replace(" ", "-").replace("=", "")))
-        rows[label] = {"trainable": summary.trainable_parameters, "val_loss": summary.final_val_loss,
-                       "train_loss": summary.final_loss, "seconds": summary.seconds}
+        rows[label] = {
+            "trainable": summary.trainable_parameters,
+            "val_loss": summary.final_val_loss,
+            "train_loss": summary.final_loss,
+            "seconds": summary.seconds,
+        }
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     lora = rows["lora"]["trainable"]
     print(f"| method | trainable | vs LoRA | val loss after {args.steps} steps | train loss (last step) | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, row in rows.items():
-        print(f"| {label} | {row['trainable']:,} | {row['trainable'] / lora:.1%} | {row['val_loss']:.4f} | "
-              f"{row['train_loss']:.4f} | {row['seconds']:.0f} |")
+        print(
+            f"| {label} | {row['trainable']:,} | {row['trainable'] / lora:.1%} | {row['val_loss']:.4f} | "
+            f"{row['train_loss']:.4f} | {row['seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,14 +25,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from sharelora_cli.core.doc_sections import replace_section  # noqa: E402
-from sharelora_cli.core.errors import UserError  # noqa: E402
-from sharelora_cli.config.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name  # noqa: E402
-from sharelora_cli.training.stages import run_stages, stage_dir  # noqa: E402
-from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
-from sharelora_cli.training.loop import SUMMARY_FILE  # noqa: E402
+from sharelora_cli.config.recipe import METHOD_NAMES, Recipe, load_recipe, stage_name
+from sharelora_cli.core.doc_sections import replace_section
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers
+from sharelora_cli.training.loop import SUMMARY_FILE
+from sharelora_cli.training.stages import run_stages, stage_dir
 
 DEFAULT_METHODS = ["lora", "sharea", "shareab", "aslora", "miss"]
 SECTION = "continual-study"
@@ -49,8 +49,9 @@ class Run:
 
 
 def run_recipe(recipe: str, overrides: list[str], run: Run, out: Path) -> Recipe:
-    return load_recipe(recipe, [*overrides, f"adapter.method={run.method}", f"train.seed={run.seed}",
-                                f"output_dir={out / run.name}"])
+    return load_recipe(
+        recipe, [*overrides, f"adapter.method={run.method}", f"train.seed={run.seed}", f"output_dir={out / run.name}"]
+    )
 
 
 def run_stages_once(recipe: str, overrides: list[str], run: Run, out: Path) -> dict:
@@ -58,8 +59,13 @@ def run_stages_once(recipe: str, overrides: list[str], run: Run, out: Path) -> d
     cfg = run_recipe(recipe, overrides, run, out)
     report = run_stages(cfg)
     last_stage = json.loads((stage_dir(cfg, len(cfg.stages) - 1) / SUMMARY_FILE).read_text())
-    return {"method": run.method, "rank": cfg.adapter.rank, "seed": run.seed,
-            "trainable_params": last_stage["trainable_parameters"], **report.summary}
+    return {
+        "method": run.method,
+        "rank": cfg.adapter.rank,
+        "seed": run.seed,
+        "trainable_params": last_stage["trainable_parameters"],
+        **report.summary,
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -92,20 +98,33 @@ def percent(pair: tuple[float, float], signed: bool = False) -> str:
 
 def overview(summary: list[dict]) -> list[str]:
     forgettable = list(summary[0]["forgetting"])
-    lines = ["| method | rank | trainable params | average accuracy (%) | backward transfer (points) | "
-             + " | ".join(f"forgetting: {task}" for task in forgettable) + " |",
-             "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(forgettable)]
+    lines = [
+        "| method | rank | trainable params | average accuracy (%) | backward transfer (points) | "
+        + " | ".join(f"forgetting: {task}" for task in forgettable)
+        + " |",
+        "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(forgettable),
+    ]
     for s in sorted(summary, key=lambda s: -s["average_accuracy"][0]):
-        cells = [s["method"], str(s["rank"]), f"{s['trainable_params']:,}", percent(s["average_accuracy"]),
-                 percent(s["backward_transfer"], signed=True), *(percent(s["forgetting"][t]) for t in forgettable)]
+        cells = [
+            s["method"],
+            str(s["rank"]),
+            f"{s['trainable_params']:,}",
+            percent(s["average_accuracy"]),
+            percent(s["backward_transfer"], signed=True),
+            *(percent(s["forgetting"][t]) for t in forgettable),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def matrix_table(entry: dict, stage_names: list[str]) -> list[str]:
     """One method's accuracy matrix (%, mean over seeds): a row before the stages and one after each."""
-    lines = [f"**{entry['method']}** (accuracy %, mean of {entry['seeds']} seeds)", "",
-             "| after | " + " | ".join(entry["tasks"]) + " |", "| --- |" + " ---: |" * len(entry["tasks"])]
+    lines = [
+        f"**{entry['method']}** (accuracy %, mean of {entry['seeds']} seeds)",
+        "",
+        "| after | " + " | ".join(entry["tasks"]) + " |",
+        "| --- |" + " ---: |" * len(entry["tasks"]),
+    ]
     labels = ["(base)", *stage_names]
     for label, row in zip(labels, [entry["initial"], *entry["matrix"]]):
         lines.append(f"| {label} | " + " | ".join(f"{100 * value:.1f}" for value in row) + " |")
@@ -121,28 +140,40 @@ def markdown(summary: list[dict], stage_names: list[str], command: str, setup: s
 
 def describe_setup(cfg: Recipe, seeds: list[int], timing: str) -> str:
     stages = ", ".join(stage_name(cfg, k) for k in range(len(cfg.stages)))
-    return (f"Recipe as shipped, model `{cfg.model.name_or_path}`, rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha}, "
-            f"stages {stages}; seeds {', '.join(map(str, seeds))}. {timing} on {os.cpu_count()} CPU cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s).")
+    return (
+        f"Recipe as shipped, model `{cfg.model.name_or_path}`, rank {cfg.adapter.rank}, alpha {cfg.adapter.alpha}, "
+        f"stages {stages}; seeds {', '.join(map(str, seeds))}. {timing} on {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)."
+    )
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/quickstart-continual.yaml", help="a recipe with stages:")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a recipe override for every run (repeatable), e.g. adapter.rank=16")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable), e.g. adapter.rank=16",
+    )
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(METHOD_NAMES)}")
     parser.add_argument("--seeds", type=whole_numbers, default="0,1,2", help="comma-separated")
     parser.add_argument("--out", type=Path, default=Path("runs/continual-study"), help="one folder per run")
     parser.add_argument("--json", type=Path, help="write one row per run")
     parser.add_argument("--markdown", type=Path, default=Path("docs/continual.md"), help="update its study section")
-    parser.add_argument("--section", default=SECTION,
-                        help="the markers the tables go between (<!-- NAME:begin -->), for a second study in one file")
+    parser.add_argument(
+        "--section",
+        default=SECTION,
+        help="the markers the tables go between (<!-- NAME:begin -->), for a second study in one file",
+    )
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
     if unknown or not args.methods:
-        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHOD_NAMES)}")
+        parser.error(
+            f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHOD_NAMES)}"
+        )
     try:
         cfg = load_recipe(args.recipe, args.override)
     except UserError as err:
@@ -156,8 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_args(argv)
     runs = [Run(method, seed) for method in args.methods for seed in args.seeds]
     rows, timing = run_all(
-        runs, lambda run: finished_or_run(args.out / run.name, lambda: run_stages_once(args.recipe, args.override, run, args.out)),
-        lambda row: f"average accuracy {row['average_accuracy']:.3f}, backward transfer {row['backward_transfer']:+.3f}")
+        runs,
+        lambda run: finished_or_run(
+            args.out / run.name, lambda: run_stages_once(args.recipe, args.override, run, args.out)
+        ),
+        lambda row: (
+            f"average accuracy {row['average_accuracy']:.3f}, backward transfer {row['backward_transfer']:+.3f}"
+        ),
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

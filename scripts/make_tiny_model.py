@@ -15,24 +15,43 @@ import sys
 from pathlib import Path
 
 from sharelora_cli.core.errors import UserError
-from sharelora_cli.models.pretrain import PretrainConfig, pretrain
 from sharelora_cli.data.synthetic_tasks import write_tasks
+from sharelora_cli.models.pretrain import PretrainConfig, pretrain
 from sharelora_cli.models.tiny_model import build_tiny_model
 
-RANDOM_DIR, PRETRAINED_DIR, TASKS_DIR = "artifacts/tiny-llama", "artifacts/tiny-llama-arith", "artifacts/synthetic-tasks"
+RANDOM_DIR, PRETRAINED_DIR, TASKS_DIR = (
+    "artifacts/tiny-llama",
+    "artifacts/tiny-llama-arith",
+    "artifacts/synthetic-tasks",
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", type=Path,
-                        help=f"model directory [default: {RANDOM_DIR}, with --pretrain {PRETRAINED_DIR}]")
-    parser.add_argument("--pretrain", action="store_true", help="pretrain on synthetic arithmetic instead of random weights")
-    parser.add_argument("--tasks", type=Path, default=Path(TASKS_DIR),
-                        help=f"with --pretrain: where the task folders go [default: {TASKS_DIR}]")
-    parser.add_argument("--seed", type=int, default=PretrainConfig.seed,
-                        help=f"with --pretrain: seed of corpus, tokenizer, weights and tasks [default: {PretrainConfig.seed}]")
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps,
-                        help=f"with --pretrain: optimizer steps of {PretrainConfig.batch_size} rows [default: {PretrainConfig.steps}]")
+    parser.add_argument(
+        "out", nargs="?", type=Path, help=f"model directory [default: {RANDOM_DIR}, with --pretrain {PRETRAINED_DIR}]"
+    )
+    parser.add_argument(
+        "--pretrain", action="store_true", help="pretrain on synthetic arithmetic instead of random weights"
+    )
+    parser.add_argument(
+        "--tasks",
+        type=Path,
+        default=Path(TASKS_DIR),
+        help=f"with --pretrain: where the task folders go [default: {TASKS_DIR}]",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=PretrainConfig.seed,
+        help=f"with --pretrain: seed of corpus, tokenizer, weights and tasks [default: {PretrainConfig.seed}]",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=PretrainConfig.steps,
+        help=f"with --pretrain: optimizer steps of {PretrainConfig.batch_size} rows [default: {PretrainConfig.steps}]",
+    )
     args = parser.parse_args()
     if not args.pretrain:
         print(f"tiny model written to {build_tiny_model(args.out or Path(RANDOM_DIR))}")
@@ -40,7 +59,9 @@ def main() -> None:
     if args.steps <= 0:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
     print(f"synthetic tasks written to {write_tasks(args.tasks, args.seed)}")
-    print(f"pretrained tiny model written to {pretrain(args.out or Path(PRETRAINED_DIR), PretrainConfig(seed=args.seed, steps=args.steps))}")
+    print(
+        f"pretrained tiny model written to {pretrain(args.out or Path(PRETRAINED_DIR), PretrainConfig(seed=args.seed, steps=args.steps))}"
+    )
 
 
 if __name__ == "__main__":

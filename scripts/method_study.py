@@ -35,23 +35,23 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import set_seed  # noqa: E402
+import torch
+from transformers import set_seed
 
-from sharelora_cli.adapters.aslora import target_plan  # noqa: E402
-from sharelora_cli.data.examples import StepSampler, build_splits, collate  # noqa: E402
-from sharelora_cli.core.doc_sections import replace_section  # noqa: E402
-from sharelora_cli.evaluation import gsm8k  # noqa: E402
-from sharelora_cli.evaluation.engine import Engine, context_window  # noqa: E402
-from sharelora_cli.evaluation.results import TaskResult  # noqa: E402
-from sharelora_cli.evaluation.runner import build_engine  # noqa: E402
-from sharelora_cli.adapters.inject import plan_trainable, planned_plan  # noqa: E402
-from sharelora_cli.core.lr_schedule import make_scheduler  # noqa: E402
-from sharelora_cli.models.loading import build_on_meta, load_config, load_model, load_tokenizer  # noqa: E402
-from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate  # noqa: E402
-from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers  # noqa: E402
-from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL  # noqa: E402
-from sharelora_cli.training.loop import make_accelerator, train, train_step  # noqa: E402
+from sharelora_cli.adapters.aslora import target_plan
+from sharelora_cli.adapters.inject import plan_trainable, planned_plan
+from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate
+from sharelora_cli.core.doc_sections import replace_section
+from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers
+from sharelora_cli.data.examples import StepSampler, build_splits, collate
+from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL
+from sharelora_cli.evaluation import gsm8k
+from sharelora_cli.evaluation.engine import Engine, context_window
+from sharelora_cli.evaluation.results import TaskResult
+from sharelora_cli.evaluation.runner import build_engine
+from sharelora_cli.models.loading import build_on_meta, load_config, load_model, load_tokenizer
+from sharelora_cli.training.loop import make_accelerator, train, train_step
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_METHODS = ["lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "peft-lora"]
@@ -114,14 +114,23 @@ def recipe(run: Run, settings: Settings) -> Recipe:
 
 def adapter_settings(method: str, rank: int, vblora_vector_length: int) -> dict:
     """The recipe's adapter section: every method at alpha = 2 x rank on all seven projections."""
-    return {"method": "lora" if method == "peft-lora" else method, "rank": rank, "alpha": 2.0 * rank,
-            "targets": TARGETS, "vblora": {"vector_length": vblora_vector_length}}
+    return {
+        "method": "lora" if method == "peft-lora" else method,
+        "rank": rank,
+        "alpha": 2.0 * rank,
+        "targets": TARGETS,
+        "vblora": {"vector_length": vblora_vector_length},
+    }
 
 
 def vblora_vector_length(model) -> int:
     """The largest vector length up to PEFT's default that divides every adapted layer's width."""
-    widths = [size for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in TARGETS
-              for size in (module.in_features, module.out_features)]
+    widths = [
+        size
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS
+        for size in (module.in_features, module.out_features)
+    ]
     common = math.gcd(*widths)
     return max(d for d in range(1, min(common, VBLORA_VECTOR_LENGTH) + 1) if common % d == 0)
 
@@ -173,7 +182,7 @@ def fine_tune_peft_lora(run: Run, cfg: Recipe) -> Row:
 
 # Study name -> fine-tune function. Every sharelora method is one; outside references are added here.
 TRAINERS: dict[str, Callable[[Run, Recipe], Row]] = {
-    **{name: fine_tune_sharelora for name in METHOD_NAMES},
+    **dict.fromkeys(METHOD_NAMES, fine_tune_sharelora),
     "peft-lora": fine_tune_peft_lora,
 }
 
@@ -195,8 +204,9 @@ def matched_rank(model, method: str, lora_rank: int, vector_length: int) -> int:
     return min(range(1, 16 * lora_rank + 1), key=distance)
 
 
-def plan_runs(model, vector_length: int, methods: list[str], ranks: list[int], match_lora_ranks: list[int],
-              seeds: list[int]) -> list[Run]:
+def plan_runs(
+    model, vector_length: int, methods: list[str], ranks: list[int], match_lora_ranks: list[int], seeds: list[int]
+) -> list[Run]:
     """model: the base on the meta device, for the parameter counts of the equal-budget sweep."""
     pairs = {(m, r) for m in methods for r in ranks}
     pairs |= {(m, matched_rank(model, m, lora_rank, vector_length)) for m in methods for lora_rank in match_lora_ranks}
@@ -206,7 +216,9 @@ def plan_runs(model, vector_length: int, methods: list[str], ranks: list[int], m
 
 def run_once(run: Run, settings: Settings) -> tuple[Row, bool]:
     """The run's row, and whether it was reused from an earlier study rather than run now."""
-    row, reused = finished_or_run(settings.out / run.name, lambda: asdict(TRAINERS[run.method](run, recipe(run, settings))))
+    row, reused = finished_or_run(
+        settings.out / run.name, lambda: asdict(TRAINERS[run.method](run, recipe(run, settings)))
+    )
     return Row(**row), reused
 
 
@@ -235,21 +247,36 @@ def percent(entry: dict) -> str:
 
 def markdown(summary: list[dict], lora_ranks: list[int], base: float, command: str, setup: str) -> str:
     lora = {s["rank"]: s["trainable_params"] for s in summary if s["method"] == "lora"}
-    lines = [f"Command: `{command}`", "", setup, "",
-             f"Base model without an adapter: {100 * base:.1f}% on the same problems.", "",
-             "| method | rank | trainable params | vs LoRA same rank | accuracy (mean ± std) | seeds | step time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        setup,
+        "",
+        f"Base model without an adapter: {100 * base:.1f}% on the same problems.",
+        "",
+        "| method | rank | trainable params | vs LoRA same rank | accuracy (mean ± std) | seeds | step time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for s in summary:
         ratio = f"{s['trainable_params'] / lora[s['rank']]:.0%}" if s["rank"] in lora else "–"
-        lines.append(f"| {s['method']} | {s['rank']} | {s['trainable_params']:,} | {ratio} | {percent(s)} | {s['seeds']} | "
-                     f"{s['step_time_s']:.3f} |")
+        lines.append(
+            f"| {s['method']} | {s['rank']} | {s['trainable_params']:,} | {ratio} | {percent(s)} | {s['seeds']} | "
+            f"{s['step_time_s']:.3f} |"
+        )
     for lora_rank in (r for r in lora_ranks if r in lora):
         budget = lora[lora_rank]
         matched = [s for s in summary if abs(s["trainable_params"] - budget) <= 0.1 * budget]
-        lines += ["", f"Equal parameter budget: every run within 10% of LoRA r={lora_rank}'s {budget:,} trainable parameters.",
-                  "", "| method | rank | trainable params | accuracy (mean ± std) |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {s['method']} | {s['rank']} | {s['trainable_params']:,} | {percent(s)} |"
-                  for s in sorted(matched, key=lambda s: -s["mean"])]
+        lines += [
+            "",
+            f"Equal parameter budget: every run within 10% of LoRA r={lora_rank}'s {budget:,} trainable parameters.",
+            "",
+            "| method | rank | trainable params | accuracy (mean ± std) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {s['method']} | {s['rank']} | {s['trainable_params']:,} | {percent(s)} |"
+            for s in sorted(matched, key=lambda s: -s["mean"])
+        ]
     return "\n".join(lines)
 
 
@@ -293,33 +320,44 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
 def describe_setup(settings: Settings, seeds: list[int], timing: str, load: tuple[float, float]) -> str:
     pretraining = json.loads((Path(settings.base) / "pretraining.json").read_text())
     steps, seed = pretraining["config"]["steps"], pretraining["config"]["seed"]
-    return (f"Base: `{settings.base}` ({pretraining['parameters']:,} parameters, pretrained {steps} steps, seed {seed}). "
-            f"Each run: {settings.steps} steps of batch {settings.batch_size}, lr {settings.lr}, cosine schedule, "
-            f"alpha = 2 x rank, all seven projections, seeds {', '.join(map(str, seeds))}. {timing} "
-            f"on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); "
-            f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (the cores were shared, so step times "
-            "are indicative only).")
+    return (
+        f"Base: `{settings.base}` ({pretraining['parameters']:,} parameters, pretrained {steps} steps, seed {seed}). "
+        f"Each run: {settings.steps} steps of batch {settings.batch_size}, lr {settings.lr}, cosine schedule, "
+        f"alpha = 2 x rank, all seven projections, seeds {', '.join(map(str, seeds))}. {timing} "
+        f"on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (the cores were shared, so step times "
+        "are indicative only)."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/method-study"),
-                        help="one folder per run; finished runs are reused")
-    parser.add_argument("--json", type=Path,
-                        help="write the rows {method, rank, seed, accuracy, trainable_params, step_time_s}")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/method-study"), help="one folder per run; finished runs are reused"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write the rows {method, rank, seed, accuracy, trainable_params, step_time_s}"
+    )
     parser.add_argument("--markdown", type=Path, default=Path("docs/method_study.md"), help="update its study section")
     parser.add_argument("--plot", type=Path, default=Path("docs/method_study.png"))
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(TRAINERS)}")
     parser.add_argument("--ranks", type=whole_numbers, default="2,8,32", help="comma-separated")
-    parser.add_argument("--match-lora-ranks", type=whole_numbers, default="2,8",
-                        help="also run each method at the rank closest to LoRA r=N's parameter count, for each N; 0: none")
+    parser.add_argument(
+        "--match-lora-ranks",
+        type=whole_numbers,
+        default="2,8",
+        help="also run each method at the rank closest to LoRA r=N's parameter count, for each N; 0: none",
+    )
     parser.add_argument("--seeds", type=whole_numbers, default="0,1,2", help="comma-separated")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--base", default="artifacts/tiny-llama-arith", help="built by scripts/make_tiny_model.py --pretrain")
-    parser.add_argument("--tasks", default="artifacts/synthetic-tasks",
-                        help=f"folder holding {FINE_TUNING_SKILL}/{{train,test}}.jsonl")
+    parser.add_argument(
+        "--base", default="artifacts/tiny-llama-arith", help="built by scripts/make_tiny_model.py --pretrain"
+    )
+    parser.add_argument(
+        "--tasks", default="artifacts/synthetic-tasks", help=f"folder holding {FINE_TUNING_SKILL}/{{train,test}}.jsonl"
+    )
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in TRAINERS]
@@ -331,8 +369,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (Path(args.base) / "pretraining.json").is_file():
         parser.error(f"--base {args.base} is not a pretrained base: run python scripts/make_tiny_model.py --pretrain")
     if not (Path(args.tasks) / FINE_TUNING_SKILL / "test.jsonl").is_file():
-        parser.error(f"--tasks {args.tasks} has no {FINE_TUNING_SKILL}/test.jsonl: "
-                     "run python scripts/make_tiny_model.py --pretrain")
+        parser.error(
+            f"--tasks {args.tasks} has no {FINE_TUNING_SKILL}/test.jsonl: "
+            "run python scripts/make_tiny_model.py --pretrain"
+        )
     return args
 
 
@@ -343,8 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     vector_length = vblora_vector_length(model)
     settings = Settings(args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length)
     runs = plan_runs(model, vector_length, args.methods, args.ranks, args.match_lora_ranks, args.seeds)
-    rows, timing = run_all(runs, lambda run: run_once(run, settings), lambda row: (
-        f"accuracy {row.accuracy:.3f}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step"))
+    rows, timing = run_all(
+        runs,
+        lambda run: run_once(run, settings),
+        lambda row: f"accuracy {row.accuracy:.3f}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step",
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
@@ -355,8 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     plotted = write_plot(args.plot, summary, base)
     section = markdown(summary, args.match_lora_ranks, base, command, setup)
     write_markdown(args.markdown, section, args.plot if plotted else None)
-    print(f"tables written to {args.markdown}" + (f", plot to {args.plot}" if plotted else
-          "; no plot: matplotlib is missing (pip install -e .[plots])"))
+    print(
+        f"tables written to {args.markdown}"
+        + (f", plot to {args.plot}" if plotted else "; no plot: matplotlib is missing (pip install -e .[plots])")
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_train  # noqa: E402  (a sibling script, not a package)
+import bench_train
 
 DISPATCH_BASES = {"fp32": "smoke", "nf4": "smoke-nf4"}
 
@@ -81,8 +81,11 @@ def dispatches_per_module(configs: list[str]) -> dict[str, dict[str, float]]:
         preset = bench_train.PRESETS[preset_name]
         floor = sum(step_dispatches("floor", preset).values())
         modules = adapted_modules(preset)
-        result[base] = {name: (sum(step_dispatches(name, preset).values()) - floor) / modules
-                        for name in configs if bench_train.runs_on(name, preset)}
+        result[base] = {
+            name: (sum(step_dispatches(name, preset).values()) - floor) / modules
+            for name in configs
+            if bench_train.runs_on(name, preset)
+        }
     return result
 
 
@@ -121,8 +124,11 @@ def figure(counts: dict[str, float], name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help=f"configurations: {', '.join(bench_train.NAMES)}")
-    parser.add_argument("--dispatches", action="store_true",
-                        help="count dispatches per adapted module (fp32 and NF4 bases) instead of timing ops")
+    parser.add_argument(
+        "--dispatches",
+        action="store_true",
+        help="count dispatches per adapted module (fp32 and NF4 bases) instead of timing ops",
+    )
     parser.add_argument("--json", type=Path, default=None, help="with --dispatches: write {base: {config: count}}")
     parser.add_argument("--preset", choices=bench_train.PRESETS, default="cpu")
     parser.add_argument("--rank", type=int, default=None, help="override the preset's rank")

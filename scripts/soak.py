@@ -30,15 +30,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sharelora_cli.training.checkpoint import latest_checkpoint
 from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.models.tiny_model import build_tiny_model
+from sharelora_cli.training.checkpoint import latest_checkpoint
 from sharelora_cli.training.loop import train
 
 # Steps a killed subprocess may run at most; it is usually killed one or two steps in.
 KILL_SPAN = 4
-CHECKPOINT_FILES = ("adapter/adapter.safetensors", "adapter/sharelora_config.json", "optimizer.pt", "scheduler.pt",
-                    "rng.pt", "trainer_state.json")
+CHECKPOINT_FILES = (
+    "adapter/adapter.safetensors",
+    "adapter/sharelora_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "trainer_state.json",
+)
 
 
 def soak_recipe(model_dir: Path, max_steps: int) -> dict:
@@ -47,8 +53,17 @@ def soak_recipe(model_dir: Path, max_steps: int) -> dict:
         "model": {"name_or_path": str(model_dir)},
         "adapter": {"method": "sharea", "rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj"]},
         "data": {"max_length": 128, "overlength": "drop", "max_examples": 60, "validation_fraction": 0.0},
-        "train": {"max_steps": max_steps, "batch_size": 2, "lr": 3e-3, "scheduler": "constant", "warmup_steps": 0,
-                  "log_every": 1, "eval_every": 10**9, "checkpoint_every": 1, "keep_checkpoints": 2},
+        "train": {
+            "max_steps": max_steps,
+            "batch_size": 2,
+            "lr": 3e-3,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "log_every": 1,
+            "eval_every": 10**9,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 2,
+        },
     }
 
 
@@ -82,8 +97,16 @@ def checkpoint_steps(run: Path) -> list[int]:
 def killed_cycle(recipe_path: Path, run: Path, step: int, rng: random.Random) -> None:
     """`sharelora train` from step, SIGKILLed at a random moment after its first new checkpoint."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "sharelora_cli", "train", str(recipe_path), f"output_dir={run}", "resume=true",
-               f"train.max_steps={step + KILL_SPAN}"]
+    command = [
+        sys.executable,
+        "-m",
+        "sharelora_cli",
+        "train",
+        str(recipe_path),
+        f"output_dir={run}",
+        "resume=true",
+        f"train.max_steps={step + KILL_SPAN}",
+    ]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while (latest := latest_checkpoint(run)) is None or int(latest.name.split("-")[1]) <= step:
         if proc.poll() is not None:
@@ -100,7 +123,9 @@ def main() -> None:
     parser.add_argument("--kill-every", type=int, default=50, help="every Nth cycle is a SIGKILLed subprocess; 0: none")
     parser.add_argument("--model", type=Path, help="tiny model directory [default: build one in the work directory]")
     parser.add_argument("--workdir", type=Path, help="[default: a temporary directory, removed at the end]")
-    parser.add_argument("--tolerance", type=float, default=0.0, help="largest allowed |adapter - reference| (default: bitwise)")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.0, help="largest allowed |adapter - reference| (default: bitwise)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args()
@@ -131,9 +156,15 @@ def main() -> None:
             killed_cycle(recipe_path, chain, step, rng)
             killed_cycles += 1
         else:
-            quiet_train(recipe_path, [f"output_dir={chain}", f"train.max_steps={step + 1}", f"resume={str(step > 0).lower()}"])
+            quiet_train(
+                recipe_path, [f"output_dir={chain}", f"train.max_steps={step + 1}", f"resume={str(step > 0).lower()}"]
+            )
         steps = checkpoint_steps(chain)
-        diffs += [max_abs_diff(chain / f"checkpoint-{s}" / "adapter", reference / f"checkpoint-{s}" / "adapter") for s in steps if s > step]
+        diffs += [
+            max_abs_diff(chain / f"checkpoint-{s}" / "adapter", reference / f"checkpoint-{s}" / "adapter")
+            for s in steps
+            if s > step
+        ]
         step = steps[-1]
         if cycle % 50 == 0 or cycle == args.cycles:
             elapsed = time.perf_counter() - cycles_started
@@ -141,12 +172,17 @@ def main() -> None:
 
     logged = [json.loads(line)["step"] for line in (chain / "metrics.jsonl").read_text().splitlines()]
     summary = {
-        "cycles": args.cycles, "killed_cycles": killed_cycles, "steps": step, "compared_checkpoints": len(diffs),
-        "max_abs_diff": max(diffs), "diverged": sum(d > args.tolerance for d in diffs),
+        "cycles": args.cycles,
+        "killed_cycles": killed_cycles,
+        "steps": step,
+        "compared_checkpoints": len(diffs),
+        "max_abs_diff": max(diffs),
+        "diverged": sum(d > args.tolerance for d in diffs),
         "metrics_log_contiguous": logged == list(range(1, step + 1)),
-        "reference_s": round(reference_s, 1), "cycles_s": round(time.perf_counter() - cycles_started, 1),
+        "reference_s": round(reference_s, 1),
+        "cycles_s": round(time.perf_counter() - cycles_started, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
     }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -2,7 +2,6 @@
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
@@ -34,7 +33,9 @@ def recipes_command() -> None:
 
 
 @app.command("show")
-def show_command(recipe: str = typer.Argument(..., help="recipe path or shipped name"), overrides: Optional[list[str]] = OverridesArg) -> None:
+def show_command(
+    recipe: str = typer.Argument(..., help="recipe path or shipped name"), overrides: list[str] | None = OverridesArg
+) -> None:
     """Print the fully resolved recipe (defaults, file and overrides merged)."""
     from sharelora_cli.config.recipe import load_recipe, to_yaml
 
@@ -43,13 +44,15 @@ def show_command(recipe: str = typer.Argument(..., help="recipe path or shipped 
 
 @app.command("inspect")
 def inspect_command(
-    recipe: Optional[str] = typer.Argument(None, help="recipe whose model, rank and targets to use"),
-    model: Optional[str] = typer.Option(None, "--model", help="config directory, recipes/models name or hub id"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="comma-separated module types, e.g. q_proj,v_proj"),
+    recipe: str | None = typer.Argument(None, help="recipe whose model, rank and targets to use"),
+    model: str | None = typer.Option(None, "--model", help="config directory, recipes/models name or hub id"),
+    rank: int | None = typer.Option(None, "--rank", help="adapter rank"),
+    targets: str | None = typer.Option(None, "--targets", help="comma-separated module types, e.g. q_proj,v_proj"),
     as_json: bool = typer.Option(
-        False, "--json", help="print {method: trainable parameters} as JSON (methods that do not fit the model left out, "
-        "with a note on stderr)"
+        False,
+        "--json",
+        help="print {method: trainable parameters} as JSON (methods that do not fit the model left out, "
+        "with a note on stderr)",
     ),
 ) -> None:
     """Trainable parameters per method for an architecture, built weightless on the meta device."""
@@ -78,7 +81,7 @@ def inspect_command(
 @app.command("train")
 def train_command(
     recipe: str = typer.Argument(..., help="recipe path or shipped name"),
-    overrides: Optional[list[str]] = OverridesArg,
+    overrides: list[str] | None = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
     allow_code_execution: bool = AllowCodeExecution,
     allow_weak_sandbox: bool = AllowWeakSandbox,
@@ -87,9 +90,9 @@ def train_command(
 
     A recipe with stages trains them in order into OUTPUT_DIR/stage-K/ and writes OUTPUT_DIR/continual.json.
     """
+    from sharelora_cli.config.recipe import load_recipe
     from sharelora_cli.evaluation.runner import CodeExecution
     from sharelora_cli.training.launch import relaunch_as_workers, requested_cpu_processes
-    from sharelora_cli.config.recipe import load_recipe
     from sharelora_cli.training.loop import Interrupted
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
@@ -112,8 +115,8 @@ def run_training_command(recipe, code) -> str:
 
 
 def run_stages_command(recipe, code) -> str:
-    from sharelora_cli.training.continual_metrics import format_table
     from sharelora_cli.config.recipe import stage_name
+    from sharelora_cli.training.continual_metrics import format_table
     from sharelora_cli.training.stages import run_stages
 
     report = run_stages(recipe, code)
@@ -133,12 +136,18 @@ def summary_line(summary) -> str:
 
 @app.command("merge")
 def merge_command(
-    adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
+    adapter: str = typer.Option(
+        ..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"
+    ),
     out: str = typer.Option(..., "--out", help="new directory for the merged checkpoint"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model directory or hub id [default: the adapter's base_model]"),
+    base: str | None = typer.Option(
+        None, "--base", help="base model directory or hub id [default: the adapter's base_model]"
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="auto (keep the base's), bf16, fp16 or fp32"),
     full_precision_base: bool = typer.Option(
-        False, "--full-precision-base", help="for an adapter trained on a 4-bit base: merge into the full-precision weights"
+        False,
+        "--full-precision-base",
+        help="for an adapter trained on a 4-bit base: merge into the full-precision weights",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
@@ -150,13 +159,19 @@ def merge_command(
 
 @app.command("export")
 def export_command(
-    adapter: str = typer.Option(..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"),
+    adapter: str = typer.Option(
+        ..., "--adapter", help="adapter directory (sharelora_config.json + adapter.safetensors)"
+    ),
     out: str = typer.Option(..., "--out", help="new directory for the exported adapter"),
     fmt: str = typer.Option(
-        "peft", "--format", help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
-        "(Tied-LoRA has no PEFT format: use merge)"
+        "peft",
+        "--format",
+        help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
+        "(Tied-LoRA has no PEFT format: use merge)",
     ),
-    base: Optional[str] = typer.Option(None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"),
+    base: str | None = typer.Option(
+        None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
 ) -> None:
     """Write the adapter in another library's format, without merging it."""
@@ -167,22 +182,26 @@ def export_command(
 
 @app.command("eval")
 def eval_command(
-    recipe: Optional[str] = typer.Argument(None, help="recipe whose model, OUTPUT_DIR/adapter and eval section to use"),
-    overrides: Optional[list[str]] = OverridesArg,
-    recipe_option: Optional[str] = typer.Option(None, "--recipe", help="the recipe, as an option"),
-    model: Optional[str] = typer.Option(None, "--model", help="model directory or hub id"),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="adapter directory written by sharelora"),
+    recipe: str | None = typer.Argument(None, help="recipe whose model, OUTPUT_DIR/adapter and eval section to use"),
+    overrides: list[str] | None = OverridesArg,
+    recipe_option: str | None = typer.Option(None, "--recipe", help="the recipe, as an option"),
+    model: str | None = typer.Option(None, "--model", help="model directory or hub id"),
+    adapter: str | None = typer.Option(None, "--adapter", help="adapter directory written by sharelora"),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="evaluate the recipe's base model without its adapter"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
-    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="auto or a number"),
-    gsm8k_path: Optional[str] = typer.Option(
-        None, "--gsm8k-path", help="gsm8k: a folder with train.jsonl (shots) and test.jsonl in GSM8K format, or a hub id"
+    tasks: str | None = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
+    limit: int | None = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
+    batch_size: str | None = typer.Option(None, "--batch-size", help="auto or a number"),
+    gsm8k_path: str | None = typer.Option(
+        None,
+        "--gsm8k-path",
+        help="gsm8k: a folder with train.jsonl (shots) and test.jsonl in GSM8K format, or a hub id",
     ),
-    data: Optional[str] = typer.Option(None, "--data", help="perplexity dataset: .txt/.jsonl/.json/.csv/.parquet or hub id"),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
-    samples: Optional[str] = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
-    results_file: Optional[str] = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
+    data: str | None = typer.Option(
+        None, "--data", help="perplexity dataset: .txt/.jsonl/.json/.csv/.parquet or hub id"
+    ),
+    text_field: str | None = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
+    samples: str | None = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
+    results_file: str | None = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
     allow_code_execution: bool = AllowCodeExecution,
     allow_weak_sandbox: bool = AllowWeakSandbox,
 ) -> None:

@@ -8,7 +8,7 @@ has loaded it, before anything asks, so a child started with it takes the chosen
 
 
 def force_detection_prelude(avx512bf16: bool) -> str:
-    return f'''
+    return f"""
 import importlib.abc, importlib.util, sys
 
 
@@ -46,4 +46,4 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _Finder())
-'''
+"""

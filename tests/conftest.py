@@ -9,8 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sharelora_cli.core.paths import data_dir  # noqa: E402
-from sharelora_cli.models.tiny_model import build_tiny_model  # noqa: E402
+from sharelora_cli.core.paths import data_dir
+from sharelora_cli.models.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

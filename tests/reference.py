@@ -70,9 +70,9 @@ def vblora_delta(logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Ten
     B = torch.zeros(tiles_out * length, rank, dtype=bank.dtype)
     for i in range(rank):
         for t in range(tiles_in):
-            A[i, t * length:(t + 1) * length] = bank_mixture(logits_A[i, t], bank, topk)
+            A[i, t * length : (t + 1) * length] = bank_mixture(logits_A[i, t], bank, topk)
         for t in range(tiles_out):
-            B[t * length:(t + 1) * length, i] = bank_mixture(logits_B[t, i], bank, topk)
+            B[t * length : (t + 1) * length, i] = bank_mixture(logits_B[t, i], bank, topk)
     return B @ A
 
 
@@ -87,7 +87,9 @@ def expected_delta(adapter, group, position: int) -> torch.Tensor:
         return miss_delta(factor("miss_D"), group.d_in)
     if config.method == "vera":
         shared = adapter.shared
-        return vera_delta(shared["vera_A"], shared["vera_B"], factor("vera_lambda_d"), factor("vera_lambda_b"), group.d_in)
+        return vera_delta(
+            shared["vera_A"], shared["vera_B"], factor("vera_lambda_d"), factor("vera_lambda_b"), group.d_in
+        )
     if config.method == "tied-lora":
         return tied_lora_delta(*(factor(f"tied_{n}") for n in "ABuv"), config.alpha, config.rank)
     if config.method == "vblora":
@@ -117,7 +119,9 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
     return total
 
 
-def llama_module_types(hidden: int, ffn: int, layers: int, kv_dim: int, targets: list[str]) -> list[tuple[int, int, int]]:
+def llama_module_types(
+    hidden: int, ffn: int, layers: int, kv_dim: int, targets: list[str]
+) -> list[tuple[int, int, int]]:
     """(d_in, d_out, L) of the named LLaMA projections."""
     shapes = {
         "q_proj": (hidden, hidden),

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from tiny_architectures import GPT2_TARGETS, LLAMA_TARGETS, load_tiny_llama, narrow_llama, tiny_gpt2
 
 from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.core.errors import UserError
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(12))
 

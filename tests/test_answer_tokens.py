@@ -7,12 +7,12 @@ of the separately tokenized answer as a word start ("▁5"), which the whole tex
 import json
 
 import pytest
+from sentencepiece_tokenizer import build_sentencepiece_tokenizer
 from transformers import AutoTokenizer, ByT5Tokenizer
 
-from sentencepiece_tokenizer import build_sentencepiece_tokenizer
-from sharelora_cli.data.examples import IGNORE_INDEX, build_splits
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.config.recipe import DataConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.data.examples import IGNORE_INDEX, build_splits
 from sharelora_cli.models.tiny_model import gsm8k_texts
 
 CHAT = [
@@ -44,11 +44,11 @@ def write_jsonl(path, rows):
 def labelled_runs(labels: list[int]) -> list[list[int]]:
     """The maximal runs of consecutive trained tokens."""
     runs, current = [], []
-    for label in labels + [IGNORE_INDEX]:
+    for label in [*labels, IGNORE_INDEX]:
         if label != IGNORE_INDEX:
             current.append(label)
         elif current:
-            runs, current = runs + [current], []
+            runs, current = [*runs, current], []
     return runs
 
 
@@ -62,11 +62,19 @@ def check(example, tokenizer, text: str, answers: list[str], special_tokens: boo
 
 
 def test_gsm8k_labels_are_the_answer_tokens_of_the_whole_text(tokenizer, shared_data):
-    cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=50, validation_fraction=0.0, max_length=10_000)
+    cfg = DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=50, validation_fraction=0.0, max_length=10_000
+    )
     rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:50]]
     for example in build_splits(cfg, tokenizer, 0).train:
         row = rows[example.row]
-        check(example, tokenizer, f"Question: {row['question']}\nAnswer: {row['answer']}", [row["answer"] + tokenizer.eos_token], True)
+        check(
+            example,
+            tokenizer,
+            f"Question: {row['question']}\nAnswer: {row['answer']}",
+            [row["answer"] + tokenizer.eos_token],
+            True,
+        )
         assert example.input_ids[-1] == tokenizer.eos_token_id
 
 
@@ -80,7 +88,9 @@ def test_alpaca_labels_are_the_answer_tokens_of_the_whole_text(tokenizer, tmp_pa
 
 
 def test_chat_labels_are_each_assistant_turn_of_the_whole_text(tokenizer, tmp_path):
-    cfg = DataConfig(path=write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}]), format="chat", validation_fraction=0.0)
+    cfg = DataConfig(
+        path=write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}]), format="chat", validation_fraction=0.0
+    )
     example = build_splits(cfg, tokenizer, 0).train[0]
     text = tokenizer.apply_chat_template(CHAT, tokenize=False)
     eos = tokenizer.eos_token

@@ -17,11 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.aslora import BMerger, merge_steps, target_groups
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig, ASLoRAConfig, load_recipe
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.outputs.export import export_adapter
-from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.outputs.merge import merge_adapter
-from sharelora_cli.config.recipe import ASLoRAConfig, AdapterConfig, load_recipe
 from sharelora_cli.training.loop import train
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -95,8 +95,9 @@ def test_merging_identical_bs_leaves_the_logits_unchanged(tiny_model, tiny_model
         assert group.index["lora_B"] == [0, 1, 2, 1]
         layers = [tiny_model.get_submodule(path) for path in group.modules]
         assert layers[1].lora_B is layers[3].lora_B is group.tensors["lora_B"][1]
-        assert group.merges == [{"step": 5, "merged": [[group.modules[1]], [group.modules[3]]],
-                                 "similarity": pytest.approx(1.0)}]
+        assert group.merges == [
+            {"step": 5, "merged": [[group.modules[1]], [group.modules[3]]], "similarity": pytest.approx(1.0)}
+        ]
     # The optimizer follows: same tensors in Adapter.parameters() order, no state for dropped or merged ones.
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in adapter.parameters()]
     assert all(p in optimizer.state for p in adapter.parameters() if not any(p is k for k in kept))
@@ -114,7 +115,9 @@ def test_merging_different_bs_gives_the_model_using_their_mean(tiny_model, simil
     assert BMerger(adapter, max_steps=2).after_step(1, torch.optim.AdamW(adapter.parameters()))
 
     mean_b = {name: [(bs[0] + bs[2]) / 2, bs[1], bs[3]] for name, bs in before.items()}
-    plan = {name: {**g.plan(), "index": {"lora_A": [0] * 4, "lora_B": [0, 1, 0, 2]}} for name, g in adapter.groups.items()}
+    plan = {
+        name: {**g.plan(), "index": {"lora_A": [0] * 4, "lora_B": [0, 1, 0, 2]}} for name, g in adapter.groups.items()
+    }
     fold_lora(base, plan, a_tensors, mean_b)
     vocab_size = tiny_model.config.vocab_size
     torch.testing.assert_close(logits(tiny_model, vocab_size), logits(base, vocab_size), atol=1e-5, rtol=1e-5)
@@ -132,7 +135,9 @@ def test_merging_to_one_b_gives_the_mean_over_all_layers_whatever_the_order(tiny
     for name, group in adapter.groups.items():
         assert group.index["lora_B"] == [0, 0, 0, 0] and len(group.merges) == 3
         # Layer-weighted means compose: the final B is the plain mean of the four layers' B's.
-        torch.testing.assert_close(group.tensors["lora_B"][0].detach(), torch.stack(before[name]).mean(0), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(
+            group.tensors["lora_B"][0].detach(), torch.stack(before[name]).mean(0), atol=1e-7, rtol=1e-6
+        )
 
 
 def test_schedule_spreads_the_merges_evenly_and_ends_at_the_target(tiny_model):
@@ -159,7 +164,16 @@ def test_schedule_and_target_options_are_checked():
 
 @pytest.mark.parametrize(
     "fraction, max_steps, step",
-    [(0.25, 10, 3), (0.35, 10, 4), (0.45, 10, 5), (0.15, 10, 2), (0.125, 20, 3), (0.24, 10, 2), (0.5, 7, 4), (0.7, 5, 4)],
+    [
+        (0.25, 10, 3),
+        (0.35, 10, 4),
+        (0.45, 10, 5),
+        (0.15, 10, 2),
+        (0.125, 20, 3),
+        (0.24, 10, 2),
+        (0.5, 7, 4),
+        (0.7, 5, 4),
+    ],
 )
 def test_window_ends_round_half_up(fraction, max_steps, step):
     """x.5 always rounds up, whatever the parity (round() gives 2 for 2.5 and 4 for 3.5), and float noise does not count."""
@@ -197,11 +211,17 @@ def test_aslora_needs_two_steps():
 def write_recipe(tmp: Path, model_dir: Path, output_dir: Path) -> Path:
     recipe = {
         "model": {"name_or_path": str(model_dir)},
-        "adapter": {"method": "aslora", "rank": RANK, "alpha": ALPHA, "targets": TARGETS,
-                    "aslora": SCHEDULE},
+        "adapter": {"method": "aslora", "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "aslora": SCHEDULE},
         "data": {"max_length": 160, "overlength": "drop", "max_examples": 120, "validation_fraction": 0.1},
-        "train": {"max_steps": 8, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "eval_every": 100,
-                  "eval_batches": 1, "checkpoint_every": 5},
+        "train": {
+            "max_steps": 8,
+            "batch_size": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "eval_every": 100,
+            "eval_batches": 1,
+            "checkpoint_every": 5,
+        },
         "output_dir": str(output_dir),
     }
     path = tmp / "aslora.yaml"
@@ -236,7 +256,7 @@ def test_training_merges_on_schedule_down_to_r_din_plus_k_r_dout(runs, tiny_mode
     k = SCHEDULE["target_groups"]
     expected = sum(RANK * d_in + k * RANK * d_out for d_in, d_out in shapes.values())
     assert runs["trainable"] == config["trainable_parameters"] == sum(t.numel() for t in tensors.values()) == expected
-    for name, entry in config["plan"].items():
+    for _name, entry in config["plan"].items():
         assert len(set(entry["index"]["lora_B"])) == k and set(entry["index"]["lora_A"]) == {0}
         assert [m["step"] for m in entry["merges"]] == [4, 6]
     metrics = [json.loads(line) for line in (runs["full"] / "metrics.jsonl").read_text().splitlines()]
@@ -248,7 +268,9 @@ def test_training_merges_on_schedule_down_to_r_din_plus_k_r_dout(runs, tiny_mode
 def test_resume_across_a_merge_reproduces_the_uninterrupted_run(runs):
     full_config, full = read_adapter(runs["full"])
     resumed_config, resumed = read_adapter(runs["resumed"])
-    checkpoint_plan = json.loads((runs["full"] / "checkpoint-5" / "adapter" / "sharelora_config.json").read_text())["plan"]
+    checkpoint_plan = json.loads((runs["full"] / "checkpoint-5" / "adapter" / "sharelora_config.json").read_text())[
+        "plan"
+    ]
     assert [len(e["merges"]) for e in checkpoint_plan.values()] == [1, 1, 1]
     assert resumed_config["plan"] == full_config["plan"]  # same pairs merged, same merge log
     assert full.keys() == resumed.keys()
@@ -263,8 +285,10 @@ def test_saved_adapter_reloads_merges_and_exports_to_peft_with_the_same_logits(r
     loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     load_adapter(loaded, runs["full"] / "adapter")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    per_factor = {f: {n: [tensors[f"{n}.{f}.{k}"] for k in range(max(e["index"][f]) + 1)] for n, e in config["plan"].items()}
-                  for f in ("lora_A", "lora_B")}
+    per_factor = {
+        f: {n: [tensors[f"{n}.{f}.{k}"] for k in range(max(e["index"][f]) + 1)] for n, e in config["plan"].items()}
+        for f in ("lora_A", "lora_B")
+    }
     fold_lora(reference, config["plan"], per_factor["lora_A"], per_factor["lora_B"])
     expected = logits(reference, 2048)
     torch.testing.assert_close(logits(loaded, 2048), expected, atol=1e-5, rtol=1e-5)
@@ -274,20 +298,37 @@ def test_saved_adapter_reloads_merges_and_exports_to_peft_with_the_same_logits(r
     torch.testing.assert_close(logits(merged, 2048), expected, atol=1e-5, rtol=1e-5)
 
     export_adapter(runs["full"] / "adapter", tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft"
+    ).eval()
     torch.testing.assert_close(logits(peft_model, 2048), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_two_processes_merge_the_same_pairs_as_one(runs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "sharelora_cli",
-              "train", str(runs["recipe"]), "train.batch_size=1", f"output_dir={tmp_path / 'two'}"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "-m",
+        "sharelora_cli",
+        "train",
+        str(runs["recipe"]),
+        "train.batch_size=1",
+        f"output_dir={tmp_path / 'two'}",
+    ]
     result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     one_config, one = read_adapter(runs["full"])
     two_config, two = read_adapter(tmp_path / "two")
-    assert [[m["merged"] for m in e["merges"]] for e in two_config["plan"].values()] == \
-           [[m["merged"] for m in e["merges"]] for e in one_config["plan"].values()]
-    assert {n: e["index"] for n, e in two_config["plan"].items()} == {n: e["index"] for n, e in one_config["plan"].items()}
+    assert [[m["merged"] for m in e["merges"]] for e in two_config["plan"].values()] == [
+        [m["merged"] for m in e["merges"]] for e in one_config["plan"].values()
+    ]
+    assert {n: e["index"] for n, e in two_config["plan"].items()} == {
+        n: e["index"] for n, e in one_config["plan"].items()
+    }
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)

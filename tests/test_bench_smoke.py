@@ -7,16 +7,54 @@ from pathlib import Path
 
 from sharelora_cli.core.paths import PROJECT_ROOT
 
-FIELDS = {"name", "step_time_s", "peak_mem_bytes", "optimizer_state_bytes", "trainable_params", "ratio_to_floor",
-          "ratio_to_peft_lora", "ratio_to_lora"}
-NAMES = ["floor", "peft-lora", "lora", "sharea", "shareb", "shareab", "miss", "peft-miss", "aslora",
-         "vera", "peft-vera", "tied-lora", "vblora", "peft-vblora"]
+FIELDS = {
+    "name",
+    "step_time_s",
+    "peak_mem_bytes",
+    "optimizer_state_bytes",
+    "trainable_params",
+    "ratio_to_floor",
+    "ratio_to_peft_lora",
+    "ratio_to_lora",
+}
+NAMES = [
+    "floor",
+    "peft-lora",
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "miss",
+    "peft-miss",
+    "aslora",
+    "vera",
+    "peft-vera",
+    "tied-lora",
+    "vblora",
+    "peft-vblora",
+]
 
 
 def test_bench_train_smoke_writes_every_row(tmp_path: Path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "scripts/bench_train.py", "--preset", "smoke", "--rounds", "1", "--steps", "2",
-               "--warmup", "1", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "bench.md")]
+    command = [
+        sys.executable,
+        "scripts/bench_train.py",
+        "--preset",
+        "smoke",
+        "--rounds",
+        "1",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        "--markdown",
+        str(tmp_path / "bench.md"),
+    ]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(out.read_text())}
@@ -40,8 +78,25 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
 
 def test_skip_memory_times_every_configuration_and_leaves_peak_memory_null(tmp_path: Path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "scripts/bench_train.py", "--preset", "smoke-nf4", "--configs", "floor,lora,peft-vblora",
-               "--rounds", "1", "--steps", "1", "--warmup", "1", "--threads", "1", "--skip-memory", "--json", str(out)]
+    command = [
+        sys.executable,
+        "scripts/bench_train.py",
+        "--preset",
+        "smoke-nf4",
+        "--configs",
+        "floor,lora,peft-vblora",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--skip-memory",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())

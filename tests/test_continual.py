@@ -12,16 +12,16 @@ import pytest
 import torch
 from cli_runner import assert_one_line_error, run_cli
 from safetensors.torch import load_file
+from test_train import SHARELORA, read_metrics, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import load_adapter
-from sharelora_cli.training.continual_metrics import ContinualTask, summarize
+from sharelora_cli.config.recipe import Tracker, load_recipe
 from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.runner import CodeExecution
-from sharelora_cli.training.metrics_log import PIP_NAMES
-from sharelora_cli.config.recipe import Tracker, load_recipe
+from sharelora_cli.training.continual_metrics import ContinualTask, summarize
 from sharelora_cli.training.loop import set_up, token_loss_sum, train
-from test_train import SHARELORA, read_metrics, write_recipe
+from sharelora_cli.training.metrics_log import PIP_NAMES
 
 # A few greedy tokens on three GSM8K test questions: enough to exercise generation, cheap on CPU.
 SMALL_EVAL = {"tasks": ["gsm8k"], "limit": 3, "gsm8k": {"num_fewshot": 0, "max_new_tokens": 8}}
@@ -44,8 +44,10 @@ def test_a_run_continued_from_a_saved_adapter_starts_at_its_loss(tmp_path, tiny_
     path = write_recipe(tmp_path, tiny_model_dir, adapter={"method": method}, train={"max_steps": 6})
     first = train(load_recipe(str(path), [f"output_dir={tmp_path / 'first'}"]))
     saved = tmp_path / "first" / "adapter"
-    continued = load_recipe(str(path), [f"output_dir={tmp_path / 'next'}", f"adapter.init_from={saved}",
-                                        "train.max_steps=2", "train.seed=7"])
+    continued = load_recipe(
+        str(path),
+        [f"output_dir={tmp_path / 'next'}", f"adapter.init_from={saved}", "train.max_steps=2", "train.seed=7"],
+    )
     summary = train(continued)
     assert read_metrics(tmp_path / "next")[0]["loss"] == pytest.approx(first_batch_loss(continued, saved), rel=1e-6)
     # ASLoRA keeps the plan its merges left: as few trainable tensors as the first run ended with.
@@ -54,16 +56,24 @@ def test_a_run_continued_from_a_saved_adapter_starts_at_its_loss(tmp_path, tiny_
     assert json.loads((tmp_path / "next" / "adapter" / "sharelora_config.json").read_text())["plan"] == plan
 
 
-@pytest.mark.parametrize("override, named", [
-    ("adapter.rank=4", "adapter.rank=8"),
-    ("adapter.method=shareb", "adapter.method='sharea'"),
-    ("adapter.targets=[q_proj]", "adapter.targets="),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("adapter.rank=4", "adapter.rank=8"),
+        ("adapter.method=shareb", "adapter.method='sharea'"),
+        ("adapter.targets=[q_proj]", "adapter.targets="),
+    ],
+)
 def test_continuing_an_adapter_with_other_settings_fails_in_one_line(tmp_path, tiny_model_dir, override, named):
     path = write_recipe(tmp_path, tiny_model_dir, train={"max_steps": 2})
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'first'}"]))
-    result = run_cli("train", str(path), f"output_dir={tmp_path / 'next'}", override,
-                     f"adapter.init_from={tmp_path / 'first' / 'adapter'}")
+    result = run_cli(
+        "train",
+        str(path),
+        f"output_dir={tmp_path / 'next'}",
+        override,
+        f"adapter.init_from={tmp_path / 'first' / 'adapter'}",
+    )
     assert_one_line_error(result, "adapter.init_from", named)
     assert not (tmp_path / "next" / "metrics.jsonl").exists()
 
@@ -74,8 +84,14 @@ def test_the_optimizer_state_is_fresh_unless_asked_for(tmp_path, tiny_model_dir)
     checkpoint = tmp_path / "first" / "checkpoint-4"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
     for carry in (False, True):
-        recipe = load_recipe(str(path), [f"output_dir={tmp_path / f'next-{carry}'}", f"adapter.init_from={checkpoint}",
-                                         f"adapter.init_optimizer={str(carry).lower()}"])
+        recipe = load_recipe(
+            str(path),
+            [
+                f"output_dir={tmp_path / f'next-{carry}'}",
+                f"adapter.init_from={checkpoint}",
+                f"adapter.init_optimizer={str(carry).lower()}",
+            ],
+        )
         state = set_up(recipe, CodeExecution()).optimizer.state_dict()["state"]
         assert (len(state) == len(saved)) == carry
         if carry:
@@ -84,8 +100,13 @@ def test_the_optimizer_state_is_fresh_unless_asked_for(tmp_path, tiny_model_dir)
 
 def test_evaluation_during_training_leaves_the_losses_unchanged(tmp_path, tiny_model_dir):
     # Dropout draws from the RNG that the evaluation reseeds (eval.seed): without restoring it, losses would move.
-    path = write_recipe(tmp_path, tiny_model_dir, adapter={"dropout": 0.2}, eval=SMALL_EVAL,
-                        train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 100})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        adapter={"dropout": 0.2},
+        eval=SMALL_EVAL,
+        train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 100},
+    )
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'plain'}"]))
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'evaluated'}", "train.eval_tasks=[gsm8k]"]))
     plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "evaluated")
@@ -114,9 +135,14 @@ def _installed(name: str) -> bool:
 
 def staged_recipe(tmp_path: Path, model_dir: Path) -> Path:
     """Two stages on GSM8K text, the second at another learning rate; each evaluated on three questions."""
-    return write_recipe(tmp_path, model_dir, adapter={"dropout": 0.1}, eval=SMALL_EVAL,
-                        train={"max_steps": 6, "checkpoint_every": 2, "eval_every": 3},
-                        stages=[{"name": "first"}, {"name": "second", "train": {"lr": 1e-3}}])
+    return write_recipe(
+        tmp_path,
+        model_dir,
+        adapter={"dropout": 0.1},
+        eval=SMALL_EVAL,
+        train={"max_steps": 6, "checkpoint_every": 2, "eval_every": 3},
+        stages=[{"name": "first"}, {"name": "second", "train": {"lr": 1e-3}}],
+    )
 
 
 def test_stages_continue_each_other_and_write_the_matrix(tmp_path, tiny_model_dir):
@@ -131,7 +157,7 @@ def test_stages_continue_each_other_and_write_the_matrix(tmp_path, tiny_model_di
     assert config["adapter"]["init_from"] == str(run / "stage-1" / "adapter")
     for k in (1, 2):
         assert (run / f"stage-{k}" / "eval.json").is_file() and (run / f"stage-{k}" / "summary.json").is_file()
-    assert [m["lr"] for m in read_metrics(run / "stage-2")][0] < [m["lr"] for m in read_metrics(run / "stage-1")][0]
+    assert next(m["lr"] for m in read_metrics(run / "stage-2")) < next(m["lr"] for m in read_metrics(run / "stage-1"))
 
 
 def test_a_staged_run_killed_in_its_second_stage_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
@@ -140,8 +166,12 @@ def test_a_staged_run_killed_in_its_second_stage_resumes_to_the_same_adapter(tmp
     assert run_cli("train", str(path), f"output_dir={reference}").returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*SHARELORA, "train", str(path), f"output_dir={killed}"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*SHARELORA, "train", str(path), f"output_dir={killed}"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while not (killed / "stage-2" / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

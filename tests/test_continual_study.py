@@ -5,11 +5,11 @@ import statistics
 from pathlib import Path
 
 import pytest
-
-from sharelora_cli.models.pretrain import PretrainConfig, pretrain
-from sharelora_cli.data.synthetic_tasks import write_tasks
 from script_module import load_script
 from single_thread import single_thread
+
+from sharelora_cli.data.synthetic_tasks import write_tasks
+from sharelora_cli.models.pretrain import PretrainConfig, pretrain
 
 STAGES = ("story", "smallest")
 
@@ -20,8 +20,11 @@ def continual_study():
 
 
 def write_recipe(path: Path, base: Path, tasks: Path, stages: tuple[str, ...]) -> Path:
-    stage_lines = "".join(f"  - name: {skill}\n    data: {{path: {tasks}/{skill}/train.jsonl}}\n"
-                          f"    eval: {{gsm8k: {{path: {tasks}/{skill}}}}}\n" for skill in stages)
+    stage_lines = "".join(
+        f"  - name: {skill}\n    data: {{path: {tasks}/{skill}/train.jsonl}}\n"
+        f"    eval: {{gsm8k: {{path: {tasks}/{skill}}}}}\n"
+        for skill in stages
+    )
     path.write_text(f"""model: {{name_or_path: {base}}}
 adapter: {{method: lora, rank: 2, alpha: 4, targets: [q_proj, v_proj, down_proj]}}
 data: {{format: gsm8k, max_length: 96, validation_fraction: 0.0}}
@@ -36,15 +39,31 @@ stages:
 def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("continual-study")
     with single_thread():
-        base = pretrain(root / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1))
+        base = pretrain(
+            root / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1)
+        )
     tasks = write_tasks(root / "tasks", seed=0, train_size=24, test_size=5)
     return root, write_recipe(root / "recipe.yaml", base, tasks, STAGES)
 
 
 def run_study(module, root: Path, recipe: Path, json_name: str) -> None:
     with single_thread():
-        module.main(["--recipe", str(recipe), "--methods", "lora,shareab", "--seeds", "0,1", "--out", str(root / "runs"),
-                     "--json", str(root / json_name), "--markdown", str(root / "continual.md")])
+        module.main(
+            [
+                "--recipe",
+                str(recipe),
+                "--methods",
+                "lora,shareab",
+                "--seeds",
+                "0,1",
+                "--out",
+                str(root / "runs"),
+                "--json",
+                str(root / json_name),
+                "--markdown",
+                str(root / "continual.md"),
+            ]
+        )
 
 
 def test_study_writes_a_row_per_run_and_per_method_tables_and_reuses_finished_runs(continual_study, setting):
@@ -76,19 +95,36 @@ def test_study_writes_a_row_per_run_and_per_method_tables_and_reuses_finished_ru
 
 
 def test_summary_averages_seeds_cell_by_cell(continual_study):
-    rows = [{"method": "sharea", "rank": 4, "seed": seed, "tasks": ["a", "b"], "trainable_params": 10,
-             "initial": [0.0, 0.1 * seed], "matrix": [[0.8, 0.0], [0.2 + 0.2 * seed, 0.9]],
-             "average_accuracy": (1.1 + 0.2 * seed) / 2, "backward_transfer": -0.6 + 0.2 * seed,
-             "forgetting": {"a": 0.6 - 0.2 * seed}} for seed in (0, 1)]
+    rows = [
+        {
+            "method": "sharea",
+            "rank": 4,
+            "seed": seed,
+            "tasks": ["a", "b"],
+            "trainable_params": 10,
+            "initial": [0.0, 0.1 * seed],
+            "matrix": [[0.8, 0.0], [0.2 + 0.2 * seed, 0.9]],
+            "average_accuracy": (1.1 + 0.2 * seed) / 2,
+            "backward_transfer": -0.6 + 0.2 * seed,
+            "forgetting": {"a": 0.6 - 0.2 * seed},
+        }
+        for seed in (0, 1)
+    ]
     (entry,) = continual_study.summarise(rows)
     assert entry["matrix"] == [[0.8, 0.0], [pytest.approx(0.3), 0.9]] and entry["initial"] == [0.0, 0.05]
     assert entry["backward_transfer"] == (pytest.approx(-0.5), pytest.approx(statistics.stdev([-0.6, -0.4])))
     assert entry["forgetting"]["a"][0] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("args, named", [(["--methods", "lora,dora"], "dora"), (["--seeds", "1,x"], "--seeds"),
-                                         (["--recipe", "nowhere.yaml"], "nowhere.yaml"),
-                                         (["--recipe", "recipes/quickstart.yaml"], "stage")])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--methods", "lora,dora"], "dora"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--recipe", "nowhere.yaml"], "nowhere.yaml"),
+        (["--recipe", "recipes/quickstart.yaml"], "stage"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(continual_study, args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         continual_study.main(args)

@@ -15,9 +15,9 @@ from test_train import read_metrics, write_recipe
 from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import load_adapter
+from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.outputs.export import export_adapter
 from sharelora_cli.outputs.merge import merge_adapter
-from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.training.loop import train
 
 METHODS = ["vera", "tied-lora", "vblora"]
@@ -31,9 +31,12 @@ def runs(request, tmp_path_factory, tiny_model_dir) -> dict:
     method = request.param
     tmp = tmp_path_factory.mktemp(method)
     adapter = {"method": method, "dropout": 0.1, **METHOD_OPTIONS.get(method, {})}
-    recipe = write_recipe(tmp, tiny_model_dir, adapter=adapter,
-                          train={"max_steps": 8, "lr": LEARNING_RATES.get(method, 1e-2), "eval_every": 4,
-                                 "checkpoint_every": 5})
+    recipe = write_recipe(
+        tmp,
+        tiny_model_dir,
+        adapter=adapter,
+        train={"max_steps": 8, "lr": LEARNING_RATES.get(method, 1e-2), "eval_every": 4, "checkpoint_every": 5},
+    )
     full = tmp / "full"
     summary = train(load_recipe(str(recipe), [f"output_dir={full}"]))
     resumed = tmp / "resumed"

@@ -8,9 +8,9 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate, load_rows, pack
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.config.recipe import DataConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate, load_rows, pack
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def write_jsonl(path, rows):
 
 
 def test_gsm8k_prompt_is_masked_and_answer_is_trained(tokenizer, shared_data):
-    cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=50, validation_fraction=0.0, overlength="drop")
+    cfg = DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=50, validation_fraction=0.0, overlength="drop"
+    )
     splits = build_splits(cfg, tokenizer, seed=0)
     row = load_rows(cfg)[0]
     prompt_ids = tokenizer(f"Question: {row['question']}\nAnswer:")["input_ids"]
@@ -36,23 +38,34 @@ def test_gsm8k_prompt_is_masked_and_answer_is_trained(tokenizer, shared_data):
 
 
 def test_unmasked_prompt_trains_on_every_token(tokenizer, shared_data):
-    cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=5, validation_fraction=0.0, mask_prompt=False)
+    cfg = DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=5, validation_fraction=0.0, mask_prompt=False
+    )
     for example in build_splits(cfg, tokenizer, seed=0).train:
         assert example.labels == example.input_ids
 
 
 def test_alpaca_chat_and_text_formats(tmp_path, tokenizer):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}] * 4)
-    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 4)
+    chat = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}] * 4,
+    )
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain text to model"}] * 4)
-    for path, fmt, trained in ((alpaca, "alpaca", "5"), (chat, "chat", "hello there"), (text, "text", "plain text to model")):
+    for path, fmt, trained in (
+        (alpaca, "alpaca", "5"),
+        (chat, "chat", "hello there"),
+        (text, "text", "plain text to model"),
+    ):
         example = build_splits(DataConfig(path=str(path), format=fmt, validation_fraction=0.0), tokenizer, 0).train[0]
         decoded = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=True)
         assert decoded.strip() == trained, fmt
 
 
 def test_validation_split_is_deterministic_and_disjoint(tokenizer, shared_data):
-    cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=200, validation_fraction=0.1, overlength="drop")
+    cfg = DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=200, validation_fraction=0.1, overlength="drop"
+    )
     first, again, other = (build_splits(cfg, tokenizer, seed) for seed in (1, 1, 2))
     ids = lambda examples: [tuple(ex.input_ids) for ex in examples]  # noqa: E731
     assert ids(first.validation) == ids(again.validation) and ids(first.validation) != ids(other.validation)
@@ -61,14 +74,28 @@ def test_validation_split_is_deterministic_and_disjoint(tokenizer, shared_data):
 
 def test_overlength_truncate_and_drop(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 400}, {"text": "short"}])
-    truncated = build_splits(DataConfig(path=str(path), format="text", max_length=32, overlength="truncate", validation_fraction=0.0), tokenizer, 0)
+    truncated = build_splits(
+        DataConfig(path=str(path), format="text", max_length=32, overlength="truncate", validation_fraction=0.0),
+        tokenizer,
+        0,
+    )
     assert sorted(len(ex.input_ids) for ex in truncated.train)[-1] == 32
-    dropped = build_splits(DataConfig(path=str(path), format="text", max_length=32, overlength="drop", validation_fraction=0.0), tokenizer, 0)
+    dropped = build_splits(
+        DataConfig(path=str(path), format="text", max_length=32, overlength="drop", validation_fraction=0.0),
+        tokenizer,
+        0,
+    )
     assert len(dropped.train) == 1
 
 
 def test_packing_fills_blocks_of_max_length(tokenizer, shared_data):
-    cfg = DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), max_examples=40, validation_fraction=0.0, packing=True, max_length=128)
+    cfg = DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"),
+        max_examples=40,
+        validation_fraction=0.0,
+        packing=True,
+        max_length=128,
+    )
     splits = build_splits(cfg, tokenizer, 0)
     assert splits.train and all(len(ex.input_ids) == 128 == len(ex.labels) for ex in splits.train[:-1])
     assert 0 < len(splits.train[-1].input_ids) <= 128
@@ -108,10 +135,23 @@ def test_sampler_splits_the_same_global_batch_across_processes_and_accumulation(
 
 def run_train_with_data(tmp_path, tiny_model_dir, data_path, *extra):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"path": str(data_path), "max_length": 64},
-                                  "output_dir": str(tmp_path / "run")}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "data": {"path": str(data_path), "max_length": 64},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sharelora_cli", "train", str(recipe), *extra], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sharelora_cli", "train", str(recipe), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(

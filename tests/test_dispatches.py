@@ -19,8 +19,18 @@ TARGET = 14
 
 def test_lora_and_sharea_dispatch_at_most_14_ops_per_module_on_fp32_and_nf4_bases(tmp_path: Path):
     out = tmp_path / "dispatches.json"
-    command = [sys.executable, "scripts/profile_step.py", "--dispatches", "lora", "sharea", "peft-lora",
-               "--threads", "1", "--json", str(out)]
+    command = [
+        sys.executable,
+        "scripts/profile_step.py",
+        "--dispatches",
+        "lora",
+        "sharea",
+        "peft-lora",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     counts = json.loads(out.read_text())

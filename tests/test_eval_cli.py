@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import save_adapter
-from sharelora_cli.cli import main
-from sharelora_cli.evaluation import gsm8k, mmlu
 from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.cli import main
 from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.data.synthetic_tasks import write_task
-from cli_runner import run_cli
+from sharelora_cli.evaluation import gsm8k, mmlu
 
 DOCUMENTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -81,7 +81,9 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def write_recipe(path: Path, model_dir: Path, output_dir: Path, **eval_section) -> Path:
-    path.write_text(json.dumps({"model": {"name_or_path": str(model_dir)}, "output_dir": str(output_dir), "eval": eval_section}))
+    path.write_text(
+        json.dumps({"model": {"name_or_path": str(model_dir)}, "output_dir": str(output_dir), "eval": eval_section})
+    )
     return path
 
 
@@ -95,14 +97,18 @@ def test_scoring_a_samples_file_prints_and_writes_unbiased_pass_at_k(tmp_path, p
                 completion = problem["canonical_solution"] if i < c else WRONG[i % len(WRONG)]
                 out.write(json.dumps({"task_id": problem["task_id"], "completion": completion}) + "\n")
     results = tmp_path / "results.json"
-    done = run_cli("eval", "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution", "--json", str(results))
+    done = run_cli(
+        "eval", "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution", "--json", str(results)
+    )
     assert done.returncode == 0, done.stderr
     expected = {f"pass@{k}": sum(closed_form_pass_at_k(n, c, k) for _, n, c in plan) / 3 for k in (1, 10)}
     assert expected["pass@10"] == pytest.approx((1 + 5 / 6 + 0) / 3)
     document = json.loads(results.read_text())
     assert document["humaneval"] == pytest.approx({**expected, "num_tasks": 3, "num_samples": 32}, abs=1e-12)
     printed = table(done.stdout)
-    assert {key: printed[("humaneval", key)] for key in expected} == {key: f"{value:.4f}" for key, value in expected.items()}
+    assert {key: printed[("humaneval", key)] for key in expected} == {
+        key: f"{value:.4f}" for key, value in expected.items()
+    }
     records = document["records"]["humaneval"]
     assert [r["passed"] for r in records] == [i < c for _, n, c in plan for i in range(n)]
     assert document["config"]["samples_file"] == str(samples) and document["config"]["model"] is None
@@ -118,7 +124,9 @@ def test_humaneval_refuses_without_allow_code_execution(tmp_path, problems, monk
     assert not results.exists()
 
 
-def test_eval_writes_per_task_metrics_records_and_config(tmp_path, tiny_model_dir, shared_data, documents, monkeypatch, capsys):
+def test_eval_writes_per_task_metrics_records_and_config(
+    tmp_path, tiny_model_dir, shared_data, documents, monkeypatch, capsys
+):
     # The recipe only narrows what the flags leave open (two MMLU subjects, short GSM8K generations).
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "elsewhere", tmp_path / "run",
                           gsm8k={"max_new_tokens": 24}, mmlu={"subjects": ["anatomy", "sociology"]})  # fmt: skip
@@ -144,8 +152,12 @@ def test_eval_writes_per_task_metrics_records_and_config(tmp_path, tiny_model_di
             answer = gsm8k.extract(record["output"], metric)
             assert record[metric] == {"extracted": answer, "correct": gsm8k.normalize(answer) == record["target"]}
         strict, flexible = record["strict-match"]["extracted"], record["flexible-extract"]["extracted"]
-        assert record["extracted"] == (strict if strict != "[invalid]" else None if flexible == "[invalid]" else flexible)
-        assert record["correct"] == (record["extracted"] is not None and gsm8k.normalize(record["extracted"]) == record["target"])
+        assert record["extracted"] == (
+            strict if strict != "[invalid]" else None if flexible == "[invalid]" else flexible
+        )
+        assert record["correct"] == (
+            record["extracted"] is not None and gsm8k.normalize(record["extracted"]) == record["target"]
+        )
     for metric in ("strict-match", "flexible-extract"):
         assert document["gsm8k"][metric] == sum(r[metric]["correct"] for r in records["gsm8k"]) / 2
     assert document["gsm8k"]["exact_match"] == sum(r["correct"] for r in records["gsm8k"]) / 2
@@ -163,7 +175,9 @@ def test_eval_writes_per_task_metrics_records_and_config(tmp_path, tiny_model_di
 
     ppl = document["perplexity"]
     assert ppl["num_documents"] == 2 and ppl["num_tokens"] == sum(r["tokens"] for r in records["perplexity"])
-    assert ppl["token_perplexity"] == pytest.approx(math.exp(sum(r["nll"] for r in records["perplexity"]) / ppl["num_tokens"]))
+    assert ppl["token_perplexity"] == pytest.approx(
+        math.exp(sum(r["nll"] for r in records["perplexity"]) / ppl["num_tokens"])
+    )
 
     printed = table(stdout)
     assert printed[("mmlu", "acc_micro")] == f"{metrics['acc_micro']:.4f}"
@@ -187,7 +201,9 @@ def model_perplexities(model_dir: Path, adapter: Path | None) -> list[float]:
     return perplexities
 
 
-def test_adapter_is_loaded_recorded_and_changes_perplexity(tmp_path, tiny_model_dir, adapter_dir, documents, monkeypatch, capsys):
+def test_adapter_is_loaded_recorded_and_changes_perplexity(
+    tmp_path, tiny_model_dir, adapter_dir, documents, monkeypatch, capsys
+):
     per_document = {}
     for name, extra in (("base", []), ("adapted", ["--adapter", str(adapter_dir)])):
         results = tmp_path / f"{name}.json"
@@ -203,7 +219,9 @@ def test_adapter_is_loaded_recorded_and_changes_perplexity(tmp_path, tiny_model_
     assert all(abs(math.log(a / b)) > 1e-2 for a, b in zip(per_document["adapted"], per_document["base"]))
 
 
-def test_recipe_eval_section_and_output_dir_adapter(tmp_path, tiny_model_dir, adapter_dir, documents, monkeypatch, capsys):
+def test_recipe_eval_section_and_output_dir_adapter(
+    tmp_path, tiny_model_dir, adapter_dir, documents, monkeypatch, capsys
+):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, run, tasks=["mmlu", "perplexity"], limit=1,
                           mmlu={"subjects": ["virology"], "num_fewshot": 2}, perplexity={"path": str(documents)})  # fmt: skip
@@ -264,5 +282,7 @@ def test_gsm8k_path_scores_other_problems_in_gsm8k_format(tmp_path, tiny_model_d
 
 def test_missing_benchmark_data_is_a_one_line_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("SHARELORA_DATA", str(tmp_path / "no-data"))
-    code, _, stderr = run_main(monkeypatch, capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "1")
+    code, _, stderr = run_main(
+        monkeypatch, capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "1"
+    )
     assert_single_error(code, stderr, str(tmp_path / "no-data" / "gsm8k" / "train.jsonl"), "SHARELORA_DATA")

@@ -85,15 +85,22 @@ def test_loglikelihood_equals_unpadded_forward(model, tokenizer, questions):
 
 
 def test_loglikelihood_cuts_long_context_from_the_left(tiny_model, tokenizer, questions):
-    context, continuation = tokenizer(questions[1])["input_ids"], tokenizer(" 42", add_special_tokens=False)["input_ids"]
-    (score,) = Engine(tiny_model, tokenizer, batch_size=2, max_length=16).loglikelihood_tokens([(context, continuation)])
+    context, continuation = (
+        tokenizer(questions[1])["input_ids"],
+        tokenizer(" 42", add_special_tokens=False)["input_ids"],
+    )
+    (score,) = Engine(tiny_model, tokenizer, batch_size=2, max_length=16).loglikelihood_tokens(
+        [(context, continuation)]
+    )
     window = (context + continuation)[-17:]
     logprobs = forward_logprobs(tiny_model, window[:-1])
     expected = sum(logprobs[-len(continuation) + i, token].item() for i, token in enumerate(continuation))
     assert score.logprob == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("num_tokens,max_length,stride", [(1, 8, 8), (2, 8, 8), (50, 8, 8), (50, 8, 3), (17, 16, 16), (100, 32, 1)])
+@pytest.mark.parametrize(
+    "num_tokens,max_length,stride", [(1, 8, 8), (2, 8, 8), (50, 8, 8), (50, 8, 3), (17, 16, 16), (100, 32, 1)]
+)
 def test_windows_score_every_token_once_within_max_length(num_tokens, max_length, stride):
     spans = windows(num_tokens, max_length, stride)
     scored = [t for _, first, end in spans for t in range(first, end)]
@@ -103,8 +110,8 @@ def test_windows_score_every_token_once_within_max_length(num_tokens, max_length
 
 
 def test_perplexity_equals_model_loss_when_documents_fit(tiny_model, tokenizer, shared_data):
-    from sharelora_cli.evaluation import perplexity
     from sharelora_cli.config.recipe import PerplexityTaskConfig
+    from sharelora_cli.evaluation import perplexity
 
     cfg = PerplexityTaskConfig(path=str(shared_data / "gsm8k" / "test.jsonl"), field="answer")
     result = perplexity.evaluate(Engine(tiny_model, tokenizer, batch_size=3, max_length=1024), cfg, limit=3)
@@ -118,7 +125,9 @@ def test_perplexity_equals_model_loss_when_documents_fit(tiny_model, tokenizer, 
         total_tokens += ids.shape[1] - 1
     assert result.metrics["num_tokens"] == total_tokens and result.metrics["num_documents"] == 3
     assert result.metrics["nll_per_token"] == pytest.approx(total_nll / total_tokens, rel=1e-5)
-    assert result.metrics["token_perplexity"] == pytest.approx(torch.tensor(total_nll / total_tokens).exp().item(), rel=1e-5)
+    assert result.metrics["token_perplexity"] == pytest.approx(
+        torch.tensor(total_nll / total_tokens).exp().item(), rel=1e-5
+    )
     chunked = perplexity.evaluate(Engine(tiny_model, tokenizer, batch_size=3, max_length=16), cfg, limit=3)
     assert chunked.metrics["num_tokens"] == total_tokens
     assert chunked.metrics["nll_per_token"] != pytest.approx(result.metrics["nll_per_token"], rel=1e-4)

@@ -116,7 +116,10 @@ def test_both_metrics_equal_the_harness_on_random_text(harness_task, generation,
 def test_exact_match_is_strict_else_flexible():
     doc_answer = "He has 3 + 4 = 7 apples.\n#### 7"
     assert gsm8k.score("so 7 apples\n#### 7", doc_answer)["correct"]
-    assert gsm8k.score("so 7 apples", doc_answer)["correct"] and not gsm8k.score("so 7 apples", doc_answer)["strict-match"]["correct"]
+    assert (
+        gsm8k.score("so 7 apples", doc_answer)["correct"]
+        and not gsm8k.score("so 7 apples", doc_answer)["strict-match"]["correct"]
+    )
     assert not gsm8k.score("7 apples\n#### 8", doc_answer)["correct"]  # strict's wrong answer wins over the last number
     assert gsm8k.score("no idea", doc_answer)["extracted"] is None
 

@@ -24,7 +24,9 @@ def test_prompt_matches_harness_for_subject(shared_data, subject):
     for doc, harness_doc in list(zip(docs, harness_docs))[:4]:
         prompt = mmlu.build_prompt(subject, shots, doc)
         assert prompt == task.fewshot_context(harness_doc, 5)
-        assert prompt.startswith(f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+        assert prompt.startswith(
+            f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        )
         assert prompt.count("\nAnswer:") == 6 and prompt.endswith("\nD. " + doc["choices"][3] + "\nAnswer:")
         assert task.doc_to_choice(harness_doc)[task.doc_to_target(harness_doc)] == mmlu.LETTERS[doc["answer"]]
 
@@ -45,11 +47,20 @@ def test_every_subject_has_five_dev_and_some_test_questions(shared_data):
 
 def test_accuracy_macro_micro_and_categories():
     # anatomy (stem) 3 of 4 right, sociology (social sciences) 0 of 1, virology (other) 1 of 1.
-    outcomes = [("anatomy", True), ("anatomy", True), ("anatomy", True), ("anatomy", False), ("sociology", False), ("virology", True)]
+    outcomes = [
+        ("anatomy", True),
+        ("anatomy", True),
+        ("anatomy", True),
+        ("anatomy", False),
+        ("sociology", False),
+        ("virology", True),
+    ]
     metrics = mmlu.accuracy_metrics([{"subject": s, "correct": c} for s, c in outcomes])
     assert metrics["acc_micro"] == pytest.approx(4 / 6)
     assert metrics["acc_macro"] == pytest.approx((0.75 + 0 + 1) / 3)
-    assert metrics["category/stem"] == 0.75 and metrics["category/social_sciences"] == 0 and metrics["category/other"] == 1
+    assert (
+        metrics["category/stem"] == 0.75 and metrics["category/social_sciences"] == 0 and metrics["category/other"] == 1
+    )
     assert "category/humanities" not in metrics
     assert metrics["subject/anatomy"] == 0.75 and metrics["num_samples"] == 6
 

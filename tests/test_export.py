@@ -5,20 +5,30 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM
-
 from reference import adapter_config
+from safetensors import safe_open
+from test_merge import (
+    GPT2_TARGETS,
+    LLAMA_TARGETS,
+    RANKS,
+    assert_one_line_error,
+    gpt2_dir,
+    logits,
+    make_adapter,
+    run_cli,
+)
+from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.config.recipe import AdapterConfig
-from test_merge import GPT2_TARGETS, LLAMA_TARGETS, RANKS, assert_one_line_error, gpt2_dir, logits, make_adapter, run_cli
 
 __all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
 
 def export(monkeypatch, capsys, adapter_dir, out, *args):
-    code, output = run_cli(monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", out, *args)
+    code, output = run_cli(
+        monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", out, *args
+    )
     assert code == 0, output
     return json.loads((out / "adapter_config.json").read_text())
 
@@ -62,10 +72,18 @@ def test_shared_factor_is_written_once_per_layer(tiny_model_dir, tmp_path, monke
 def test_export_follows_any_sharing_plan(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """An ASLoRA-style plan (A global, B merged into groups) exports from the plan alone."""
     plan = {
-        "q_proj": {"modules": [f"model.layers.{i}.self_attn.q_proj" for i in range(4)], "d_in": 128, "d_out": 128,
-                   "index": {"lora_A": [0, 0, 0, 0], "lora_B": [0, 1, 1, 0]}},
-        "v_proj": {"modules": [f"model.layers.{i}.self_attn.v_proj" for i in range(4)], "d_in": 128, "d_out": 64,
-                   "index": {"lora_A": [0, 0, 0, 0], "lora_B": [0, 1, 2, 2]}},
+        "q_proj": {
+            "modules": [f"model.layers.{i}.self_attn.q_proj" for i in range(4)],
+            "d_in": 128,
+            "d_out": 128,
+            "index": {"lora_A": [0, 0, 0, 0], "lora_B": [0, 1, 1, 0]},
+        },
+        "v_proj": {
+            "modules": [f"model.layers.{i}.self_attn.v_proj" for i in range(4)],
+            "d_in": 128,
+            "d_out": 64,
+            "index": {"lora_A": [0, 0, 0, 0], "lora_B": [0, 1, 2, 2]},
+        },
     }
     config = AdapterConfig(method="sharea", rank=4)
     adapter_dir, ids, _, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config, plan=plan)
@@ -96,7 +114,9 @@ def test_miss_export_equals_peft_miss(tiny_model_dir, tmp_path, monkeypatch, cap
 def test_miss_on_conv1d_points_to_merge(gpt2_dir, tmp_path, monkeypatch, capsys):
     config = AdapterConfig(method="miss", rank=4, targets=GPT2_TARGETS)
     adapter_dir, *_ = make_adapter(gpt2_dir, tmp_path / "adapter", config)
-    result = run_cli(monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p")
+    result = run_cli(
+        monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p"
+    )
     assert_one_line_error(*result, "Conv1D", "sharelora merge")
     assert not (tmp_path / "p").exists()
 
@@ -112,18 +132,25 @@ def test_vera_export_equals_peft_vera(arch, tiny_model_dir, gpt2_dir, tmp_path, 
     tensors = exported_tensors(tmp_path / "peft")
     modules = [p for g in read_adapter_config(adapter_dir)["plan"].values() for p in g["modules"]]
     assert set(tensors) == {"base_model.vera_A", "base_model.vera_B"} | {
-        f"base_model.model.{path}.vera_lambda_{v}" for path in modules for v in "bd"}
+        f"base_model.model.{path}.vera_lambda_{v}" for path in modules for v in "bd"
+    }
     assert (adapted - before).abs().max() > 0.01
     torch.testing.assert_close(peft_logits(base_dir, tmp_path / "peft", ids), adapted, atol=1e-5, rtol=0)
 
 
 def test_vblora_export_equals_peft_vblora(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    config = adapter_config("vblora", rank=4, targets=LLAMA_TARGETS, vblora={"num_vectors": 12, "vector_length": 32,
-                                                                            "topk": 3})
+    config = adapter_config(
+        "vblora", rank=4, targets=LLAMA_TARGETS, vblora={"num_vectors": 12, "vector_length": 32, "topk": 3}
+    )
     adapter_dir, ids, before, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
     peft_config = export(monkeypatch, capsys, adapter_dir, tmp_path / "peft")
-    assert (peft_config["peft_type"], peft_config["num_vectors"], peft_config["vector_length"],
-            peft_config["topk"], peft_config["save_only_topk_weights"]) == ("VBLORA", 12, 32, 3, False)
+    assert (
+        peft_config["peft_type"],
+        peft_config["num_vectors"],
+        peft_config["vector_length"],
+        peft_config["topk"],
+        peft_config["save_only_topk_weights"],
+    ) == ("VBLORA", 12, 32, 3, False)
     tensors = exported_tensors(tmp_path / "peft")
     assert tensors["base_model.vblora_vector_bank"].shape == (12, 32)
     assert sum(key.endswith(("vblora_logits_A", "vblora_logits_B")) for key in tensors) == 2 * 7 * 4
@@ -133,7 +160,9 @@ def test_vblora_export_equals_peft_vblora(tiny_model_dir, tmp_path, monkeypatch,
 
 def test_tied_lora_has_no_peft_format_and_points_to_merge(tiny_model_dir, tmp_path, monkeypatch, capsys):
     adapter_dir, *_ = make_adapter(tiny_model_dir, tmp_path / "adapter", adapter_config("tied-lora", rank=4))
-    result = run_cli(monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p")
+    result = run_cli(
+        monkeypatch, capsys, "export", "--adapter", adapter_dir, "--format", "peft", "--out", tmp_path / "p"
+    )
     assert_one_line_error(*result, "tied-lora", "no PEFT format", "sharelora merge")
     assert not (tmp_path / "p").exists()
 
@@ -143,9 +172,13 @@ def test_export_refusals(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "taken").mkdir()
     base = ["export", "--adapter", adapter_dir]
     assert_one_line_error(*run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "taken"), "already exists")
-    assert_one_line_error(*run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "o", "--format", "gguf"),
-                          "--format must be one of peft")
-    assert_one_line_error(*run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "nowhere", "--out",
-                                   tmp_path / "o"), "sharelora_config.json not found")
+    assert_one_line_error(
+        *run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "o", "--format", "gguf"),
+        "--format must be one of peft",
+    )
+    assert_one_line_error(
+        *run_cli(monkeypatch, capsys, "export", "--adapter", tmp_path / "nowhere", "--out", tmp_path / "o"),
+        "sharelora_config.json not found",
+    )
     code, output = run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "taken", "--overwrite")
     assert code == 0 and (tmp_path / "taken" / "adapter_model.safetensors").is_file(), output

@@ -11,17 +11,17 @@ from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import load_model
 from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.models.loading import load_model
 from sharelora_cli.training.loop import adamw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
 # name -> (4-bit base, autocast, tolerance): bf16 carries 8 significant bits, the losses here are O(10).
 SETTINGS = {
-    "fp32": (False, False, dict(atol=1e-5, rtol=1e-4)),
-    "bf16-autocast": (False, True, dict(atol=5e-2, rtol=2e-2)),
-    "nf4-bf16-autocast": (True, True, dict(atol=5e-2, rtol=2e-2)),
+    "fp32": (False, False, {"atol": 1e-5, "rtol": 1e-4}),
+    "bf16-autocast": (False, True, {"atol": 5e-2, "rtol": 2e-2}),
+    "nf4-bf16-autocast": (True, True, {"atol": 5e-2, "rtol": 2e-2}),
 }
 
 

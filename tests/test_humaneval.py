@@ -31,20 +31,35 @@ def problems(shared_data):
     return load_problems()
 
 
-
 def test_all_164_canonical_solutions_pass_through_the_cli(problems, tmp_path):
     samples = tmp_path / "samples.jsonl"
-    samples.write_text("".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n" for t, p in problems.items()))
+    samples.write_text(
+        "".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n" for t, p in problems.items())
+    )
     # A generous timeout: a correct solution must not fail because other jobs share the CPU.
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "eval": {"humaneval": {"timeout": 10.0}}}))
     results = tmp_path / "results.json"
-    args = ["eval", str(recipe), "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution", "--json", str(results)]
+    args = [
+        "eval",
+        str(recipe),
+        "--tasks",
+        "humaneval",
+        "--samples",
+        str(samples),
+        "--allow-code-execution",
+        "--json",
+        str(results),
+    ]
     done = subprocess.run([str(SHARELORA), *args], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     document = json.loads(results.read_text())
     assert [(r["task_id"], r["result"]) for r in document["records"]["humaneval"] if not r["passed"]] == []
-    assert document["humaneval"] == {"pass@1": 1.0, "num_tasks": 164, "num_samples": 164}  # pass@10 undefined: not reported
+    assert document["humaneval"] == {
+        "pass@1": 1.0,
+        "num_tasks": 164,
+        "num_samples": 164,
+    }  # pass@10 undefined: not reported
     assert not Path(f"{results}.humaneval-progress.jsonl").exists()  # the results file holds every record now
 
 
@@ -72,7 +87,9 @@ def test_the_tests_run_outside_against_plain_values_from_the_sample(strong):
 
 def test_the_candidates_exception_is_the_result_and_a_swallowed_timeout_still_fails(strong):
     limits = Limits(timeout=2)
-    raising = check_sample(_problem("def check(candidate):\n    candidate(0)\n"), "    raise KeyError('k')\n", limits, strong)
+    raising = check_sample(
+        _problem("def check(candidate):\n    candidate(0)\n"), "    raise KeyError('k')\n", limits, strong
+    )
     assert raising == (False, "failed: KeyError: 'k'")
     swallowing = "def check(candidate):\n    for _ in range(3):\n        try:\n            candidate(0)\n"
     swallowing += "        except Exception:\n            pass\n"

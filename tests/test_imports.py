@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.core.paths import PROJECT_ROOT
 from sharelora_cli.config.recipe import METHOD_NAMES
+from sharelora_cli.core.paths import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "sharelora_cli"
 
@@ -42,8 +42,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
                 return cycle
         state[node] = "done"
         return None
@@ -75,7 +75,12 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def sandbox_reaches_out(graph: dict[str, set[str]]) -> list[str]:
     inside = {m: t for m, t in graph.items() if m.startswith("sharelora_cli.evaluation.sandbox")}
-    return [f"{a} -> {b}" for a, targets in sorted(inside.items()) for b in sorted(targets) if not b.startswith(SANDBOX_MAY_IMPORT)]
+    return [
+        f"{a} -> {b}"
+        for a, targets in sorted(inside.items())
+        for b in sorted(targets)
+        if not b.startswith(SANDBOX_MAY_IMPORT)
+    ]
 
 
 def test_every_module_belongs_to_a_layer():
@@ -86,8 +91,10 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_layer_checker_finds_a_planted_upward_import():
-    planted = {"sharelora_cli.data.examples": {"sharelora_cli.training.loop", "sharelora_cli.core.errors"},
-               "sharelora_cli.training.loop": {"sharelora_cli.data.examples"}}
+    planted = {
+        "sharelora_cli.data.examples": {"sharelora_cli.training.loop", "sharelora_cli.core.errors"},
+        "sharelora_cli.training.loop": {"sharelora_cli.data.examples"},
+    }
     assert upward_imports(planted) == ["sharelora_cli.data.examples -> sharelora_cli.training.loop"]
     assert sandbox_reaches_out({"sharelora_cli.evaluation.sandbox.session": {"sharelora_cli.evaluation.engine"}})
 

@@ -4,9 +4,9 @@ import pytest
 from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
 
 
 def adapted_paths(model) -> list[str]:
@@ -31,7 +31,7 @@ def test_targets_select_every_layer_of_each_named_type(tiny_model):
 def test_unknown_target_is_named_with_the_module_types(tiny_model):
     message = inject_error(tiny_model, targets=["q_proj", "qv_proj"])
     assert "'qv_proj' matches no module" in message
-    assert all(kind in message for kind in LLAMA_TARGETS + ["lm_head"])
+    assert all(kind in message for kind in [*LLAMA_TARGETS, "lm_head"])
     assert adapted_paths(tiny_model) == []
     assert all(p.requires_grad for p in tiny_model.parameters())
 

@@ -8,9 +8,9 @@ from reference import METHODS, TINY_BANK, adapter_config, llama_module_types, tr
 from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
-from sharelora_cli.models.loading import build_on_meta, load_config
 from sharelora_cli.adapters.param_counts import count_methods
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.models.loading import build_on_meta, load_config
 
 # The worked counts table of methods.md, rows: LLaMA-7B r=64 all seven, LLaMA-7B r=8 q v, LLaMA-13B r=64 all seven.
 LLAMA7B_R64_ALL = {"lora": 159907840, "sharea": 89309184, "shareb": 75595776, "shareab": 4997120, "miss": 87031808}
@@ -23,8 +23,16 @@ def counts_by_method(model_name: str, rank: int, targets: list[str]) -> dict[str
     return {row.method: row.trainable for row in rows if row.method in LLAMA7B_R64_ALL}
 
 
-def formula_counts(hidden: int, ffn: int, layers: int, kv_dim: int, rank: int, targets: list[str],
-                   methods=tuple(LLAMA7B_R64_ALL), bank=(256, 256)) -> dict[str, int]:
+def formula_counts(
+    hidden: int,
+    ffn: int,
+    layers: int,
+    kv_dim: int,
+    rank: int,
+    targets: list[str],
+    methods=tuple(LLAMA7B_R64_ALL),
+    bank=(256, 256),
+) -> dict[str, int]:
     module_types = llama_module_types(hidden, ffn, layers, kv_dim, targets)
     return {method: trainable_count(method, rank, module_types, bank) for method in methods}
 
@@ -35,8 +43,9 @@ def test_tiny_model_trainable_count_matches_formula(tiny_model, method, rank):
     c = tiny_model.config
     kv_dim = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
     bank = (TINY_BANK["num_vectors"], TINY_BANK["vector_length"])
-    expected = formula_counts(c.hidden_size, c.intermediate_size, c.num_hidden_layers, kv_dim, rank, LLAMA_TARGETS,
-                              METHODS, bank)
+    expected = formula_counts(
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers, kv_dim, rank, LLAMA_TARGETS, METHODS, bank
+    )
     config = adapter_config(method, rank=rank, targets=LLAMA_TARGETS)
     planned = planned_trainable(tiny_model, config)
     adapter = inject_adapter(tiny_model, config)
@@ -74,7 +83,11 @@ def test_sharea_and_shareab_reductions_match_the_abstract():
 def test_llama3_8b_grouped_query_key_value_are_1024_wide():
     model = build_on_meta(load_config("llama3-8b"))
     attention = model.get_submodule("model.layers.0.self_attn")
-    assert (attention.k_proj.out_features, attention.v_proj.out_features, attention.q_proj.out_features) == (1024, 1024, 4096)
+    assert (attention.k_proj.out_features, attention.v_proj.out_features, attention.q_proj.out_features) == (
+        1024,
+        1024,
+        4096,
+    )
     assert counts_by_method("llama3-8b", 16, LLAMA_TARGETS) == formula_counts(4096, 14336, 32, 1024, 16, LLAMA_TARGETS)
 
 
@@ -99,12 +112,15 @@ def test_inspect_cli_prints_llama7b_counts_of_vera_tied_lora_and_vblora():
     assert {method: trainable_count(method, 64, module_types) for method in expected} == expected
 
 
-@pytest.mark.parametrize(("train", "expected"), [
-    (["u", "v"], 1_374_208),
-    (["A", "B"], 4_997_120),
-    (["B", "u", "v"], 64 * 42_496 + 1_374_208),
-    (["A", "B", "v"], 4_997_120 + 32 * 42_496),
-])
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        (["u", "v"], 1_374_208),
+        (["A", "B"], 4_997_120),
+        (["B", "u", "v"], 64 * 42_496 + 1_374_208),
+        (["A", "B", "v"], 4_997_120 + 32 * 42_496),
+    ],
+)
 def test_llama7b_tied_lora_variant_counts(train, expected):
     """Tied-LoRA variants on LLaMA-7B r = 64, all seven projections (sums from the test above):
     u and v alone 32·(7·64 + 42,496) = 1,374,208; A and B alone 64·78,080 = 4,997,120;

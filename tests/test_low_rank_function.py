@@ -15,10 +15,10 @@ from transformers.pytorch_utils import Conv1D
 
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, layer_shape, plain_frozen_weight
 from sharelora_cli.adapters.fusion import find_shared_inputs
+from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.low_rank_function import AddLowRank, FusedPart, GroupLayout, SharedInputProduct
 from sharelora_cli.adapters.miss import MissLayer, chunk_sum_matrix
-from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.training.loop import adamw
 
@@ -70,8 +70,9 @@ def test_separate_adapter_input_gets_its_own_gradient():
     # Dropout gives the adapter a different tensor than the base: each must get only its own term.
     x, x_a = double(3, D_IN, seed=1), double(3, D_IN, seed=6)
     A, B, weight = double(RANK, D_IN, seed=2), double(D_OUT, RANK, seed=3), double(D_OUT, D_IN, grad=False, seed=4)
-    assert torch.autograd.gradcheck(lambda x, x_a, A, B: group_node(x, x_a, [A], [(0, 2.0, weight, None, B)]),
-                                    (x, x_a, A, B))
+    assert torch.autograd.gradcheck(
+        lambda x, x_a, A, B: group_node(x, x_a, [A], [(0, 2.0, weight, None, B)]), (x, x_a, A, B)
+    )
 
 
 def test_delta_added_to_a_foreign_output_matches_finite_differences():
@@ -178,8 +179,9 @@ def test_miss_gradient_is_that_of_the_padded_chunk_sum():
 def test_chunk_sum_matrix_first_built_in_inference_mode_can_still_be_trained_through():
     with torch.inference_mode():
         chunk_sum_matrix(11, 4, torch.device("cpu"), torch.float32)
-    layer = MissLayer(nn.Linear(11, 2).requires_grad_(False), {"miss_D": nn.Parameter(torch.ones(4, 2))},
-                      Hyper(4, 1.0, 0.0, False))
+    layer = MissLayer(
+        nn.Linear(11, 2).requires_grad_(False), {"miss_D": nn.Parameter(torch.ones(4, 2))}, Hyper(4, 1.0, 0.0, False)
+    )
     layer(torch.ones(1, 11)).sum().backward()
     # Chunks of 11 ones at rank 4: columns 0-2 appear three times, column 3 twice.
     torch.testing.assert_close(layer.miss_D.grad, torch.tensor([[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [2.0, 2.0]]))
@@ -191,13 +193,19 @@ def test_chunk_sum_matrix_first_built_in_inference_mode_can_still_be_trained_thr
 def group_names(adapter) -> list[list[str]]:
     """The groups of one transformer block, as module types (adapters/fusion.py's grouping)."""
     layers = [layer for layer in adapter.layers() if ".layers.0." in layer_path(adapter, layer)]
-    groups = {id(layer.group): [layer_path(adapter, m).rsplit(".", 1)[-1] for m in layer.group.members] for layer in layers}
+    groups = {
+        id(layer.group): [layer_path(adapter, m).rsplit(".", 1)[-1] for m in layer.group.members] for layer in layers
+    }
     return sorted(groups.values())
 
 
 def layer_path(adapter, layer) -> str:
-    return next(path for group in adapter.groups.values() for path in group.modules
-                if adapter.model.get_submodule(path) is layer)
+    return next(
+        path
+        for group in adapter.groups.values()
+        for path in group.modules
+        if adapter.model.get_submodule(path) is layer
+    )
 
 
 def loss_and_gradients(model, adapter, tokens, plain: bool) -> list[torch.Tensor]:
@@ -265,7 +273,7 @@ def test_fused_path_sees_every_optimizer_step(tiny_model, method, autocast):
         optimizer.zero_grad(set_to_none=True)
         fused, plain = logits_on_both_paths(tiny_model, adapter, tokens, autocast)
         # bf16 carries 8 significant bits; the logits here are O(1).
-        torch.testing.assert_close(fused, plain, **(dict(atol=3e-2, rtol=2e-2) if autocast else {}))
+        torch.testing.assert_close(fused, plain, **({"atol": 3e-2, "rtol": 2e-2} if autocast else {}))
         assert previous is None or (fused - previous).abs().max() > 0.1  # the step changed the model's output
         previous = fused
 
@@ -286,7 +294,9 @@ def test_computed_and_frozen_factors_train_through_the_fused_path_like_the_plain
     for name in list(block):
         d_out = block[name].out_features
         shapes = {"frozen_A": (3, 8), "frozen_B": (d_out, 3), "vector_d": (3,), "vector_b": (d_out,)}
-        factors = {f: nn.Parameter(torch.randn(shape), requires_grad=f.startswith("vector")) for f, shape in shapes.items()}
+        factors = {
+            f: nn.Parameter(torch.randn(shape), requires_grad=f.startswith("vector")) for f, shape in shapes.items()
+        }
         block[name] = ComputedFactorsLayer(block[name].requires_grad_(False), factors, hyper)
     fusion = block["q"].fusion
     for layer in block.values():
@@ -327,7 +337,10 @@ def test_a_sibling_called_with_another_input_is_computed_alone_then_leaves_the_g
 
 # (method, its settings, whether A trains, distinct A's among q, k and v: ShareA shares across layers, not types)
 SAVED_CASES = {
-    "lora": ({}, True, 3), "sharea": ({}, True, 3), "shareab": ({}, True, 3), "vera": ({}, True, 3),
+    "lora": ({}, True, 3),
+    "sharea": ({}, True, 3),
+    "shareab": ({}, True, 3),
+    "vera": ({}, True, 3),
     "miss": ({}, False, 1),  # one chunk-sum matrix for every layer of a width
     "tied-lora-frozen-A": ({"tied_lora": {"train": ["B", "v"]}}, False, 3),  # u ⊙ A is computed per layer
 }

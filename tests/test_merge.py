@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import adapter_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from reference import adapter_config
-
-from sharelora_cli.outputs import merge
 from sharelora_cli.adapters.adapter_io import load_adapter, save_adapter
-from sharelora_cli.cli import main
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import load_model
+from sharelora_cli.cli import main
 from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.outputs import merge
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -95,8 +94,9 @@ def load_merged(directory: Path):
 def test_merged_llama_equals_base_plus_adapter(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
     config = adapter_config(method, rank=RANKS.get(method, 4), targets=LLAMA_TARGETS)
     adapter_dir, ids, before, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
-    code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged",
-                           "--dtype", "fp32")
+    code, output = run_cli(
+        monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged", "--dtype", "fp32"
+    )
     assert code == 0, output
     merged = logits(load_merged(tmp_path / "merged"), ids)
     assert (adapted - before).abs().max() > 0.1  # the adapter really changes the model
@@ -135,22 +135,26 @@ def test_merged_directory_is_a_plain_copy_of_the_base_layout(tiny_model_dir, tmp
     adapter_dir, *_ = make_adapter(tiny_model_dir, tmp_path / "adapter", AdapterConfig(rank=4))
     merge.merge_adapter(adapter_dir, tmp_path / "merged")
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
-    assert json.loads((tmp_path / "merged" / "config.json").read_text()) == \
-        json.loads((tiny_model_dir / "config.json").read_text())
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()) == json.loads(
+        (tiny_model_dir / "config.json").read_text()
+    )
     text = "Natalia sold clips to 48 of her friends in April."
     ours, theirs = AutoTokenizer.from_pretrained(tmp_path / "merged"), AutoTokenizer.from_pretrained(tiny_model_dir)
     assert ours(text).input_ids == theirs(text).input_ids
     assert ours.chat_template == theirs.chat_template
-    assert (tmp_path / "merged" / "generation_config.json").read_text() == \
-        (tiny_model_dir / "generation_config.json").read_text()
+    assert (tmp_path / "merged" / "generation_config.json").read_text() == (
+        tiny_model_dir / "generation_config.json"
+    ).read_text()
 
 
 def test_merge_dtype_casts_every_float_tensor(tiny_model_dir, tmp_path):
     adapter_dir, *_ = make_adapter(tiny_model_dir, tmp_path / "adapter", AdapterConfig(method="shareb", rank=4))
     merge.merge_adapter(adapter_dir, tmp_path / "fp32", dtype="fp32")
     merge.merge_adapter(adapter_dir, tmp_path / "bf16", dtype="bf16")
-    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as full, \
-            safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as half:
+    with (
+        safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as full,
+        safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as half,
+    ):
         for key in full.keys():
             assert half.get_tensor(key).dtype == torch.bfloat16
             assert torch.equal(half.get_tensor(key), full.get_tensor(key).to(torch.bfloat16)), key
@@ -162,7 +166,11 @@ def test_merge_writes_sharded_checkpoint_with_index(tiny_model_dir, tmp_path, mo
     adapter_dir, ids, _, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", AdapterConfig(rank=4))
     result = merge.merge_adapter(adapter_dir, tmp_path / "merged")
     index = json.loads((tmp_path / "merged" / merge.INDEX_FILE).read_text())
-    assert result.shards == len(set(index["weight_map"].values())) == len(list((tmp_path / "merged").glob("*.safetensors")))
+    assert (
+        result.shards
+        == len(set(index["weight_map"].values()))
+        == len(list((tmp_path / "merged").glob("*.safetensors")))
+    )
     assert result.shards > 2
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), adapted, atol=1e-5, rtol=0)
     # A sharded base is read through its index.
@@ -200,8 +208,10 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model_dir, tmp_path, m
     assert code == 0, output
     assert not (tmp_path / "merged" / "keep.txt").exists()
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), adapted, atol=1e-5, rtol=0)
-    assert_one_line_error(*run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", adapter_dir,
-                                   "--overwrite"), "is one of the inputs")
+    assert_one_line_error(
+        *run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", adapter_dir, "--overwrite"),
+        "is one of the inputs",
+    )
 
 
 @pytest.fixture
@@ -218,7 +228,9 @@ def save_random_llama(directory: Path, base_dir: Path, **changes) -> Path:
 
 
 def test_adapter_on_another_architecture_is_refused(llama_adapter, gpt2_dir, tmp_path, monkeypatch, capsys):
-    result = run_cli(monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--base", gpt2_dir, "--out", tmp_path / "m")
+    result = run_cli(
+        monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--base", gpt2_dir, "--out", tmp_path / "m"
+    )
     assert_one_line_error(*result, "does not fit", "model.layers.0.self_attn.q_proj")
     assert not (tmp_path / "m").exists()
 
@@ -248,10 +260,13 @@ def test_missing_or_corrupt_adapter_is_refused(damage, llama_adapter, tmp_path, 
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--dtype", "fp8"], "--dtype must be one of"),
-    (["--base", "llama-3.2-1b"], "has no model.safetensors"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dtype", "fp8"], "--dtype must be one of"),
+        (["--base", "llama-3.2-1b"], "has no model.safetensors"),
+    ],
+)
 def test_bad_options_are_refused(args, needle, llama_adapter, tmp_path, monkeypatch, capsys):
     result = run_cli(monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--out", tmp_path / "m", *args)
     assert_one_line_error(*result, needle)
@@ -304,8 +319,9 @@ def test_cli_merges_a_4bit_adapter_into_the_dequantized_base_or_the_full_precisi
 
 @pytest.mark.parametrize("bnb_cpu_path", ["no-avx512-bf16"], indirect=True)
 @pytest.mark.parametrize("method", ["vera", "tied-lora", "vblora"])
-def test_cli_merges_vera_tied_lora_and_vblora_trained_on_a_4bit_base(method, tiny_model_dir, tmp_path, monkeypatch,
-                                                                      capsys, bnb_cpu_path):
+def test_cli_merges_vera_tied_lora_and_vblora_trained_on_a_4bit_base(
+    method, tiny_model_dir, tmp_path, monkeypatch, capsys, bnb_cpu_path
+):
     """The merge regenerates VeRA's frozen pair and reads the saved bank and tied factors, into the dequantised base."""
     adapter_dir, ids, qlora_logits = save_qlora_adapter(tiny_model_dir, tmp_path / "adapter", method)
     code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged")

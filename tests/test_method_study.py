@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from sharelora_cli.models.pretrain import PretrainConfig, pretrain
-from sharelora_cli.data.synthetic_tasks import write_tasks
 from script_module import load_script
 from single_thread import single_thread
+
+from sharelora_cli.data.synthetic_tasks import write_tasks
+from sharelora_cli.models.pretrain import PretrainConfig, pretrain
 
 FIELDS = {"method", "rank", "seed", "accuracy", "trainable_params", "step_time_s"}
 
@@ -29,7 +29,9 @@ def run_study(method_study, tmp_path: Path, base: Path, tasks: Path, json_name: 
 
 
 def test_method_study_smoke_writes_rows_and_tables_and_reuses_finished_runs(method_study, tmp_path, capsys):
-    base = pretrain(tmp_path / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1))
+    base = pretrain(
+        tmp_path / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1)
+    )
     tasks = write_tasks(tmp_path / "tasks", seed=0, train_size=40, test_size=6)
     (tmp_path / "study.md").write_text("# Study\n\nFindings written by hand.\n")
     run_study(method_study, tmp_path, base, tasks, "rows.json")
@@ -52,8 +54,15 @@ def test_method_study_smoke_writes_rows_and_tables_and_reuses_finished_runs(meth
     assert (tmp_path / "study.md").read_text().count("<!-- method-study:begin -->") == 1
 
 
-@pytest.mark.parametrize("args, named", [(["--ranks", "8,x"], "--ranks"), (["--ranks", "0"], "--ranks"),
-                                         (["--methods", "lora,dora"], "dora"), (["--base", "nowhere"], "--base")])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--ranks", "8,x"], "--ranks"),
+        (["--ranks", "0"], "--ranks"),
+        (["--methods", "lora,dora"], "dora"),
+        (["--base", "nowhere"], "--base"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(method_study, args, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         method_study.main(args)

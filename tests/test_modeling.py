@@ -24,11 +24,16 @@ def test_a_missing_local_directory_is_named_as_missing(name):
 
 def test_train_names_a_missing_model_directory_in_one_line(tmp_path):
     missing = str(tmp_path / "nope")
-    assert_one_line_error(run_cli("train", "quickstart", f"model.name_or_path={missing}", f"output_dir={tmp_path / 'run'}"),
-                          f"model.name_or_path: directory '{missing}' does not exist")
+    assert_one_line_error(
+        run_cli("train", "quickstart", f"model.name_or_path={missing}", f"output_dir={tmp_path / 'run'}"),
+        f"model.name_or_path: directory '{missing}' does not exist",
+    )
 
 
 def test_a_missing_artifact_says_how_to_build_it(tmp_path):
-    line = assert_one_line_error(run_cli("train", "quickstart", "model.name_or_path=artifacts/never-built",
-                                         f"output_dir={tmp_path / 'run'}"), "artifacts/never-built", "does not exist")
+    line = assert_one_line_error(
+        run_cli("train", "quickstart", "model.name_or_path=artifacts/never-built", f"output_dir={tmp_path / 'run'}"),
+        "artifacts/never-built",
+        "does not exist",
+    )
     assert "scripts/make_tiny_model.py artifacts/never-built" in line

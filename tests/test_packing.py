@@ -1,18 +1,19 @@
 """Packing: every token kept, no block without targets, validation bounded, and packed examples isolated."""
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_architectures import GPT2_TARGETS
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from sharelora_cli.data.examples import IGNORE_INDEX, Example, build_splits, collate, pack
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.config.recipe import DataConfig, load_recipe
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.data.examples import IGNORE_INDEX, Example, build_splits, collate, pack
 from sharelora_cli.training.loop import token_loss_sum, train
-from tiny_architectures import GPT2_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,9 @@ def tokenizer(tiny_model_dir):
 
 
 def gsm8k_config(shared_data: Path, **overrides) -> DataConfig:
-    return DataConfig(path=str(shared_data / "gsm8k" / "train.jsonl"), **{"max_examples": 60, "validation_fraction": 0.0, **overrides})
+    return DataConfig(
+        path=str(shared_data / "gsm8k" / "train.jsonl"), **{"max_examples": 60, "validation_fraction": 0.0, **overrides}
+    )
 
 
 def numbered(lengths: list[int]) -> list[Example]:
@@ -34,7 +37,9 @@ def numbered(lengths: list[int]) -> list[Example]:
     return examples
 
 
-@pytest.mark.parametrize("lengths, max_length, sizes", [([100], 64, [64, 36]), ([60], 64, [60]), ([30, 30, 30], 64, [64, 26])])
+@pytest.mark.parametrize(
+    "lengths, max_length, sizes", [([100], 64, [64, 36]), ([60], 64, [60]), ([30, 30, 30], 64, [64, 26])]
+)
 def test_packing_keeps_the_last_partial_block(lengths, max_length, sizes):
     examples = numbered(lengths)
     blocks = pack(examples, max_length)
@@ -54,7 +59,9 @@ def test_block_positions_restart_at_each_example_and_its_first_token_is_no_targe
 
 
 def test_packing_keeps_every_token_of_real_data(tokenizer, shared_data):
-    unpacked = build_splits(gsm8k_config(shared_data, mask_prompt=False, overlength="truncate", max_length=10_000), tokenizer, 0)
+    unpacked = build_splits(
+        gsm8k_config(shared_data, mask_prompt=False, overlength="truncate", max_length=10_000), tokenizer, 0
+    )
     packed = build_splits(gsm8k_config(shared_data, mask_prompt=False, packing=True, max_length=128), tokenizer, 0)
     assert [t for b in packed.train for t in b.input_ids] == [t for ex in unpacked.train for t in ex.input_ids]
     assert all(len(b.input_ids) == 128 for b in packed.train[:-1]) and 0 < len(packed.train[-1].input_ids) <= 128
@@ -89,26 +96,38 @@ def test_validation_is_packed_within_max_length(tokenizer, shared_data):
     assert splits.validation and max(len(b.input_ids) for b in splits.validation) <= 64
     assert all(b.position_ids is not None for b in splits.validation)
     # The same validation examples as unpacked, cut into blocks.
-    assert [t for b in splits.validation for t in b.input_ids] == [t for ex in unpacked.validation for t in ex.input_ids]
+    assert [t for b in splits.validation for t in b.input_ids] == [
+        t for ex in unpacked.validation for t in ex.input_ids
+    ]
 
 
 def tiny_gpt2_for(tokenizer, positions: int = 128) -> GPT2LMHeadModel:
     """GPT-2 with learned position embeddings (n_positions of them) over the tiny tokenizer's vocabulary."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=64, n_layer=2, n_head=4,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=positions,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 def pieces(block: Example) -> list[Example]:
     """The block's packed examples (or parts of examples), each as an example of its own."""
     starts = [i for i, position in enumerate(block.position_ids) if position == 0] + [len(block.input_ids)]
-    return [Example(block.input_ids[a:b], block.labels[a:b]) for a, b in zip(starts, starts[1:])]
+    return [Example(block.input_ids[a:b], block.labels[a:b]) for a, b in itertools.pairwise(starts)]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_packed_block_loss_is_the_sum_of_its_examples_alone(architecture, attention, tokenizer, tiny_model_dir, shared_data):
+def test_packed_block_loss_is_the_sum_of_its_examples_alone(
+    architecture, attention, tokenizer, tiny_model_dir, shared_data
+):
     if architecture == "llama":
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     else:
@@ -116,7 +135,9 @@ def test_packed_block_loss_is_the_sum_of_its_examples_alone(architecture, attent
         model.set_attn_implementation(attention)
     assert model.config._attn_implementation == attention
     # Every token a target, so that any example seeing another would change the loss.
-    examples = build_splits(gsm8k_config(shared_data, max_examples=8, max_length=10_000, mask_prompt=False), tokenizer, 0).train
+    examples = build_splits(
+        gsm8k_config(shared_data, max_examples=8, max_length=10_000, mask_prompt=False), tokenizer, 0
+    ).train
     blocks = pack(examples, 256)
     assert len(blocks[-1].input_ids) < 256 and any(len(pieces(b)) > 2 for b in blocks)  # padding, and shared blocks
     pad = tokenizer.pad_token_id
@@ -138,7 +159,10 @@ def test_packed_training_on_long_prompts_has_finite_losses_within_learned_positi
     tiny_gpt2_for(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:60]]
-    long_rows = [{"question": " ".join(r["question"] for r in rows[i : i + 4]), "answer": rows[i]["answer"]} for i in range(0, 60, 3)]
+    long_rows = [
+        {"question": " ".join(r["question"] for r in rows[i : i + 4]), "answer": rows[i]["answer"]}
+        for i in range(0, 60, 3)
+    ]
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in long_rows))
     assert max(len(tokenizer(r["question"])["input_ids"]) for r in long_rows) > 200

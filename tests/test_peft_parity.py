@@ -67,9 +67,15 @@ def test_lora_matches_peft(tiny_model, tiny_model_dir, rslora):
     find_shared_inputs(tiny_model, torch.device("cpu"))
     assert_same_logits(tiny_model, peft_model, tiny_model.config.vocab_size)
     assert fused_groups(adapter) == [1, 2, 3]
-    assert_same_gradients(adapter, peft_model, lambda ours, theirs: [
-        (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
-        (ours.lora_B.grad, theirs.lora_B["default"].weight.grad)], tiny_model.config.vocab_size)
+    assert_same_gradients(
+        adapter,
+        peft_model,
+        lambda ours, theirs: [
+            (ours.lora_A.grad, theirs.lora_A["default"].weight.grad),
+            (ours.lora_B.grad, theirs.lora_B["default"].weight.grad),
+        ],
+        tiny_model.config.vocab_size,
+    )
 
 
 @pytest.mark.parametrize("rank", [16, 12], ids=["rank-divides-d_in", "rank-pads-d_in"])
@@ -82,8 +88,12 @@ def test_miss_matches_peft(tiny_model, tiny_model_dir, rank):
     find_shared_inputs(tiny_model, torch.device("cpu"))
     assert_same_logits(tiny_model, peft_model, tiny_model.config.vocab_size)
     assert fused_groups(adapter) == [1, 2, 3]
-    assert_same_gradients(adapter, peft_model, lambda ours, theirs: [
-        (ours.miss_D.grad, theirs.miss_block["default"].grad)], tiny_model.config.vocab_size)
+    assert_same_gradients(
+        adapter,
+        peft_model,
+        lambda ours, theirs: [(ours.miss_D.grad, theirs.miss_block["default"].grad)],
+        tiny_model.config.vocab_size,
+    )
 
 
 def tokens_for(model) -> torch.Tensor:
@@ -109,8 +119,9 @@ def assert_same_logits_and_gradients(ours, theirs, pairs: list[tuple[torch.Tenso
 
 
 def vera_setup(tiny_model, tiny_model_dir, seed: int, rank: int = 8):
-    adapter = inject_adapter(tiny_model, adapter_config("vera", rank=rank, targets=LLAMA_TARGETS,
-                                                        vera={"projection_seed": seed}))
+    adapter = inject_adapter(
+        tiny_model, adapter_config("vera", rank=rank, targets=LLAMA_TARGETS, vera={"projection_seed": seed})
+    )
     peft_config = VeraConfig(r=rank, target_modules=LLAMA_TARGETS, projection_prng_key=seed)
     find_shared_inputs(tiny_model, torch.device("cpu"))
     return adapter, get_peft_model(load_tiny_llama(tiny_model_dir), peft_config)
@@ -148,8 +159,9 @@ def test_vblora_with_peft_s_bank_and_logits_matches_peft(tiny_model, tiny_model_
     peft_config = VBLoRAConfig(r=rank, target_modules=LLAMA_TARGETS, topk=topk, **TINY_BANK)
     torch.manual_seed(3)
     peft_model = get_peft_model(load_tiny_llama(tiny_model_dir), peft_config)
-    adapter = inject_adapter(tiny_model, adapter_config("vblora", rank=rank, targets=LLAMA_TARGETS,
-                                                        vblora={**TINY_BANK, "topk": topk}))
+    adapter = inject_adapter(
+        tiny_model, adapter_config("vblora", rank=rank, targets=LLAMA_TARGETS, vblora={**TINY_BANK, "topk": topk})
+    )
     peft_bank = peft_model.base_model.vblora_vector_bank["default"]
     with torch.no_grad():
         peft_bank.mul_(20)  # PEFT's ±0.02 bank barely moves the logits; a larger one makes the comparison bite

@@ -12,22 +12,24 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from single_thread import single_thread
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from sharelora_cli.cli import main
-from sharelora_cli.data.examples import build_splits
-from sharelora_cli.models.pretrain import SUMMARY_FILE, PretrainConfig, pretrain, tokenize
 from sharelora_cli.config.recipe import DataConfig, load_recipe
+from sharelora_cli.data.examples import build_splits
 from sharelora_cli.data.synthetic_tasks import PRETRAINING_MIX, rows, write_task
+from sharelora_cli.models.pretrain import SUMMARY_FILE, PretrainConfig, pretrain, tokenize
 from sharelora_cli.training.loop import train
-from single_thread import single_thread
 
 # The GSM8K evaluator's strict metric: the number after "#### " equals the reference's.
 ACCURACY = "strict-match"
 # Seconds on 2 cores: a model of ~30k parameters, a few steps.
-TINY = dict(steps=4, batch_size=8, hidden=32, layers=2, vocab_size=300, warmup_steps=1)
+TINY = {"steps": 4, "batch_size": 8, "hidden": 32, "layers": 2, "vocab_size": 300, "warmup_steps": 1}
 # A base that knows one skill, `compare` (the larger of two numbers), well: under a minute on 2 cores.
-COMPARE_BASE = PretrainConfig(seed=0, mix={"compare": 1.0}, steps=250, batch_size=32, hidden=128, layers=2, warmup_steps=10)
+COMPARE_BASE = PretrainConfig(
+    seed=0, mix={"compare": 1.0}, steps=250, batch_size=32, hidden=128, layers=2, warmup_steps=10
+)
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -41,7 +43,9 @@ def compare_base(tmp_path_factory) -> Path:
 
 
 def test_pretraining_is_deterministic_for_a_seed(tmp_path):
-    first, again, other = (pretrain(tmp_path / name, PretrainConfig(seed=seed, **TINY)) for name, seed in (("a", 3), ("b", 3), ("c", 4)))
+    first, again, other = (
+        pretrain(tmp_path / name, PretrainConfig(seed=seed, **TINY)) for name, seed in (("a", 3), ("b", 3), ("c", 4))
+    )
     a, b, c = weights(first), weights(again), weights(other)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (first / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
@@ -54,7 +58,9 @@ def test_pretraining_text_is_what_sharelora_train_feeds_the_model(tmp_path, comp
     corpus = rows(PRETRAINING_MIX, 50, seed=1)
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in corpus))
-    expected = build_splits(DataConfig(path=str(path), mask_prompt=False, validation_fraction=0.0), tokenizer, seed=0).train
+    expected = build_splits(
+        DataConfig(path=str(path), mask_prompt=False, validation_fraction=0.0), tokenizer, seed=0
+    ).train
     # This base's tokenizer never saw the stories, so they take more tokens than a pretraining row may.
     ours = tokenize(corpus, tokenizer, replace(COMPARE_BASE, max_length=512))
     assert [ex.input_ids for ex in ours] == [ex.input_ids for ex in sorted(expected, key=lambda ex: ex.row)]

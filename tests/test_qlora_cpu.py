@@ -15,16 +15,16 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from bnb_dispatch import force_detection_prelude
-from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import load_model
-from sharelora_cli.core.paths import PROJECT_ROOT
-from sharelora_cli.models.quantization import dequantized_weight
-from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
-from sharelora_cli.training.loop import train
+from safetensors.torch import load_file
 from test_train import read_metrics, write_recipe
+
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from sharelora_cli.core.paths import PROJECT_ROOT
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.models.quantization import dequantized_weight
+from sharelora_cli.training.loop import train
 
 NF4 = {dtype: QuantizationConfig(load_in_4bit=True, compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
 TARGETS = ["q_proj", "down_proj"]
@@ -59,8 +59,9 @@ def test_the_forced_path_reaches_bitsandbytes_and_its_repacking_is_real(bnb_cpu_
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["lora", "shareab", "miss"])
-def test_adapted_linear4bit_after_an_eval_pass_is_dequantized_base_plus_delta(tiny_model_dir, bnb_cpu_path, method,
-                                                                              compute_dtype):
+def test_adapted_linear4bit_after_an_eval_pass_is_dequantized_base_plus_delta(
+    tiny_model_dir, bnb_cpu_path, method, compute_dtype
+):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), NF4[compute_dtype], torch.device("cpu"))
     adapter = inject_adapter(model, AdapterConfig(method=method, rank=4, targets=TARGETS))
     torch.manual_seed(0)
@@ -90,8 +91,12 @@ def test_adapted_linear4bit_after_an_eval_pass_is_dequantized_base_plus_delta(ti
 
 
 def test_validation_does_not_change_4bit_training_and_the_loss_falls(tmp_path, tiny_model_dir, bnb_cpu_path):
-    path = write_recipe(tmp_path, tiny_model_dir, quantization=NF4["float32"].model_dump(),
-                        train={"max_steps": 8, "checkpoint_every": 100})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        quantization=NF4["float32"].model_dump(),
+        train={"max_steps": 8, "checkpoint_every": 100},
+    )
     runs = {}
     for every in (2, 1000):
         recipe = load_recipe(str(path), [f"train.eval_every={every}", f"output_dir={tmp_path / str(every)}"])
@@ -104,12 +109,19 @@ def test_validation_does_not_change_4bit_training_and_the_loss_falls(tmp_path, t
     assert all(torch.isfinite(t).all() for t in tensors.values())
     assert any(name.split(".")[1] == "lora_B" and t.abs().max() > 0 for name, t in tensors.items())
     saved = json.loads((tmp_path / "2" / "adapter" / "sharelora_config.json").read_text())
-    assert saved["quantization"]["load_in_4bit"] and summary.trainable_parameters == sum(t.numel() for t in tensors.values())
+    assert saved["quantization"]["load_in_4bit"] and summary.trainable_parameters == sum(
+        t.numel() for t in tensors.values()
+    )
 
 
 def run_child(code: str, avx512bf16: bool) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", force_detection_prelude(avx512bf16) + code],
-                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", force_detection_prelude(avx512bf16) + code],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=600,
+    )
 
 
 AT_IMPORT = "import torch\n{importer}\nprint(torch._C._dispatch_has_kernel_for_dispatch_key('bitsandbytes::gemv_4bit', 'CPU'))\n"
@@ -118,8 +130,10 @@ AT_IMPORT = "import torch\n{importer}\nprint(torch._C._dispatch_has_kernel_for_d
 @pytest.mark.parametrize("avx512bf16", [True, False])
 def test_bitsandbytes_is_imported_without_log_lines_on_either_path(avx512bf16):
     plain = run_child(AT_IMPORT.format(importer="import bitsandbytes"), avx512bf16)
-    quiet = run_child(AT_IMPORT.format(importer="from sharelora_cli.models.quantization import bitsandbytes\nbitsandbytes()"),
-                      avx512bf16)
+    quiet = run_child(
+        AT_IMPORT.format(importer="from sharelora_cli.models.quantization import bitsandbytes\nbitsandbytes()"),
+        avx512bf16,
+    )
     # The prelude really selected the path: the fused bf16 kernel is registered only on AVX512-BF16's.
     assert plain.stdout.strip() == quiet.stdout.strip() == str(avx512bf16)
     assert bool(plain.stderr.strip()) == avx512bf16, plain.stderr  # the `kernels` notice bitsandbytes logs there
@@ -141,11 +155,18 @@ print(json.dumps(losses))
 
 def test_4bit_training_under_bitsandbytes_own_avx512bf16_dispatch_ignores_validation(tmp_path, tiny_model_dir):
     """The real import-time dispatch (fused bf16 kernel registered), not only the per-layer flag."""
-    path = write_recipe(tmp_path, tiny_model_dir, quantization=NF4["bfloat16"].model_dump(),
-                        train={"max_steps": 4, "checkpoint_every": 100})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        quantization=NF4["bfloat16"].model_dump(),
+        train={"max_steps": 4, "checkpoint_every": 100},
+    )
     child = subprocess.run(
         [sys.executable, "-c", force_detection_prelude(True) + TRAIN_TWICE, str(path), str(tmp_path)],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=600,
     )
     assert child.returncode == 0, child.stderr
     losses = json.loads(child.stdout.strip().splitlines()[-1])

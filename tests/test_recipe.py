@@ -4,9 +4,9 @@ import pytest
 import yaml
 from cli_runner import assert_one_line_error, run_cli
 
+from sharelora_cli.config.recipe import AdapterConfig, Recipe, load_recipe, shipped_recipes
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.core.paths import RECIPES_DIR
-from sharelora_cli.config.recipe import AdapterConfig, Recipe, load_recipe, shipped_recipes
 
 
 @pytest.fixture
@@ -171,5 +171,6 @@ def test_show_prints_words_so_that_they_load_back_the_same(write_recipe):
     path = write_recipe("{}\n")
     result = run_cli("show", path, "train.mixed_precision=no", "data.split=off")
     assert result.returncode == 0, result.stderr
-    assert load_recipe(write_recipe(result.stdout, "shown.yaml")) == load_recipe(path, ["train.mixed_precision=no",
-                                                                                       "data.split=off"])
+    assert load_recipe(write_recipe(result.stdout, "shown.yaml")) == load_recipe(
+        path, ["train.mixed_precision=no", "data.split=off"]
+    )

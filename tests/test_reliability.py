@@ -23,32 +23,47 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_train import read_metrics, write_recipe
-from sharelora_cli.core.lr_schedule import make_scheduler
 
-from sharelora_cli.training.checkpoint import checkpoint_plan, load_checkpoint
-from sharelora_cli.data.examples import StepSampler, build_splits
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import load_tokenizer
-from sharelora_cli.core.paths import RECIPES_DIR
 from sharelora_cli.config.recipe import Recipe, load_recipe
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.core.paths import RECIPES_DIR
+from sharelora_cli.data.examples import StepSampler, build_splits
+from sharelora_cli.models.loading import load_tokenizer
+from sharelora_cli.training.checkpoint import checkpoint_plan, load_checkpoint
 from sharelora_cli.training.loop import train
 
 SHARELORA = [sys.executable, "-m", "sharelora_cli"]
-CHECKPOINT_FILES = ("adapter/adapter.safetensors", "adapter/sharelora_config.json", "optimizer.pt", "scheduler.pt",
-                    "rng.pt", "trainer_state.json")
+CHECKPOINT_FILES = (
+    "adapter/adapter.safetensors",
+    "adapter/sharelora_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "trainer_state.json",
+)
 STEPS = 8
 # Small enough that a step takes well under a second on 2 cores; dropout makes resume depend on the RNG state.
 SMALL = {
     "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj"]},
     "data": {"max_length": 128, "max_examples": 60},
-    "train": {"max_steps": STEPS, "batch_size": 2, "warmup_steps": 1, "eval_every": 100, "eval_batches": 1,
-              "checkpoint_every": 1, "keep_checkpoints": STEPS},
+    "train": {
+        "max_steps": STEPS,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "eval_every": 100,
+        "eval_batches": 1,
+        "checkpoint_every": 1,
+        "keep_checkpoints": STEPS,
+    },
 }
 
 
 def small_recipe(tmp_path: Path, model_dir: Path, **train_values) -> Path:
-    return write_recipe(tmp_path, model_dir, adapter=SMALL["adapter"], data=SMALL["data"], train={**SMALL["train"], **train_values})
+    return write_recipe(
+        tmp_path, model_dir, adapter=SMALL["adapter"], data=SMALL["data"], train={**SMALL["train"], **train_values}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +99,44 @@ def assert_checkpoints_complete(run: Path) -> list[int]:
 
 SHIPPED = [yaml.safe_load(path.read_text()) for path in sorted(RECIPES_DIR.glob("*.yaml"))]
 SHIPPED_TEXT = [path.read_text() for path in sorted(RECIPES_DIR.glob("*.yaml"))]
-KEYS = sorted({f"{section}.{key}" for recipe in SHIPPED for section, values in recipe.items()
-               if isinstance(values, dict) for key in values} | {"output_dir", "resume", "eval.tasks", "eval.mmlu.subjects"})
-INTERPOLATIONS = ["${data:gsm8k/train.jsonl}", "${data:}", "${data:${data:x}}", "${foo}", "${", "${oc.env:NO_SUCH_VAR}",
-                  "${oc.decode:'[1'}", "${train.lr}", "${output_dir}", "${.}", "${nope:x}", "$${data:x}", "}{"]
+KEYS = sorted(
+    {
+        f"{section}.{key}"
+        for recipe in SHIPPED
+        for section, values in recipe.items()
+        if isinstance(values, dict)
+        for key in values
+    }
+    | {"output_dir", "resume", "eval.tasks", "eval.mmlu.subjects"}
+)
+INTERPOLATIONS = [
+    "${data:gsm8k/train.jsonl}",
+    "${data:}",
+    "${data:${data:x}}",
+    "${foo}",
+    "${",
+    "${oc.env:NO_SUCH_VAR}",
+    "${oc.decode:'[1'}",
+    "${train.lr}",
+    "${output_dir}",
+    "${.}",
+    "${nope:x}",
+    "$${data:x}",
+    "}{",
+]
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63), st.floats(), text,
-                    st.sampled_from(INTERPOLATIONS))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=10)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63),
+    st.floats(),
+    text,
+    st.sampled_from(INTERPOLATIONS),
+)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=10
+)
 
 
 @st.composite
@@ -100,7 +145,7 @@ def mutated_recipe(draw) -> str:
     recipe = draw(st.sampled_from(SHIPPED))
     recipe = {section: dict(body) if isinstance(body, dict) else body for section, body in recipe.items()}
     for _ in range(draw(st.integers(1, 4))):
-        section = draw(st.sampled_from(sorted(recipe) + ["bogus"]))
+        section = draw(st.sampled_from([*sorted(recipe), "bogus"]))
         body = recipe.get(section)
         operation = draw(st.sampled_from(["delete", "set", "replace section"]))
         if operation == "delete":
@@ -120,21 +165,37 @@ def damaged_text(draw) -> str:
     """A shipped recipe's text cut short, or with random characters spliced in."""
     source = draw(st.sampled_from(SHIPPED_TEXT))
     cut = draw(st.integers(0, len(source)))
-    return source[:cut] + draw(text) + source[cut + draw(st.integers(0, 40)):]
+    return source[:cut] + draw(text) + source[cut + draw(st.integers(0, 40)) :]
 
 
-NON_MAPPINGS = ["", "42\n", "null\n", "- adapter\n- train\n", "just a string", "a: 1\n---\nb: 2\n",
-                "!!python/object/apply:os.system ['true']\n", "train: [1, 2]\n", "adapter: " + "[" * 3000 + "]" * 3000,
-                "train:\n  lr: " + "9" * 5000 + "\n", "&a [*a]\n"]
+NON_MAPPINGS = [
+    "",
+    "42\n",
+    "null\n",
+    "- adapter\n- train\n",
+    "just a string",
+    "a: 1\n---\nb: 2\n",
+    "!!python/object/apply:os.system ['true']\n",
+    "train: [1, 2]\n",
+    "adapter: " + "[" * 3000 + "]" * 3000,
+    "train:\n  lr: " + "9" * 5000 + "\n",
+    "&a [*a]\n",
+]
 documents = st.one_of(mutated_recipe(), damaged_text(), st.sampled_from(NON_MAPPINGS), text)
-override_values = st.one_of(values.map(lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()),
-                            text, st.sampled_from(INTERPOLATIONS))
-override = st.one_of(st.builds(lambda key, value: f"{key}={value}", st.sampled_from(KEYS) | text, override_values), text)
+override_values = st.one_of(
+    values.map(lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()),
+    text,
+    st.sampled_from(INTERPOLATIONS),
+)
+override = st.one_of(
+    st.builds(lambda key, value: f"{key}={value}", st.sampled_from(KEYS) | text, override_values), text
+)
 
 
 @contextmanager
 def no_hang(seconds: int):
     """Fail instead of waiting forever: SIGALRM interrupts whatever is running."""
+
     def expire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -147,7 +208,9 @@ def no_hang(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(document=documents, overrides=st.lists(override, max_size=3))
 def test_any_recipe_and_overrides_load_or_fail_with_one_line(tmp_path, document, overrides):
     path = tmp_path / "fuzzed.yaml"
@@ -159,7 +222,9 @@ def test_any_recipe_and_overrides_load_or_fail_with_one_line(tmp_path, document,
             assert len(str(err).splitlines()) == 1, str(err)
 
 
-@pytest.mark.parametrize("setting, key", [("train:\n  lr: .inf\n", "train.lr"), ("adapter:\n  alpha: .nan\n", "adapter.alpha")])
+@pytest.mark.parametrize(
+    "setting, key", [("train:\n  lr: .inf\n", "train.lr"), ("adapter:\n  alpha: .nan\n", "adapter.alpha")]
+)
 def test_infinite_or_nan_settings_are_rejected(tmp_path, setting, key):
     path = tmp_path / "recipe.yaml"
     path.write_text(setting)
@@ -167,10 +232,14 @@ def test_infinite_or_nan_settings_are_rejected(tmp_path, setting, key):
         load_recipe(str(path))
 
 
-@pytest.mark.parametrize("document, overrides", [
-    ("adapter: " + "[" * 3000 + "]" * 3000, []),
-    ("adapter:\n  method: sharea\n", ["adapter.targets[5]=x", "adapter.rank=" + "9" * 5000]),
-], ids=["deep nesting", "clashing and huge overrides"])
+@pytest.mark.parametrize(
+    "document, overrides",
+    [
+        ("adapter: " + "[" * 3000 + "]" * 3000, []),
+        ("adapter:\n  method: sharea\n", ["adapter.targets[5]=x", "adapter.rank=" + "9" * 5000]),
+    ],
+    ids=["deep nesting", "clashing and huge overrides"],
+)
 def test_show_reports_hostile_recipes_in_one_line(tmp_path, document, overrides):
     path = tmp_path / "hostile.yaml"
     path.write_text(document)
@@ -181,11 +250,17 @@ def test_show_reports_hostile_recipes_in_one_line(tmp_path, document, overrides)
 
 # --- kills and signals ------------------------------------------------------------------------
 
+
 def start_training(recipe: Path, run: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        return subprocess.Popen([*SHARELORA, "train", str(recipe), f"output_dir={run}", *extra], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [*SHARELORA, "train", str(recipe), f"output_dir={run}", *extra],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def wait_for(condition, proc: subprocess.Popen, poll: float = 0.002) -> None:
@@ -209,7 +284,9 @@ def stepped_after_resume(run: Path, log: Path) -> bool:
     """
     output = log.read_text()
     resumed = re.search(r"resumed from \S+ at step (\d+)", output)
-    return bool(resumed) and "trainable parameters" in output and max(logged_steps(run), default=0) > int(resumed.group(1))
+    return (
+        bool(resumed) and "trainable parameters" in output and max(logged_steps(run), default=0) > int(resumed.group(1))
+    )
 
 
 def test_sigkill_mid_write_mid_step_and_sigint_then_resume_match_uninterrupted_run(tmp_path, tiny_model_dir, reference):
@@ -239,7 +316,10 @@ def test_sigkill_mid_write_mid_step_and_sigint_then_resume_match_uninterrupted_r
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
     last = assert_checkpoints_complete(run)[-1]
-    assert f"interrupted by SIGINT after checkpoint-{last}; continue with the same command plus resume=true" in log.read_text()
+    assert (
+        f"interrupted by SIGINT after checkpoint-{last}; continue with the same command plus resume=true"
+        in log.read_text()
+    )
     assert logged_steps(run)[-1] == last < STEPS
 
     train(load_recipe(str(recipe), [f"output_dir={run}", "resume=true"]))
@@ -249,6 +329,7 @@ def test_sigkill_mid_write_mid_step_and_sigint_then_resume_match_uninterrupted_r
 
 
 # --- disks ------------------------------------------------------------------------------------
+
 
 def test_full_disk_at_checkpoint_keeps_the_previous_one_and_resume_completes(tmp_path, tiny_model_dir, reference):
     recipe = small_recipe(tmp_path, tiny_model_dir)
@@ -263,8 +344,14 @@ def test_full_disk_at_checkpoint_keeps_the_previous_one_and_resume_completes(tmp
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*SHARELORA, "train", str(recipe), f"output_dir={run}", "resume=true"], env=env,
-                            capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
+    result = subprocess.run(
+        [*SHARELORA, "train", str(recipe), f"output_dir={run}", "resume=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files_only,
+    )
     # Progress bars share stderr; the error itself is the one line after them, and nothing else failed loudly.
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -288,8 +375,10 @@ def test_full_disk_between_checkpoints_stops_at_the_metrics_log_with_one_line(tm
     recipe = load_recipe(str(small_recipe(tmp_path, tiny_model_dir)), [f"output_dir={run}", "resume=true"])
     with pytest.raises(UserError) as caught:
         train(recipe)
-    assert str(caught.value) == (f"could not write {run / 'metrics.jsonl'}: No space left on device; checkpoint-2 is intact. "
-                                 "Free space, then resume with resume=true")
+    assert str(caught.value) == (
+        f"could not write {run / 'metrics.jsonl'}: No space left on device; checkpoint-2 is intact. "
+        "Free space, then resume with resume=true"
+    )
     assert assert_checkpoints_complete(run) == [2]
 
 
@@ -310,6 +399,7 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path, tiny_model_
 
 
 # --- non-finite losses ------------------------------------------------------------------------
+
 
 def diverging_recipe(tmp_path: Path, model_dir: Path, on_nonfinite: str) -> Recipe:
     """lr=1e30: step 1 is finite, step 2's backward overflows."""
@@ -354,15 +444,23 @@ def test_nonfinite_steps_are_skipped_and_reported_when_asked(tmp_path, tiny_mode
 
 # --- corrupt checkpoints ----------------------------------------------------------------------
 
+
 def corrupt(path: Path, how: str) -> None:
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": bytes(range(256)) * 8}[how])
 
 
-@pytest.mark.parametrize("name, how", [
-    ("optimizer.pt", "truncated"), ("scheduler.pt", "garbage"), ("rng.pt", "empty"), ("trainer_state.json", "truncated"),
-    ("adapter/adapter.safetensors", "truncated"), ("adapter/sharelora_config.json", "garbage"),
-])
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("optimizer.pt", "truncated"),
+        ("scheduler.pt", "garbage"),
+        ("rng.pt", "empty"),
+        ("trainer_state.json", "truncated"),
+        ("adapter/adapter.safetensors", "truncated"),
+        ("adapter/sharelora_config.json", "garbage"),
+    ],
+)
 def test_corrupt_checkpoint_file_is_named_and_nothing_runs(tmp_path, tiny_model_dir, reference, name, how):
     run = tmp_path / "run"
     shutil.copytree(reference / "checkpoint-3", run / "checkpoint-3")

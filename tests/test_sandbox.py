@@ -21,8 +21,8 @@ from sharelora_cli.evaluation.sandbox.session import (
     Isolation,
     Limits,
     Outcome,
-    Sandbox,
     SampleRaised,
+    Sandbox,
     SandboxStopped,
     choose_isolation,
     run_program,
@@ -35,7 +35,6 @@ SHARELORA = Path(sys.executable).parent / "sharelora"
 @pytest.fixture(params=list(Isolation), ids=lambda isolation: isolation.value)
 def isolation(request) -> Isolation:
     return require(request.param)
-
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,9 @@ def test_the_weak_sandbox_works_in_a_fresh_directory_it_removes_afterwards():
 
 def test_the_child_sees_a_minimal_environment_and_an_empty_stdin(isolation, monkeypatch):
     monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
-    outcome = run_program("import os, sys\nassert sys.stdin.read() == ''\nraise RuntimeError(sorted(os.environ))", isolation=isolation)
+    outcome = run_program(
+        "import os, sys\nassert sys.stdin.read() == ''\nraise RuntimeError(sorted(os.environ))", isolation=isolation
+    )
     names = set(re.findall(r"'(\w+)'", outcome.result))
     assert names == {"HOME", "LANG", "PATH", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
 
@@ -143,7 +144,10 @@ def test_the_child_sees_a_minimal_environment_and_an_empty_stdin(isolation, monk
 def test_exiting_early_never_counts_as_passing(isolation):
     assert run_program("pass", isolation=isolation) == (True, "passed")
     assert run_program("import sys\nsys.exit(0)", isolation=isolation) == (False, "failed: SystemExit: 0")
-    assert run_program("import os\nos._exit(0)", isolation=isolation) == (False, "failed: exited with code 0 before finishing")
+    assert run_program("import os\nos._exit(0)", isolation=isolation) == (
+        False,
+        "failed: exited with code 0 before finishing",
+    )
 
 
 def test_memory_and_output_limits_are_configurable(isolation):
@@ -169,7 +173,9 @@ def test_files_outside_the_workdir_can_be_neither_written_nor_read(isolation, ca
     assert _error_type(leak) in denied and "still here" not in leak
     parent_environment = "import os\nopen(f'/proc/{os.getppid()}/environ').read()"
     assert _error_type(run_program(parent_environment, isolation=isolation).result) == "PermissionError"
-    assert run_program("import os\nassert 'def ' in open(os.__file__).read()", isolation=isolation).passed  # the stdlib stays readable
+    assert run_program(
+        "import os\nassert 'def ' in open(os.__file__).read()", isolation=isolation
+    ).passed  # the stdlib stays readable
     assert not planted.exists()
 
 
@@ -180,7 +186,9 @@ def test_no_thread_or_process_can_start_even_through_unaudited_calls(isolation):
 
 
 def test_calls_return_plain_values_and_report_what_the_function_raised(isolation):
-    source = "calls = []\ndef f(x, *, scale=1):\n    calls.append(x)\n    return {'x': (x * scale, [x]), 'n': len(calls)}\n"
+    source = (
+        "calls = []\ndef f(x, *, scale=1):\n    calls.append(x)\n    return {'x': (x * scale, [x]), 'n': len(calls)}\n"
+    )
     source += "def boom(x):\n    raise ValueError(f'bad {x}\\nsecond line')\n"
     with Sandbox(source, Limits(), isolation) as sandbox:
         assert sandbox.call("f", 2.5, scale=2) == {"x": (5.0, [2.5]), "n": 1}
@@ -258,16 +266,31 @@ def test_without_namespaces_the_cli_refuses_in_one_line_unless_the_weak_guard_is
     if reason := _without_namespaces_support():
         pytest.skip(reason)
     samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}) + "\n")
+    samples.write_text(
+        json.dumps({"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}) + "\n"
+    )
     results = tmp_path / "results.json"
-    command = [*NO_NAMESPACES, str(SHARELORA), "eval", "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution"]
+    command = [
+        *NO_NAMESPACES,
+        str(SHARELORA),
+        "eval",
+        "--tasks",
+        "humaneval",
+        "--samples",
+        str(samples),
+        "--allow-code-execution",
+    ]
     refused = subprocess.run([*command, "--json", str(results)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the HumanEval sandbox cannot create Linux namespaces here"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: the HumanEval sandbox cannot create Linux namespaces here"
+    ), lines
     assert "--allow-weak-sandbox" in lines[0] and "Operation not permitted" in lines[0]
     assert not results.exists()
-    accepted = subprocess.run([*command, "--allow-weak-sandbox", "--json", str(results)], capture_output=True, text=True, timeout=300)
+    accepted = subprocess.run(
+        [*command, "--allow-weak-sandbox", "--json", str(results)], capture_output=True, text=True, timeout=300
+    )
     assert accepted.returncode == 0, accepted.stderr
     assert json.loads(results.read_text())["humaneval"]["pass@1"] == 1.0
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from sandbox_support import DISABLE_GUARD, hostile, marker, processes_named, strong  # noqa: F401 (strong is a fixture)
 
-from sharelora_cli.evaluation.humaneval import load_problems, score_samples
-from sharelora_cli.evaluation.sandbox.session import NOBODY, Isolation, Limits, Sandbox, SampleRaised, SandboxStopped
 from sharelora_cli.core.paths import PROJECT_ROOT, data_dir
+from sharelora_cli.evaluation.humaneval import load_problems, score_samples
+from sharelora_cli.evaluation.sandbox.session import NOBODY, Isolation, Limits, SampleRaised, Sandbox, SandboxStopped
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="a root-only file and a victim owned by nobody need root")
@@ -53,7 +53,11 @@ def _host_entries(name: str) -> list[str]:
     """Paths on the host, in the places a sample tries to write, whose name contains `name`."""
     places = ["/tmp", "/dev/shm", "/var/tmp", str(PROJECT_ROOT), str(Path.home()), "/"]
     return [
-        os.path.join(place, entry) for place in places if os.path.isdir(place) for entry in os.listdir(place) if name in entry
+        os.path.join(place, entry)
+        for place in places
+        if os.path.isdir(place)
+        for entry in os.listdir(place)
+        if name in entry
     ]
 
 
@@ -193,12 +197,18 @@ def test_concurrent_killers_leave_every_other_sample_scored_as_when_alone(strong
         for task in ("HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4")
     ]
     benign += [{"task_id": "HumanEval/5", "completion": "    return numbers\n"}]
-    killers = [{"task_id": "HumanEval/0", "completion": hostile(problems["HumanEval/0"]["canonical_solution"], killer)}] * 3
+    killers = [
+        {"task_id": "HumanEval/0", "completion": hostile(problems["HumanEval/0"]["canonical_solution"], killer)}
+    ] * 3
     alone = score_samples(problems, benign, ks=(1,), timeout=30, workers=1, allow_code_execution=True, isolation=strong)
-    mixed = score_samples(problems, killers + benign, ks=(1,), timeout=30, workers=4, allow_code_execution=True, isolation=strong)
+    mixed = score_samples(
+        problems, killers + benign, ks=(1,), timeout=30, workers=4, allow_code_execution=True, isolation=strong
+    )
     assert mixed["records"][3:] == alone["records"]
     assert [record["result"] for record in alone["records"]] == ["passed"] * 4 + ["failed: AssertionError"]
-    assert [record["result"] for record in mixed["records"][:3]] == ["passed"] * 3  # correct code; its kills hit nothing
+    assert [record["result"] for record in mixed["records"][:3]] == [
+        "passed"
+    ] * 3  # correct code; its kills hit nothing
 
 
 @as_root
@@ -232,13 +242,21 @@ def test_secrets_home_and_benchmark_data_stay_unreadable(strong, visible_dir, pr
             return report
         """
     try:
-        with Sandbox(DISABLE_GUARD + textwrap.dedent(source), Limits(timeout=30), strong, hidden=[problems_copy]) as sandbox:
+        with Sandbox(
+            DISABLE_GUARD + textwrap.dedent(source), Limits(timeout=30), strong, hidden=[problems_copy]
+        ) as sandbox:
             report = sandbox.call("attack", paths)
         unhidden = _attack(source, strong, "attack", [str(problems_copy)])
     finally:
         shutil.rmtree(home_dir)
     # A hidden file is covered by /dev/null on a nodev mount (EACCES); hidden directories are empty (ENOENT).
-    assert report == {paths[0]: "EACCES", paths[1]: "world-readable", paths[2]: "ENOENT", paths[3]: "ENOENT", paths[4]: "EACCES"}
+    assert report == {
+        paths[0]: "EACCES",
+        paths[1]: "world-readable",
+        paths[2]: "ENOENT",
+        paths[3]: "ENOENT",
+        paths[4]: "EACCES",
+    }
     assert unhidden[paths[4]].startswith("\x1f\x8b")  # the control: without `hidden`, that copy is readable
 
 
@@ -262,7 +280,9 @@ def test_covering_mounts_cannot_be_lifted_from_a_new_user_namespace(strong):
         """,
         strong,
     )
-    assert report["data"] == "ENOENT" and "lifted" not in {report["/root"], report[str(data_dir())], report["/"]}, report
+    assert report["data"] == "ENOENT" and "lifted" not in {report["/root"], report[str(data_dir())], report["/"]}, (
+        report
+    )
 
 
 def test_the_network_and_host_sockets_are_unreachable(strong):
@@ -366,7 +386,15 @@ def test_without_root_the_sandbox_holds_through_a_user_namespace(strong):
         pytest.skip("needs root and util-linux's unshare to start an unprivileged evaluator")
     source = DISABLE_GUARD + textwrap.dedent(_UNPRIVILEGED_ATTACK)
     data_file = str(data_dir() / "humaneval" / "HumanEval.jsonl.gz")
-    command = ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", _UNPRIVILEGED_EVALUATOR]
+    command = [
+        "unshare",
+        "--user",
+        "--map-user=1000",
+        "--map-group=1000",
+        sys.executable,
+        "-c",
+        _UNPRIVILEGED_EVALUATOR,
+    ]
     done = subprocess.run([*command, strong.value, source, data_file], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -414,9 +442,14 @@ def test_verdicts_cannot_be_forged_from_inside(strong, problems):
         {"task_id": task, "completion": problems[task]["canonical_solution"]}
         for task in ("HumanEval/0", "HumanEval/27", "HumanEval/32", "HumanEval/2")
     ]
-    scores = score_samples(problems, samples, ks=(1,), timeout=30, workers=2, allow_code_execution=True, isolation=strong)
+    scores = score_samples(
+        problems, samples, ks=(1,), timeout=30, workers=2, allow_code_execution=True, isolation=strong
+    )
     results = dict(
-        zip([*forgeries, "canonical 0", "canonical 27", "canonical 32", "canonical 2"], (r["result"] for r in scores["records"]))
+        zip(
+            [*forgeries, "canonical 0", "canonical 27", "canonical 32", "canonical 2"],
+            (r["result"] for r in scores["records"]),
+        )
     )
     assert results["early exit"] == "failed: exited with code 0 before finishing"
     assert results["always-equal object"] == "failed: WireError: not plain data: a Yes value"
@@ -449,7 +482,9 @@ def test_hostile_replies_fail_only_their_own_sample(strong, problems):
         for payload in payloads.values()
     ]
     samples.append({"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]})
-    scores = score_samples(problems, samples, ks=(1,), timeout=30, workers=2, allow_code_execution=True, isolation=strong)
+    scores = score_samples(
+        problems, samples, ks=(1,), timeout=30, workers=2, allow_code_execution=True, isolation=strong
+    )
     results = [record["result"] for record in scores["records"]]
     assert results[0] == "failed: a reply of 4294967295 bytes exceeds the limit of 1048576"
     assert all(result.startswith("failed: ") and len(result) <= 320 for result in results[:4]), results
@@ -502,8 +537,13 @@ def test_the_weak_sandbox_removes_a_3000_deep_unreadable_tree(problems, monkeypa
     os.chmod(scratch, 0o755)  # nobody must reach its working directory inside
     monkeypatch.setattr(tempfile, "tempdir", scratch)
     try:
-        sample = {"task_id": "HumanEval/0", "completion": _deep_tree_completion(problems["HumanEval/0"]["canonical_solution"])}
-        scores = score_samples(problems, [sample], ks=(1,), timeout=60, allow_code_execution=True, isolation=Isolation.WEAK)
+        sample = {
+            "task_id": "HumanEval/0",
+            "completion": _deep_tree_completion(problems["HumanEval/0"]["canonical_solution"]),
+        }
+        scores = score_samples(
+            problems, [sample], ks=(1,), timeout=60, allow_code_execution=True, isolation=Isolation.WEAK
+        )
         assert scores["records"][0]["result"] == "passed"
         assert os.listdir(scratch) == []
     finally:
@@ -529,9 +569,13 @@ def _wait_for(condition, seconds: float = 120.0) -> None:
 
 def test_killing_the_evaluator_keeps_the_finished_records_and_leaves_no_process(strong, problems, tmp_path):
     name, progress = marker(), tmp_path / "progress.jsonl"
-    lingering = hostile("    return True\n", f"libc.prctl(15, {name!r}.encode(), 0, 0, 0)\nimport time\ntime.sleep(3600)\n")
+    lingering = hostile(
+        "    return True\n", f"libc.prctl(15, {name!r}.encode(), 0, 0, 0)\nimport time\ntime.sleep(3600)\n"
+    )
     samples = [{"task_id": "HumanEval/0", "completion": lingering}]
-    samples += [{"task_id": task, "completion": problems[task]["canonical_solution"]} for task in ("HumanEval/1", "HumanEval/2")]
+    samples += [
+        {"task_id": task, "completion": problems[task]["canonical_solution"]} for task in ("HumanEval/1", "HumanEval/2")
+    ]
     evaluator = subprocess.Popen(
         [sys.executable, "-c", _EVALUATOR, json.dumps(samples), strong.value, str(progress)], cwd=PROJECT_ROOT
     )
@@ -541,5 +585,10 @@ def test_killing_the_evaluator_keeps_the_finished_records_and_leaves_no_process(
         evaluator.kill()
         evaluator.wait()
     _wait_for(lambda: not processes_named(name), seconds=30)  # the launcher and bwrap die with their parent
-    logged = sorted((json.loads(line) for line in progress.read_text().splitlines()), key=lambda record: record["task_id"])
-    assert [(record["task_id"], record["result"]) for record in logged] == [("HumanEval/1", "passed"), ("HumanEval/2", "passed")]
+    logged = sorted(
+        (json.loads(line) for line in progress.read_text().splitlines()), key=lambda record: record["task_id"]
+    )
+    assert [(record["task_id"], record["result"]) for record in logged] == [
+        ("HumanEval/1", "passed"),
+        ("HumanEval/2", "passed"),
+    ]

@@ -2,8 +2,8 @@
 
 import os
 
-from sharelora_cli.evaluation.sandbox.plan import bwrap_arguments, make_plan
 from sharelora_cli.core.paths import data_dir
+from sharelora_cli.evaluation.sandbox.plan import bwrap_arguments, make_plan
 
 
 def _steps_under(plan, root) -> list[tuple[str, str]]:
@@ -31,7 +31,9 @@ def test_home_directories_runtime_sockets_and_the_data_directory_are_always_cove
     covered = {path for action, path in make_plan([], [], 1 << 20).steps if action in ("hide", "hide_file")}
     expected = {os.path.realpath(path) for path in ("/root", "/home", "/run", os.path.expanduser("~"), data_dir())}
     outermost = {
-        path for path in expected if os.path.lexists(path) and not any(path.startswith(f"{other}/") for other in expected)
+        path
+        for path in expected
+        if os.path.lexists(path) and not any(path.startswith(f"{other}/") for other in expected)
     }
     assert outermost <= covered
 

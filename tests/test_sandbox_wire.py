@@ -17,7 +17,9 @@ hashable = st.recursive(
 )
 plain = st.recursive(
     hashable | st.complex_numbers(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(hashable, inner, max_size=3) | st.sets(hashable, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(hashable, inner, max_size=3) | st.sets(hashable, max_size=3)
+    ),
     max_leaves=20,
 )
 
@@ -104,7 +106,9 @@ def test_hostile_bytes_decode_to_a_wire_error_only(data):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=64) | st.text(alphabet='[]{}":,0123456789.eE-+ tuplesdicbyomx\\u', max_size=64).map(str.encode))
+@given(
+    st.binary(max_size=64) | st.text(alphabet='[]{}":,0123456789.eE-+ tuplesdicbyomx\\u', max_size=64).map(str.encode)
+)
 def test_arbitrary_bytes_never_raise_anything_but_a_wire_error(data):
     try:
         value = decode(data)

@@ -42,7 +42,9 @@ def per_layer_lora_twin(shared_model, shared_adapter, lora_base):
         for group in shared_adapter.groups.values():
             for path in group.modules:
                 for factor in ("lora_A", "lora_B"):
-                    getattr(lora_base.get_submodule(path), factor).copy_(getattr(shared_model.get_submodule(path), factor))
+                    getattr(lora_base.get_submodule(path), factor).copy_(
+                        getattr(shared_model.get_submodule(path), factor)
+                    )
     return lora
 
 

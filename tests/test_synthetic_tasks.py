@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from sharelora_cli.evaluation import gsm8k
 from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL, GAINS, LOSSES, SKILLS, TRAINED_SKILLS, write_tasks
+from sharelora_cli.evaluation import gsm8k
 
 CHAIN_LINE = re.compile(r"^(\d+)([+-])(\d+)=(\d+)$")
 
@@ -22,7 +22,7 @@ def story_changes(question: str) -> tuple[int, list[int]]:
     gains = [re.compile(phrase.replace("{n}", r"(\d+)")) for phrase in GAINS]
     losses = [re.compile(phrase.replace("{n}", r"(\d+)")) for phrase in LOSSES]
     changes = []
-    for sentence in sentences[1:-1] + [sentences[-1].split("?")[0]]:
+    for sentence in [*sentences[1:-1], sentences[-1].split("?")[0]]:
         gain = next((m for p in gains if (m := p.search(sentence))), None)
         loss = next((m for p in losses if (m := p.search(sentence))), None)
         if gain or loss:

@@ -11,9 +11,9 @@ from test_adapters import assert_layers_follow_formula, assert_model_equals_merg
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 
 from sharelora_cli.adapters.adapter_io import WEIGHTS_FILE, load_adapter, save_adapter
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
 from sharelora_cli.config.recipe import TrainConfig, validate
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.training.loop import make_optimizer
 
 NAMES = "ABuv"
@@ -23,7 +23,9 @@ TOKENS = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed
 
 
 def tied(model, train: list[str], targets=TARGETS, **fields):
-    return inject_adapter(model, adapter_config("tied-lora", rank=8, targets=targets, tied_lora={"train": train}, **fields))
+    return inject_adapter(
+        model, adapter_config("tied-lora", rank=8, targets=targets, tied_lora={"train": train}, **fields)
+    )
 
 
 def variant_count(train: list[str], rank: int = 8, layers: int = 4) -> int:
@@ -111,7 +113,9 @@ def test_frozen_tied_factors_are_saved_and_reloaded(tiny_model, tiny_model_dir, 
         assert torch.equal(fresh(TOKENS).logits, tiny_model(TOKENS).logits)
 
 
-@pytest.mark.parametrize(("train", "needle"), [([], "at least 1"), (["A", "A"], "lists a factor twice"), (["C"], "A, B, u or v")])
+@pytest.mark.parametrize(
+    ("train", "needle"), [([], "at least 1"), (["A", "A"], "lists a factor twice"), (["C"], "A, B, u or v")]
+)
 def test_bad_train_lists_are_one_line_errors(train, needle):
     with pytest.raises(UserError, match=r"adapter\.tied_lora\.train") as raised:
         validate({"adapter": {"method": "tied-lora", "tied_lora": {"train": train}}})

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.training.liger import require_liger_kernel
-from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.training.loop import train
 
 SHARELORA = [sys.executable, "-m", "sharelora_cli"]
@@ -27,8 +27,16 @@ def write_recipe(tmp_path: Path, model_dir: Path, **sections) -> Path:
         "model": {"name_or_path": str(model_dir)},
         "adapter": {"method": "sharea", "rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "down_proj"]},
         "data": {"max_length": 256, "overlength": "drop", "max_examples": 300, "validation_fraction": 0.1},
-        "train": {"max_steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
-                  "eval_every": 6, "eval_batches": 2, "checkpoint_every": 4},
+        "train": {
+            "max_steps": 12,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "eval_every": 6,
+            "eval_batches": 2,
+            "checkpoint_every": 4,
+        },
         "output_dir": str(tmp_path / "run"),
     }
     for section, values in sections.items():
@@ -68,9 +76,16 @@ def test_training_lowers_validation_loss_on_gsm8k(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["examples", "packed"])
 def test_grad_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, packing):
-    path = write_recipe(tmp_path, tiny_model_dir, data={"packing": packing}, train={"max_steps": 3, "checkpoint_every": 100, "eval_every": 100})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        data={"packing": packing},
+        train={"max_steps": 3, "checkpoint_every": 100, "eval_every": 100},
+    )
     big = train(load_recipe(str(path), ["train.batch_size=8", f"output_dir={tmp_path / 'big'}"]))
-    accumulated = train(load_recipe(str(path), ["train.batch_size=2", "train.grad_accum=4", f"output_dir={tmp_path / 'acc'}"]))
+    accumulated = train(
+        load_recipe(str(path), ["train.batch_size=2", "train.grad_accum=4", f"output_dir={tmp_path / 'acc'}"])
+    )
     big_losses = [m["loss"] for m in read_metrics(tmp_path / "big")]
     acc_losses = [m["loss"] for m in read_metrics(tmp_path / "acc")]
     assert big_losses == pytest.approx(acc_losses, abs=1e-5)
@@ -92,8 +107,12 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
 
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*SHARELORA, "train", str(path), f"output_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*SHARELORA, "train", str(path), f"output_dir={killed}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-4").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -123,7 +142,9 @@ def test_existing_checkpoints_need_resume(tmp_path, tiny_model_dir):
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, tiny_model_dir):
     path = write_recipe(tmp_path, tiny_model_dir, train={"max_steps": 10_000, "checkpoint_every": 10_000})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*SHARELORA, "train", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*SHARELORA, "train", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -139,17 +160,34 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, tiny_mode
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
-    path = write_recipe(tmp_path, tiny_model_dir, adapter={"method": "shareb"},
-                        train={"max_steps": 4, "checkpoint_every": 100, "eval_every": 2})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        adapter={"method": "shareb"},
+        train={"max_steps": 4, "checkpoint_every": 100, "eval_every": 2},
+    )
     train(load_recipe(str(path), ["train.batch_size=4", f"output_dir={tmp_path / 'one'}"]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2", "--cpu",
-              "-m", "sharelora_cli", "train", str(path), "train.batch_size=2", f"output_dir={tmp_path / 'two'}"]
+    launch = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "-m",
+        "sharelora_cli",
+        "train",
+        str(path),
+        "train.batch_size=2",
+        f"output_dir={tmp_path / 'two'}",
+    ]
     result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], abs=1e-4)
-    assert [m["val_loss"] for m in one if "val_loss" in m] == pytest.approx([m["val_loss"] for m in two if "val_loss" in m], abs=1e-4)
+    assert [m["val_loss"] for m in one if "val_loss" in m] == pytest.approx(
+        [m["val_loss"] for m in two if "val_loss" in m], abs=1e-4
+    )
     a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -161,13 +199,22 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, tiny_model_dir):
     The compiled run is its own process, since Accelerate keeps one compile setting per process. Packed
     rows give every step one shape, so the model compiles once; no validation pass keeps it at that.
     """
-    path = write_recipe(tmp_path, tiny_model_dir, adapter={"targets": ["q_proj", "k_proj", "v_proj", "down_proj"]},
-                        data={"max_length": 128, "packing": True, "max_examples": 64, "validation_fraction": 0.0},
-                        train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 100})
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        adapter={"targets": ["q_proj", "k_proj", "v_proj", "down_proj"]},
+        data={"max_length": 128, "packing": True, "max_examples": 64, "validation_fraction": 0.0},
+        train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 100},
+    )
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'eager'}"]))
     inductor = tmp_path / "inductor"  # its own cache: the run compiles, and leaves the code it generated here
-    result = run_cli("train", str(path), "train.compile=true", f"output_dir={tmp_path / 'compiled'}",
-                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+    result = run_cli(
+        "train",
+        str(path),
+        "train.compile=true",
+        f"output_dir={tmp_path / 'compiled'}",
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert any(path.suffix == ".py" for path in inductor.rglob("*"))
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
@@ -184,11 +231,14 @@ def test_liger_kernel_without_its_package_is_refused_naming_the_key():
         require_liger_kernel(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["train.liger_kernel=true"], "train.liger_kernel needs a CUDA GPU"),
-    (["train.cuda_graphs=true"], "train.cuda_graphs captures the graphs torch.compile makes"),
-    (["train.cuda_graphs=true", "train.compile=true"], "train.cuda_graphs needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.liger_kernel=true"], "train.liger_kernel needs a CUDA GPU"),
+        (["train.cuda_graphs=true"], "train.cuda_graphs captures the graphs torch.compile makes"),
+        (["train.cuda_graphs=true", "train.compile=true"], "train.cuda_graphs needs a CUDA GPU"),
+    ],
+)
 def test_gpu_only_options_are_refused_in_one_line_on_cpu(tmp_path, tiny_model_dir, overrides, needle):
     if torch.cuda.is_available():
         pytest.skip("these options are valid on a CUDA machine")

@@ -6,9 +6,9 @@ from reference import TINY_BANK, adapter_config, randomize_factors, vblora_delta
 from tiny_architectures import LLAMA_TARGETS
 
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import AdapterConfig, validate
+from sharelora_cli.core.errors import UserError
 
 TOKENS = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(9))
 

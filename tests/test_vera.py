@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from tiny_architectures import load_tiny_llama
 
 from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import TrainConfig
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.training.loop import make_optimizer
 
 TARGETS = ["q_proj", "k_proj", "down_proj"]  # (d_in, d_out): (128, 128), (128, 64), (320, 128)
@@ -42,8 +42,9 @@ def test_starts_as_the_base_model_with_d_at_d_initial_and_b_zero(tiny_model, tin
         assert torch.equal(layer.vera_lambda_b, torch.zeros(layer.d_out))
         assert torch.equal(layer.delta_weight(), torch.zeros(layer.d_out, layer.d_in))
     with torch.no_grad():  # the same products as the base (the fused kernel may block them differently)
-        torch.testing.assert_close(tiny_model(TOKENS).logits, load_tiny_llama(tiny_model_dir)(TOKENS).logits,
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            tiny_model(TOKENS).logits, load_tiny_llama(tiny_model_dir)(TOKENS).logits, atol=1e-6, rtol=1e-6
+        )
 
 
 def test_the_pair_is_frozen_uncounted_and_kept_out_of_the_optimizer(tiny_model):

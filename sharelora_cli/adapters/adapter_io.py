@@ -8,11 +8,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sharelora_cli.adapters.inject import inject_adapter, planned_regenerated_record, tensor_shapes
+from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.config.recipe import AdapterConfig, validate
 from sharelora_cli.core.atomic import atomic_directory
 from sharelora_cli.core.errors import UserError, first_line
-from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.adapters.inject import inject_adapter, planned_regenerated_record, tensor_shapes
-from sharelora_cli.config.recipe import AdapterConfig, validate
 
 CONFIG_FILE = "sharelora_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -108,4 +108,3 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[in
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise UserError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-

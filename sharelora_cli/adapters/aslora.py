@@ -30,8 +30,8 @@ from torch import nn
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.plan import Adapter, Group
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.config.recipe import ASLoRAConfig
+from sharelora_cli.core.errors import UserError
 
 MERGED_FACTOR = "lora_B"
 
@@ -39,13 +39,17 @@ MERGED_FACTOR = "lora_B"
 def merge_steps(cfg: ASLoRAConfig, max_steps: int) -> list[int]:
     """The optimizer steps (1-based) after which B's are merged: the window's ends rounded half up, within 1..max_steps-1."""
     if cfg.merge_end < cfg.merge_start:
-        raise UserError(f"adapter.aslora: merge_end={cfg.merge_end} is before merge_start={cfg.merge_start}; set merge_end >= merge_start")
+        raise UserError(
+            f"adapter.aslora: merge_end={cfg.merge_end} is before merge_start={cfg.merge_start}; set merge_end >= merge_start"
+        )
     if max_steps < 2:
         raise UserError(
             f"adapter.method=aslora needs train.max_steps >= 2 (got {max_steps}): the B's merged after a step "
             "must train for at least one more step"
         )
-    start, end = (min(max(1, nearest_step(fraction * max_steps)), max_steps - 1) for fraction in (cfg.merge_start, cfg.merge_end))
+    start, end = (
+        min(max(1, nearest_step(fraction * max_steps)), max_steps - 1) for fraction in (cfg.merge_start, cfg.merge_end)
+    )
     return list(range(start, end + 1, cfg.merge_every))
 
 
@@ -132,8 +136,9 @@ class BMerger:
                 changed = True
         return changed
 
-    def merge(self, group: Group, keep: int, drop: int, step: int, similarity: float,
-              optimizer: torch.optim.Optimizer) -> None:
+    def merge(
+        self, group: Group, keep: int, drop: int, step: int, similarity: float, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Point drop's layers at keep's tensor, set to the layer-weighted mean of both (keep < drop)."""
         tensors, index = group.tensors[MERGED_FACTOR], group.index[MERGED_FACTOR]
         members = [[path for path, k in zip(group.modules, index) if k == t] for t in (keep, drop)]

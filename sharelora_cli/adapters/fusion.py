@@ -98,12 +98,20 @@ class Fusion:
         if self.last_call is None:
             return
         ref, last_key, previous = self.last_call
-        if (ref() is x and last_key == key and previous is not layer and layer.group is not previous.group
-                and len(layer.group.members) == 1 and groupable(layer) and groupable(previous)):
+        if (
+            ref() is x
+            and last_key == key
+            and previous is not layer
+            and layer.group is not previous.group
+            and len(layer.group.members) == 1
+            and groupable(layer)
+            and groupable(previous)
+        ):
             self.joins.append((layer, previous))
 
-    def run(self, layer: nn.Module, x: torch.Tensor, key: tuple, autocast: torch.dtype | None, args: tuple,
-            kwargs: dict) -> torch.Tensor:
+    def run(
+        self, layer: nn.Module, x: torch.Tensor, key: tuple, autocast: torch.dtype | None, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
         """Compute layer's output; as its group's leader, also leave every sibling's result pending."""
         alone = bool(args or kwargs)  # a base taking more arguments is not a plain linear, and has no siblings
         members = [layer] if alone else [layer] + [m for m in layer.group.members if m is not layer and not m.merged]
@@ -120,13 +128,19 @@ class Fusion:
                 As.append(lora_A)
             base = None if alone else member.fusable_base()
             if base is not None and base[0].dtype == dtype:
-                fused.append((member, lora_B, FusedPart(block, scaling, *base, *self.casts.with_transpose(lora_B, dtype))))
+                fused.append(
+                    (member, lora_B, FusedPart(block, scaling, *base, *self.casts.with_transpose(lora_B, dtype)))
+                )
             else:  # its own forward makes (or casts) the base product
                 others.append((member, block, lora_B, scaling))
 
         returned = tuple(dict.fromkeys(block for _, block, _, _ in others))
-        layout = GroupLayout(tuple(A.shape[0] for A in As), self.casts.stacked(tuple(As), dtype),
-                             tuple(part for *_, part in fused), returned)
+        layout = GroupLayout(
+            tuple(A.shape[0] for A in As),
+            self.casts.stacked(tuple(As), dtype),
+            tuple(part for *_, part in fused),
+            returned,
+        )
         # Everything runs on (tokens, features) matrices; outputs get x's leading shape back at the end.
         x2 = x.reshape(-1, x.shape[-1])
         x_a2 = x2 if groupable(layer) else layer.dropout(x2)
@@ -140,8 +154,13 @@ class Fusion:
             else:
                 pending[member] = Pending(x, key, y, None)
         for member, block, lora_B, scaling in others:
-            delta = (x2, outputs[len(fused) + returned.index(block)], lora_B, *self.casts.with_transpose(lora_B, dtype),
-                     scaling)
+            delta = (
+                x2,
+                outputs[len(fused) + returned.index(block)],
+                lora_B,
+                *self.casts.with_transpose(lora_B, dtype),
+                scaling,
+            )
             if member is layer:
                 result = add_delta(layer, x, args, kwargs, *delta)
             else:
@@ -201,7 +220,11 @@ class FactorCasts:
         key = (tuple(map(id, tensors)), dtype)
         entry = self.entries.get(key)
         if entry is None or entry[0] != self.generation:
-            entry = self.entries[key] = (self.generation, build(tensors, dtype), tensors)  # holding them keeps ids unique
+            entry = self.entries[key] = (
+                self.generation,
+                build(tensors, dtype),
+                tensors,
+            )  # holding them keeps ids unique
         return entry[1]
 
     def with_transpose(self, tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,8 @@ from sharelora_cli.adapters.base import AdaptedLayer, Hyper, SharedTensor, is_ad
 from sharelora_cli.adapters.fusion import Fusion
 from sharelora_cli.adapters.plan import Adapter, Group, regenerated_record
 from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
 
 
 def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = None) -> Adapter:
@@ -47,7 +47,9 @@ def regeneration_rules(specs: dict[str, SharedTensor]) -> dict[str, str]:
 def hyper_of(config: AdapterConfig) -> Hyper:
     """What every layer of the adapter is built with, its method's own settings included."""
     section = METHODS[config.method].settings
-    return Hyper(config.rank, config.alpha, config.dropout, config.rslora, getattr(config, section) if section else None)
+    return Hyper(
+        config.rank, config.alpha, config.dropout, config.rslora, getattr(config, section) if section else None
+    )
 
 
 def group_dims(entries) -> list[tuple[int, int]]:
@@ -176,8 +178,14 @@ def _groups_from_plan(model: nn.Module, plan: dict) -> dict[str, Group]:
                     f"adapter does not fit this model: '{path}' has shape (d_in, d_out)={shape}, "
                     f"the adapter expects ({entry['d_in']}, {entry['d_out']})"
                 )
-        groups[name] = Group(name, list(entry["modules"]), entry["d_in"], entry["d_out"], dict(entry["index"]),
-                             merges=list(entry.get("merges", [])))
+        groups[name] = Group(
+            name,
+            list(entry["modules"]),
+            entry["d_in"],
+            entry["d_out"],
+            dict(entry["index"]),
+            merges=list(entry.get("merges", [])),
+        )
     return groups
 
 
@@ -195,8 +203,13 @@ def _create_factors(model: nn.Module, group: Group, layer_cls: type[AdaptedLayer
         group.tensors[factor] = tensors
 
 
-def _create_shared(model: nn.Module, groups: dict[str, Group], layer_cls: type[AdaptedLayer],
-                   specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, nn.Parameter]:
+def _create_shared(
+    model: nn.Module,
+    groups: dict[str, Group],
+    layer_cls: type[AdaptedLayer],
+    specs: dict[str, SharedTensor],
+    hyper: Hyper,
+) -> dict[str, nn.Parameter]:
     """The method's shared tensors, drawn on the CPU and moved to the base's device.
 
     On a weightless (meta) base they stay on the CPU: merge and export compute ΔW from them there.
@@ -205,11 +218,15 @@ def _create_shared(model: nn.Module, groups: dict[str, Group], layer_cls: type[A
     first = next(iter(groups.values())).modules[0]
     device = model.get_submodule(first).weight.device
     device = torch.device("cpu") if device.type == "meta" else device
-    return {name: nn.Parameter(tensors[name].to(device), requires_grad=spec.regenerated_by is None)
-            for name, spec in specs.items()}
+    return {
+        name: nn.Parameter(tensors[name].to(device), requires_grad=spec.regenerated_by is None)
+        for name, spec in specs.items()
+    }
 
 
-def _draw_shared(layer_cls: type[AdaptedLayer], specs: dict[str, SharedTensor], hyper: Hyper) -> dict[str, torch.Tensor]:
+def _draw_shared(
+    layer_cls: type[AdaptedLayer], specs: dict[str, SharedTensor], hyper: Hyper
+) -> dict[str, torch.Tensor]:
     # On the CPU whatever the device: VeRA's rule draws from a CPU generator, so every device gets the same numbers.
     tensors = {name: torch.empty(spec.shape, dtype=torch.float32) for name, spec in specs.items()}
     layer_cls.init_shared_tensors(tensors, hyper)

@@ -141,8 +141,15 @@ class AddLowRank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base_out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, lora_B_c: torch.Tensor,
-                lora_B_t: torch.Tensor, scaling: float):
+    def forward(
+        ctx,
+        base_out: torch.Tensor,
+        h: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_B_c: torch.Tensor,
+        lora_B_t: torch.Tensor,
+        scaling: float,
+    ):
         if base_out.dtype == h.dtype:
             out = torch.addmm(base_out, h, lora_B_t, alpha=scaling)
         else:

@@ -7,7 +7,7 @@ so ΔW = Dᵀ S: a low-rank product whose A is S and whose only trainable factor
 runs on the same fused kernel as LoRA, and S costs one small tensor per (d_in, r) for all layers.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from torch import nn
 from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method
 
 
-@lru_cache(maxsize=None)
+@cache
 def chunk_sum_matrix(d_in: int, rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """S (rank × d_in): S[i, j] = 1 where j ≡ i (mod rank), so that x Sᵀ sums x's rank-wide chunks."""
     # A normal tensor even if first asked for under inference mode: training saves it for backward.

@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 
 from sharelora_cli.adapters.aslora import target_plan
-from sharelora_cli.core.errors import UserError
 from sharelora_cli.adapters.inject import plan_trainable, planned_plan, planned_trainable
-from sharelora_cli.models.loading import build_on_meta, load_config
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.loading import build_on_meta, load_config
 
 COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora")
 
@@ -35,7 +35,9 @@ def count_methods(model_name: str, adapter: AdapterConfig, methods=COMPARED_METH
 def method_count(model, adapter: AdapterConfig, method: str, lora_trainable: int) -> MethodCount:
     """One method's count; a method whose settings do not fit the model (VB-LoRA's vector_length) says why."""
     try:
-        return MethodCount(method, planned_trainable(model, adapter.model_copy(update={"method": method})), lora_trainable)
+        return MethodCount(
+            method, planned_trainable(model, adapter.model_copy(update={"method": method})), lora_trainable
+        )
     except UserError as err:
         return MethodCount(method, None, lora_trainable, unfit=str(err))
 

@@ -40,8 +40,14 @@ class Group:
 class Adapter:
     """The adapters injected into one model."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, groups: dict[str, Group],
-                 shared: dict[str, nn.Parameter] | None = None, regenerated: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        groups: dict[str, Group],
+        shared: dict[str, nn.Parameter] | None = None,
+        regenerated: dict[str, str] | None = None,
+    ):
         """shared: the tensors every adapted module uses, by name; regenerated: rule per frozen shared tensor."""
         self.model = model
         self.config = config
@@ -98,8 +104,10 @@ class Adapter:
 
 def regenerated_record(tensors: dict[str, torch.Tensor], rules: dict[str, str]) -> dict[str, dict]:
     """Per regenerated tensor: its rule, shape and the SHA-256 of its float32 bytes, so a load can prove it drew the same."""
-    return {name: {"rule": rule, "shape": list(tensors[name].shape), "sha256": tensor_digest(tensors[name])}
-            for name, rule in rules.items()}
+    return {
+        name: {"rule": rule, "shape": list(tensors[name].shape), "sha256": tensor_digest(tensors[name])}
+        for name, rule in rules.items()
+    }
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

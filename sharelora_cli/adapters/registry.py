@@ -9,6 +9,4 @@ from sharelora_cli.adapters.tied_lora import TIED_LORA
 from sharelora_cli.adapters.vblora import VBLORA
 from sharelora_cli.adapters.vera import VERA
 
-METHODS: dict[str, Method] = {
-    m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS, VERA, TIED_LORA, VBLORA)
-}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS, VERA, TIED_LORA, VBLORA)}

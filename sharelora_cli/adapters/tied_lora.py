@@ -42,7 +42,12 @@ class TiedLoraLayer(AdaptedLayer):
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
-        return {"tied_A": (hyper.rank, d_in), "tied_B": (d_out, hyper.rank), "tied_u": (hyper.rank,), "tied_v": (d_out,)}
+        return {
+            "tied_A": (hyper.rank, d_in),
+            "tied_B": (d_out, hyper.rank),
+            "tied_u": (hyper.rank,),
+            "tied_v": (d_out,),
+        }
 
     @staticmethod
     def init_factor(name: str, tensor: torch.Tensor, hyper: Hyper) -> None:
@@ -61,5 +66,10 @@ class TiedLoraLayer(AdaptedLayer):
         return self.tied_u[:, None] * self.tied_A, self.tied_v[:, None] * self.tied_B, self.scaling
 
 
-TIED_LORA = Method("tied-lora", TiedLoraLayer, frozenset({"tied_A", "tied_B"}),
-                   "A, B tied per module type; per layer u, v: ΔW = s Λ_v B Λ_u A", settings="tied_lora")
+TIED_LORA = Method(
+    "tied-lora",
+    TiedLoraLayer,
+    frozenset({"tied_A", "tied_B"}),
+    "A, B tied per module type; per layer u, v: ΔW = s Λ_v B Λ_u A",
+    settings="tied_lora",
+)

@@ -29,9 +29,11 @@ def check_vector_length(dims: list[tuple[int, int]], length: int) -> None:
     sizes = [size for pair in dims for size in pair]
     if any(size % length for size in sizes):
         fitting = math.gcd(length, *sizes)
-        raise UserError(f"adapter.vblora.vector_length={length} does not divide every adapted layer's d_in and "
-                        f"d_out ({', '.join(map(str, sorted(set(sizes))))}); choose a divisor of all of them, "
-                        f"e.g. {fitting}")
+        raise UserError(
+            f"adapter.vblora.vector_length={length} does not divide every adapted layer's d_in and "
+            f"d_out ({', '.join(map(str, sorted(set(sizes))))}); choose a divisor of all of them, "
+            f"e.g. {fitting}"
+        )
 
 
 def mixture(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
@@ -48,8 +50,10 @@ class VBLoraLayer(AdaptedLayer):
         settings = hyper.settings
         check_vector_length([(d_in, d_out)], settings.vector_length)
         tiles_in, tiles_out = d_in // settings.vector_length, d_out // settings.vector_length
-        return {"vblora_logits_A": (hyper.rank, tiles_in, settings.num_vectors),
-                "vblora_logits_B": (tiles_out, hyper.rank, settings.num_vectors)}
+        return {
+            "vblora_logits_A": (hyper.rank, tiles_in, settings.num_vectors),
+            "vblora_logits_B": (tiles_out, hyper.rank, settings.num_vectors),
+        }
 
     @staticmethod
     def init_factor(name: str, tensor: torch.Tensor, hyper: Hyper) -> None:
@@ -73,5 +77,6 @@ class VBLoraLayer(AdaptedLayer):
         return lora_A, lora_B, 1.0
 
 
-VBLORA = Method("vblora", VBLoraLayer, summary="A and B per layer mixed from one shared vector bank (top-k)",
-                settings="vblora")
+VBLORA = Method(
+    "vblora", VBLoraLayer, summary="A and B per layer mixed from one shared vector bank (top-k)", settings="vblora"
+)

@@ -25,8 +25,10 @@ PROJECTIONS = ("vera_A", "vera_B")  # in the order they are drawn
 
 
 def projection_rule(seed: int) -> str:
-    return (f"torch.Generator('cpu').manual_seed({seed}) draws vera_A then vera_B, each "
-            "kaiming_uniform_(nonlinearity='relu') in float32 (PEFT's VeRA rule)")
+    return (
+        f"torch.Generator('cpu').manual_seed({seed}) draws vera_A then vera_B, each "
+        "kaiming_uniform_(nonlinearity='relu') in float32 (PEFT's VeRA rule)"
+    )
 
 
 class VeraLayer(AdaptedLayer):
@@ -47,8 +49,10 @@ class VeraLayer(AdaptedLayer):
     def shared_tensors(dims: list[tuple[int, int]], hyper: Hyper) -> dict[str, SharedTensor]:
         largest_in, largest_out = max(d_in for d_in, _ in dims), max(d_out for _, d_out in dims)
         rule = projection_rule(hyper.settings.projection_seed)
-        return {"vera_A": SharedTensor((hyper.rank, largest_in), rule),
-                "vera_B": SharedTensor((largest_out, hyper.rank), rule)}
+        return {
+            "vera_A": SharedTensor((hyper.rank, largest_in), rule),
+            "vera_B": SharedTensor((largest_out, hyper.rank), rule),
+        }
 
     @staticmethod
     def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
@@ -62,5 +66,6 @@ class VeraLayer(AdaptedLayer):
         return lora_A, lora_B, 1.0
 
 
-VERA = Method("vera", VeraLayer, summary="one frozen random A, B for the model; per layer d, b: ΔW = Λ_b B Λ_d A",
-              settings="vera")
+VERA = Method(
+    "vera", VeraLayer, summary="one frozen random A, B for the model; per layer d, b: ΔW = Λ_b B Λ_d A", settings="vera"
+)

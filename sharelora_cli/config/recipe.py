@@ -21,9 +21,9 @@ from pydantic import (
 )
 from yaml import YAMLError
 
+from sharelora_cli.config.recipe_yaml import load_yaml, override_value
 from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR, data_dir
-from sharelora_cli.config.recipe_yaml import load_yaml, override_value
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
 METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
@@ -269,11 +269,15 @@ class Recipe(Section):
     def _stages_are_named_apart_and_scored(self) -> "Recipe":
         names = [stage_name(self, k) for k in range(len(self.stages))]
         if len(set(names)) < len(names):
-            raise ValueError(f"stages: two stages are named {next(n for n in names if names.count(n) > 1)!r}; names must differ")
+            raise ValueError(
+                f"stages: two stages are named {next(n for n in names if names.count(n) > 1)!r}; names must differ"
+            )
         for k in range(len(self.stages)):
             if "perplexity" in stage_recipe(self, k).eval.tasks:
-                raise ValueError(f"stages[{k}]: eval.tasks has perplexity, which is no accuracy; a continual run "
-                                 "scores gsm8k, mmlu and humaneval")
+                raise ValueError(
+                    f"stages[{k}]: eval.tasks has perplexity, which is no accuracy; a continual run "
+                    "scores gsm8k, mmlu and humaneval"
+                )
         return self
 
 
@@ -328,8 +332,10 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     try:
         document = load_yaml(path.read_text(encoding="utf-8"), Recipe)
         if document is not None and not isinstance(document, dict):
-            raise UserError(f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), "
-                            f"got a {'list' if isinstance(document, list) else 'scalar'}")
+            raise UserError(
+                f"recipe {path}: expected a mapping of sections (model:, adapter:, ...), "
+                f"got a {'list' if isinstance(document, list) else 'scalar'}"
+            )
         from_file = OmegaConf.create(document or {})
         plain = OmegaConf.to_container(OmegaConf.merge(base, from_file, from_overrides), resolve=True)
     except YAMLError as err:
@@ -337,8 +343,10 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     except OmegaConfBaseException as err:
         raise UserError(f"recipe {path}: {_omegaconf_message(err)}") from None
     except LOADER_ERRORS as err:
-        raise UserError(f"recipe {path}: cannot use it ({type(err).__name__}: {first_line(err)}); "
-                        "a recipe is a YAML mapping of sections (model:, adapter:, ...)") from None
+        raise UserError(
+            f"recipe {path}: cannot use it ({type(err).__name__}: {first_line(err)}); "
+            "a recipe is a YAML mapping of sections (model:, adapter:, ...)"
+        ) from None
     return validate(plain, source=str(path))
 
 
@@ -414,4 +422,3 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
         return text
     # A key typed by the user may hold control or line-separator characters: quote it then, to stay on one line.
     return f"{key if key.isprintable() else repr(key)}: {text}"
-

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 
-from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.config.recipe import DataConfig
+from sharelora_cli.core.errors import UserError, first_line
 
 IGNORE_INDEX = -100
 LOCAL_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "alpaca": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+REQUIRED_FIELDS = {
+    "gsm8k": ("question", "answer"),
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -52,14 +57,18 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     if cfg.validation_fraction > 0 and n_val == 0:
         n_val = 1
     if n_val >= len(examples):
-        raise UserError(f"data.path {cfg.path}: {len(examples)} examples leave none for training; lower data.validation_fraction")
+        raise UserError(
+            f"data.path {cfg.path}: {len(examples)} examples leave none for training; lower data.validation_fraction"
+        )
     train = [examples[i] for i in order[n_val:]]
     validation = [examples[i] for i in order[:n_val]]
     if cfg.packing:
         # Validation is packed like training, so it too stays within max_length and the positions trained on.
         train, validation = pack(train, cfg.max_length), pack(validation, cfg.max_length)
         if not train:
-            raise UserError(f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length")
+            raise UserError(
+                f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length"
+            )
     return Splits(train, validation)
 
 
@@ -170,10 +179,10 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if message.get("role") == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            segments.append((prompt[len(rendered):], False))
-            segments.append((full[len(prompt):], True))
+            segments.append((prompt[len(rendered) :], False))
+            segments.append((full[len(prompt) :], True))
         else:
-            segments.append((full[len(rendered):], False))
+            segments.append((full[len(rendered) :], False))
         rendered = full
     return [(text, trained) for text, trained in segments if text]
 
@@ -191,7 +200,9 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     labels = [label for ex in examples for label in ex.labels]
     owners = [k for k, ex in enumerate(examples) for _ in ex.input_ids]
     cuts = range(0, len(ids), max_length)
-    blocks = [_block(ids[i : i + max_length], labels[i : i + max_length], owners[i : i + max_length], examples) for i in cuts]
+    blocks = [
+        _block(ids[i : i + max_length], labels[i : i + max_length], owners[i : i + max_length], examples) for i in cuts
+    ]
     return [block for block in blocks if any(label != IGNORE_INDEX for label in block.labels)]
 
 

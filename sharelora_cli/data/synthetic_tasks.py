@@ -34,8 +34,20 @@ from pathlib import Path
 
 Row = dict[str, str]
 
-NAMES = [("Mia", "She"), ("Tom", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
-         ("Ivy", "She"), ("Max", "He"), ("Eva", "She"), ("Ben", "He"), ("Lily", "She"), ("Noah", "He")]
+NAMES = [
+    ("Mia", "She"),
+    ("Tom", "He"),
+    ("Ava", "She"),
+    ("Leo", "He"),
+    ("Zoe", "She"),
+    ("Sam", "He"),
+    ("Ivy", "She"),
+    ("Max", "He"),
+    ("Eva", "She"),
+    ("Ben", "He"),
+    ("Lily", "She"),
+    ("Noah", "He"),
+]
 OBJECTS = ["apples", "pens", "cups", "books", "coins", "stamps", "shells", "cards", "eggs", "marbles", "hats", "keys"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more", "makes {n} more"]
 LOSSES = ["loses {n}", "gives away {n}", "sells {n}", "breaks {n}", "uses {n}"]
@@ -91,8 +103,10 @@ def smallest(rng: random.Random) -> Row:
     numbers = rng.sample(range(ARITHMETIC_OPERAND[1] + 1), 3)
     low = min(numbers)
     lines = [f"{low}<{n}" for n in numbers if n != low]
-    return {"question": f"Which is the smallest of {numbers[0]}, {numbers[1]} and {numbers[2]}?",
-            "answer": "\n".join(lines) + f"\n#### {low}"}
+    return {
+        "question": f"Which is the smallest of {numbers[0]}, {numbers[1]} and {numbers[2]}?",
+        "answer": "\n".join(lines) + f"\n#### {low}",
+    }
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ def context_window(model: nn.Module, override: int | None) -> int:
     if override:
         return override
     config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or DEFAULT_MAX_LENGTH
+    return (
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or DEFAULT_MAX_LENGTH
+    )
 
 
 class Engine:
@@ -84,7 +86,9 @@ class Engine:
         for row, (_, continuation) in zip(inputs, pairs):
             needed[row] = max(needed.get(row, 1), min(len(continuation), len(row)))
         unique = list(needed.items())
-        logprobs = dict(zip(needed, self._run_batched(unique, self._last_logprobs, lambda item: len(item[0]), "loglikelihood")))
+        logprobs = dict(
+            zip(needed, self._run_batched(unique, self._last_logprobs, lambda item: len(item[0]), "loglikelihood"))
+        )
         scores = []
         for row, (_, continuation) in zip(inputs, pairs):
             target = torch.tensor(continuation[-len(row) :])
@@ -100,7 +104,9 @@ class Engine:
         until = [*until, *([self.tokenizer.eos_token] if self.tokenizer.eos_token else [])]
         keep = self.max_length - max_new_tokens
         if keep <= 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_length={self.max_length}")
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_length={self.max_length}"
+            )
         rows = [tuple(self.encode(prompt)[-keep:]) for prompt in prompts]
 
         def run(batch: list[tuple[int, ...]]) -> list[str]:
@@ -112,7 +118,11 @@ class Engine:
         self, rows: list[tuple[int, ...]], until: list[str], max_new_tokens: int, sampling: Sampling | None
     ) -> list[str]:
         input_ids, attention_mask = self._left_pad(rows)
-        options = {"do_sample": False} if sampling is None else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        options = (
+            {"do_sample": False}
+            if sampling is None
+            else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        )
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sharelora_cli.config.recipe import GSM8KTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
-from sharelora_cli.config.recipe import GSM8KTaskConfig
 
 STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>"]
 INVALID = "[invalid]"

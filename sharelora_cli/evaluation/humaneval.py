@@ -17,9 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.core.paths import data_dir
 from sharelora_cli.evaluation.humaneval_check import check_sample
 from sharelora_cli.evaluation.sandbox.session import Isolation, Limits, choose_isolation
-from sharelora_cli.core.paths import data_dir
 
 # A completion ends where the model starts a new top-level statement after the function body.
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -37,7 +37,9 @@ def load_problems(path: Path | None = None) -> dict[str, dict]:
             rows = [json.loads(line) for line in lines if line.strip()]
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
         reason = first_line(err)
-        raise UserError(f"{path} is not a readable HumanEval JSONL file ({reason}): restore it from the HumanEval release") from err
+        raise UserError(
+            f"{path} is not a readable HumanEval JSONL file ({reason}): restore it from the HumanEval release"
+        ) from err
     if not rows or not all(isinstance(row, dict) and all(field in row for field in _PROBLEM_FIELDS) for row in rows):
         raise UserError(f"{path} is not HumanEval data: every line needs the fields {', '.join(_PROBLEM_FIELDS)}")
     return {row["task_id"]: row for row in rows}
@@ -54,7 +56,9 @@ def read_samples(path: Path, problems: Mapping[str, dict] | None = None) -> list
     lines = enumerate(text.splitlines(), start=1)
     samples = [_parse_sample(line, f"{path}:{number}", known) for number, line in lines if line.strip()]
     if not samples:
-        raise UserError(f"samples file {path} has no samples: write one JSON object per line with task_id and completion")
+        raise UserError(
+            f"samples file {path} has no samples: write one JSON object per line with task_id and completion"
+        )
     return samples
 
 
@@ -62,8 +66,14 @@ def _parse_sample(line: str, where: str, problems: Mapping[str, dict]) -> dict:
     try:
         sample = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not valid JSON ({err.msg}); write one object with task_id and completion per line") from err
-    if not (isinstance(sample, dict) and isinstance(sample.get("task_id"), str) and isinstance(sample.get("completion"), str)):
+        raise UserError(
+            f"{where}: not valid JSON ({err.msg}); write one object with task_id and completion per line"
+        ) from err
+    if not (
+        isinstance(sample, dict)
+        and isinstance(sample.get("task_id"), str)
+        and isinstance(sample.get("completion"), str)
+    ):
         raise UserError(f"{where}: each line needs a string task_id and a string completion")
     if sample["task_id"] not in problems:
         raise UserError(f"{where}: unknown task_id {sample['task_id']!r}; HumanEval ids look like 'HumanEval/0'")
@@ -121,15 +131,24 @@ def score_samples(
     try:
         with _progress_log(progress_file) as log:
             runs = {
-                pool.submit(check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation, hidden): index
+                pool.submit(
+                    check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation, hidden
+                ): index
                 for index, sample in enumerate(samples)
             }
-            finished = tqdm(as_completed(runs), total=len(runs), desc=f"humaneval ({isolation.value} sandbox)", disable=None)
+            finished = tqdm(
+                as_completed(runs), total=len(runs), desc=f"humaneval ({isolation.value} sandbox)", disable=None
+            )
             for run in finished:
                 index = runs[run]
                 passed, result = run.result()
                 sample = samples[index]
-                records[index] = {"task_id": sample["task_id"], "completion": sample["completion"], "passed": passed, "result": result}
+                records[index] = {
+                    "task_id": sample["task_id"],
+                    "completion": sample["completion"],
+                    "passed": passed,
+                    "result": result,
+                }
                 log(records[index])
     finally:
         pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued samples instead of running them all

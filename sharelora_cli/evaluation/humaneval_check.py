@@ -16,8 +16,8 @@ from sharelora_cli.evaluation.sandbox.session import (
     Isolation,
     Limits,
     Outcome,
-    Sandbox,
     SampleRaised,
+    Sandbox,
     SandboxStopped,
 )
 from sharelora_cli.evaluation.sandbox.wire import describe

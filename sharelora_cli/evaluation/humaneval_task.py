@@ -6,12 +6,18 @@ more are sampled with temperature and top-p, giving pass@k for every configured 
 
 from pathlib import Path
 
+from sharelora_cli.config.recipe import HumanEvalTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine, Sampling
-from sharelora_cli.evaluation.humaneval import STOP_SEQUENCES, load_problems, read_samples, score_samples, truncate_completion
+from sharelora_cli.evaluation.humaneval import (
+    STOP_SEQUENCES,
+    load_problems,
+    read_samples,
+    score_samples,
+    truncate_completion,
+)
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sandbox.session import choose_isolation
-from sharelora_cli.config.recipe import HumanEvalTaskConfig
 
 REFUSAL = "humaneval executes model-written code: pass --allow-code-execution to run it (ideally in a container)"
 

@@ -8,11 +8,11 @@ over subjects (macro) and over all questions (micro; the harness's "mmlu" number
 
 from pathlib import Path
 
+from sharelora_cli.config.recipe import MMLUTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
-from sharelora_cli.config.recipe import MMLUTaskConfig
 
 LETTERS = ["A", "B", "C", "D"]
 CATEGORIES = {
@@ -55,7 +55,10 @@ def load_subject(path: str, subject: str, split: str) -> list[dict]:
                 f"{path}/{split}/{subject}_{split}.csv needs the header question,choice0,choice1,choice2,choice3,answer "
                 "with answer an index 0-3"
             ) from None
-    return [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])} for r in read_hub(path, split, name=subject)]
+    return [
+        {"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])}
+        for r in read_hub(path, split, name=subject)
+    ]
 
 
 def _from_csv(row: dict) -> dict:

@@ -8,11 +8,11 @@ max_length - stride tokens. Token 0 (the BOS a Llama-style tokenizer adds) is co
 
 import math
 
+from sharelora_cli.config.recipe import PerplexityTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
 from sharelora_cli.evaluation.sources import read_rows
-from sharelora_cli.config.recipe import PerplexityTaskConfig
 
 
 def windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -31,7 +31,9 @@ def load_texts(cfg: PerplexityTaskConfig, limit: int | None) -> list[str]:
     if not rows:
         raise UserError(f"eval.perplexity.path: {cfg.path} has no rows")
     if cfg.field not in rows[0]:
-        raise UserError(f"{cfg.path} rows have no field '{cfg.field}' (fields: {', '.join(sorted(rows[0]))}); pass --text-field")
+        raise UserError(
+            f"{cfg.path} rows have no field '{cfg.field}' (fields: {', '.join(sorted(rows[0]))}); pass --text-field"
+        )
     return [str(row[cfg.field]) for row in rows]
 
 

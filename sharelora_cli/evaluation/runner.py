@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from accelerate.utils import set_seed
+from omegaconf import OmegaConf
 
+from sharelora_cli.config.recipe import EvalConfig, Recipe, load_recipe, validate
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
-from sharelora_cli.config.recipe import EvalConfig, Recipe, load_recipe, validate
 
 DEFAULT_RESULTS_FILE = "eval_results.json"
 
@@ -93,7 +93,9 @@ def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:
         return None
     path = Path(recipe.output_dir) / "adapter"
     if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"{path} has no adapter: run `sharelora train {request.recipe}` first, pass --adapter DIR, or --no-adapter")
+        raise UserError(
+            f"{path} has no adapter: run `sharelora train {request.recipe}` first, pass --adapter DIR, or --no-adapter"
+        )
     return path
 
 
@@ -127,12 +129,20 @@ class CodeExecution:
     weak_sandbox: bool = False
 
 
-def run_task(task: str, engine: Engine | None, cfg: EvalConfig, code: CodeExecution,
-             samples: Path | None = None, results_file: Path | None = None) -> TaskResult:
+def run_task(
+    task: str,
+    engine: Engine | None,
+    cfg: EvalConfig,
+    code: CodeExecution,
+    samples: Path | None = None,
+    results_file: Path | None = None,
+) -> TaskResult:
     """One task with the eval section's settings, seeded by eval.seed so that it scores the same every time."""
     set_seed(cfg.seed)
     if task == "humaneval":
-        return humaneval_task.evaluate(engine, cfg.humaneval, cfg.limit, samples, code.allowed, code.weak_sandbox, results_file)
+        return humaneval_task.evaluate(
+            engine, cfg.humaneval, cfg.limit, samples, code.allowed, code.weak_sandbox, results_file
+        )
     assert engine is not None  # needs_model() holds for every other task
     module = {"gsm8k": gsm8k, "mmlu": mmlu, "perplexity": perplexity}[task]
     return module.evaluate(engine, getattr(cfg, task), cfg.limit)
@@ -167,7 +177,9 @@ def run_eval(request: EvalRequest) -> EvalReport:
     return EvalReport(results, path)
 
 
-def run_config(request: EvalRequest, recipe: Recipe, engine: Engine | None, adapter: Path | None, seconds: dict) -> dict:
+def run_config(
+    request: EvalRequest, recipe: Recipe, engine: Engine | None, adapter: Path | None, seconds: dict
+) -> dict:
     """What produced the numbers: model, adapter, settings, machine, timings."""
     return {
         "model": recipe.model.name_or_path if engine else None,

@@ -11,7 +11,11 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 
 def is_local(path_or_id: str) -> bool:
     """A path (existing, absolute, relative or with a data-file suffix) rather than a hub id like openai/gsm8k."""
-    return Path(path_or_id).exists() or path_or_id.startswith(("/", ".", "~")) or Path(path_or_id).suffix.lower() in LOCAL_SUFFIXES
+    return (
+        Path(path_or_id).exists()
+        or path_or_id.startswith(("/", ".", "~"))
+        or Path(path_or_id).suffix.lower() in LOCAL_SUFFIXES
+    )
 
 
 def read_local(path: Path) -> list[dict]:
@@ -45,7 +49,9 @@ def read_hub(dataset_id: str, split: str, name: str | None = None, data_files: s
         rows = datasets.load_dataset(dataset_id, name, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many unrelated types for a missing or unreachable dataset
         hint = "pass a local path, or check the id and your network (HF_HUB_OFFLINE=1 only uses the cache)"
-        raise UserError(f"dataset '{dataset_id}' split '{split}' cannot be loaded ({first_line(err)}): {hint}") from None
+        raise UserError(
+            f"dataset '{dataset_id}' split '{split}' cannot be loaded ({first_line(err)}): {hint}"
+        ) from None
     return [dict(row) for row in rows]
 
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from sharelora_cli.config.recipe import ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR
 from sharelora_cli.models.quantization import bnb_config, prepare_for_kbit_training
-from sharelora_cli.config.recipe import ModelConfig, QuantizationConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
     kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
     use_4bit = quant.load_in_4bit
     if use_4bit and device.type != "cuda":
-        log.warning("quantization.load_in_4bit on %s uses bitsandbytes' CPU kernels: it works, but slower than a full-precision base (docs/benchmarks.md)", device)
+        log.warning(
+            "quantization.load_in_4bit on %s uses bitsandbytes' CPU kernels: it works, but slower than a full-precision base (docs/benchmarks.md)",
+            device,
+        )
     if use_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
         kwargs["device_map"] = {"": device}
@@ -100,8 +103,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
             path, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {first_line(err)}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {first_line(err)}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-

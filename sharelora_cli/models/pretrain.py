@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from sharelora_cli.data.examples import Example, collate
 from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.data.examples import Example, collate
 from sharelora_cli.data.synthetic_tasks import PRETRAINING_MIX, rows
 from sharelora_cli.models.tiny_model import tiny_config, train_tokenizer
 
@@ -52,7 +52,9 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig()) -> Path:
     """Train a tiny Llama and its tokenizer from scratch; save_pretrained to out_dir with a summary."""
     started = time.perf_counter()
     corpus = rows(cfg.mix, cfg.steps * cfg.batch_size, cfg.seed)
-    tokenizer = train_tokenizer([training_text(row) for row in corpus[:TOKENIZER_ROWS]], cfg.vocab_size, split_digits=True)
+    tokenizer = train_tokenizer(
+        [training_text(row) for row in corpus[:TOKENIZER_ROWS]], cfg.vocab_size, split_digits=True
+    )
     examples = tokenize(corpus, tokenizer, cfg)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(tiny_config(tokenizer, cfg.hidden, cfg.layers))
@@ -60,8 +62,13 @@ def pretrain(out_dir: Path, cfg: PretrainConfig = PretrainConfig()) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    summary = {"config": asdict(cfg), "parameters": model.num_parameters(), "first_loss": losses[0], "final_loss": losses[-1],
-               "seconds": round(time.perf_counter() - started, 1)}
+    summary = {
+        "config": asdict(cfg),
+        "parameters": model.num_parameters(),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir
 
@@ -77,7 +84,7 @@ def tokenize(corpus: list[dict], tokenizer, cfg: PretrainConfig) -> list[Example
     too_long = next((i for i, row in enumerate(ids) if len(row) + 1 > cfg.max_length), None)
     if too_long is not None:
         raise ValueError(f"pretraining row {too_long} is longer than max_length={cfg.max_length} tokens")
-    return [Example(row + [tokenizer.eos_token_id], row + [tokenizer.eos_token_id]) for row in ids]
+    return [Example([*row, tokenizer.eos_token_id], [*row, tokenizer.eos_token_id]) for row in ids]
 
 
 def train_all_weights(model: LlamaForCausalLM, examples: list, pad_id: int, cfg: PretrainConfig) -> list[float]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from sharelora_cli.config.recipe import QuantizationConfig
 
+
 def bitsandbytes() -> ModuleType:
     """The bitsandbytes module, imported without its import-time log lines.
 

@@ -16,11 +16,11 @@ from transformers import PretrainedConfig
 
 from sharelora_cli.adapters.adapter_io import read_checked_tensors
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.core.errors import UserError
-from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.models.loading import build_on_meta
+from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.config.recipe import QuantizationConfig
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.loading import build_on_meta
 
 
 @dataclass
@@ -30,7 +30,9 @@ class SavedAdapter:
 
     def layers(self) -> dict[str, AdaptedLayer]:
         """Module path -> adapted layer, in plan order."""
-        return {path: self.adapter.model.get_submodule(path) for g in self.adapter.groups.values() for path in g.modules}
+        return {
+            path: self.adapter.model.get_submodule(path) for g in self.adapter.groups.values() for path in g.modules
+        }
 
     def quantization(self) -> QuantizationConfig | None:
         """The quantisation the adapter was trained under, when its config records one with load_in_4bit."""

@@ -24,17 +24,18 @@ from sharelora_cli.adapters.miss import MissLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
 from sharelora_cli.core.atomic import atomic_directory
-from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_config
+from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 
 FORMATS = ("peft",)
 # PeftModelForCausalLM's key prefix; PEFT drops the adapter name ("default") from saved keys.
 KEY_PREFIX = "base_model.model."
 
 
-def export_adapter(adapter_dir: Path, out: Path, fmt: str = "peft", base: str | None = None,
-                   overwrite: bool = False) -> str:
+def export_adapter(
+    adapter_dir: Path, out: Path, fmt: str = "peft", base: str | None = None, overwrite: bool = False
+) -> str:
     """Write out/adapter_config.json and out/adapter_model.safetensors atomically; returns a summary line."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
@@ -99,8 +100,11 @@ def _miss(saved: SavedAdapter, layers: dict[str, MissLayer]) -> tuple[dict[str, 
 
 
 def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-               for path, layer in layers.items() for name in VeraLayer.factor_names}
+    tensors = {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in VeraLayer.factor_names
+    }
     # PeftModel keeps the pair on its VeraModel ("base_model"), once for all layers.
     tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in ("vera_A", "vera_B")}
     adapter = saved.adapter.config
@@ -117,8 +121,11 @@ def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, 
 
 
 def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-               for path, layer in layers.items() for name in VBLoraLayer.factor_names}
+    tensors = {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in VBLoraLayer.factor_names
+    }
     tensors["base_model.vblora_vector_bank"] = saved.adapter.shared["vblora_vector_bank"].detach().clone()
     adapter = saved.adapter.config
     config = _common_config("VBLORA", layers) | {

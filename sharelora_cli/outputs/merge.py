@@ -27,12 +27,12 @@ from transformers import PretrainedConfig
 
 from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
+from sharelora_cli.config.recipe import QuantizationConfig
 from sharelora_cli.core.atomic import atomic_directory
-from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.models.loading import DTYPES, load_config, resolve_model_path
 from sharelora_cli.models.quantization import bitsandbytes, bnb_config, dequantized_weight, keep_standard_layout
-from sharelora_cli.config.recipe import QuantizationConfig
+from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,18 @@ OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 # Shards are held in memory until written, so their size bounds the merge's peak memory.
 MAX_SHARD_BYTES = 1 << 30
 INDEX_FILE = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".h5",
-                   ".msgpack", ".gguf", ".ckpt")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".safetensors.index.json",
+    ".bin",
+    ".bin.index.json",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".ckpt",
+)
 # What a hub snapshot needs for a merge: configs, tokenizer files, safetensors weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -76,8 +86,10 @@ class MergeResult:
 
     def summary(self) -> str:
         base = "dequantised 4-bit base" if self.dequantized_4bit else "base"
-        return (f"merged {self.modules} adapted modules into the {base}: {self.tensors} tensors, "
-                f"{self.nbytes / 2**20:,.1f} MiB in {self.shards} shard(s) -> {self.out}")
+        return (
+            f"merged {self.modules} adapted modules into the {base}: {self.tensors} tensors, "
+            f"{self.nbytes / 2**20:,.1f} MiB in {self.shards} shard(s) -> {self.out}"
+        )
 
 
 def merge_adapter(
@@ -131,8 +143,10 @@ def _trained_quantization(saved: SavedAdapter, full_precision_base: bool) -> Qua
     if quant is None:
         return None
     if full_precision_base:
-        log.warning("the adapter was trained on a 4-bit base; merging into the full-precision weights as asked "
-                    "(--full-precision-base): the result differs from the 4-bit base by its quantisation error")
+        log.warning(
+            "the adapter was trained on a 4-bit base; merging into the full-precision weights as asked "
+            "(--full-precision-base): the result differs from the 4-bit base by its quantisation error"
+        )
         return None
     return quant
 
@@ -147,8 +161,9 @@ def resolve_base_dir(name: str) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except (OSError, ValueError) as err:
-        raise UserError(f"--base: '{name}' is neither a local model directory nor a reachable hub model: "
-                        f"{first_line(err)}") from None
+        raise UserError(
+            f"--base: '{name}' is neither a local model directory nor a reachable hub model: {first_line(err)}"
+        ) from None
 
 
 def weight_files(base_dir: Path) -> list[Path]:
@@ -204,21 +219,26 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 def _check_target(file: Path, key: str, shape: tuple[int, ...], layer: AdaptedLayer) -> None:
     expected = (layer.d_in, layer.d_out) if is_conv1d(layer.base_layer) else (layer.d_out, layer.d_in)
     if shape != expected:
-        raise UserError(f"{file.name}: {key} has shape {shape}, the adapter expects {expected}: "
-                        "the base is not the model the adapter was trained on")
+        raise UserError(
+            f"{file.name}: {key} has shape {shape}, the adapter expects {expected}: "
+            "the base is not the model the adapter was trained on"
+        )
 
 
 def _untied_entry(model: nn.Module, name: str, layer: AdaptedLayer, entries: list[Entry]) -> Entry:
     """A targeted weight the checkpoint stores only through a tie (lm_head = embeddings): merged into its own copy."""
     path = name.removesuffix(".weight")
     weight = layer.base_layer.weight
-    aliases = {n for n, p in model.named_parameters(remove_duplicate=False)
-               if p is weight and not n.startswith(f"{path}.")}
+    aliases = {
+        n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and not n.startswith(f"{path}.")
+    }
     for entry in entries:
         if entry.key in aliases or f"{model.base_model_prefix}.{entry.key}" in aliases:
             return Entry(name, entry.file, entry.key, layer)
-    raise UserError(f"the base checkpoint has no tensor for the adapted weight '{name}': "
-                    "the base is not the model the adapter was trained on")
+    raise UserError(
+        f"the base checkpoint has no tensor for the adapted weight '{name}': "
+        "the base is not the model the adapter was trained on"
+    )
 
 
 def _read_tensor(entry: Entry) -> torch.Tensor:
@@ -261,8 +281,9 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     raise UserError(f"base checkpoint tensor '{key}' has no place in the model loaded from it")
 
 
-def write_shards(directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor],
-                 dtype: torch.dtype | None) -> tuple[int, int]:
+def write_shards(
+    directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor], dtype: torch.dtype | None
+) -> tuple[int, int]:
     """Write the merged tensors as safetensors shards (+ index when more than one); returns (shards, bytes)."""
     shards = list(_fill_shards(directory, entries, read, dtype))
     total = sum(nbytes for _, _, nbytes in shards)
@@ -279,8 +300,9 @@ def write_shards(directory: Path, entries: list[Entry], read: Callable[[Entry], 
     return len(shards), total
 
 
-def _fill_shards(directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor],
-                 dtype: torch.dtype | None) -> Iterator[tuple[Path, list[str], int]]:
+def _fill_shards(
+    directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor], dtype: torch.dtype | None
+) -> Iterator[tuple[Path, list[str], int]]:
     """Merge tensors into a pending shard and save it when full; only one shard is ever held in memory."""
     pending: dict[str, torch.Tensor] = {}
     size = count = 0
@@ -311,6 +333,10 @@ def _write_config(directory: Path, config: PretrainedConfig, dtype: torch.dtype 
 def copy_side_files(base_dir: Path, directory: Path) -> None:
     """Tokenizer, generation config, licence...: every top-level file of the base except weights and config."""
     for path in sorted(base_dir.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name != "config.json" \
-                and not path.name.endswith(WEIGHT_SUFFIXES):
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and path.name != "config.json"
+            and not path.name.endswith(WEIGHT_SUFFIXES)
+        ):
             shutil.copyfile(path, directory / path.name)

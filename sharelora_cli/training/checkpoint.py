@@ -26,10 +26,10 @@ from sharelora_cli.adapters.adapter_io import (
     read_checked_tensors,
     save_adapter,
 )
-from sharelora_cli.core.atomic import atomic_directory, remove_directory, remove_stale_staging
-from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.core.atomic import atomic_directory, remove_directory, remove_stale_staging
+from sharelora_cli.core.errors import UserError, first_line
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
@@ -103,7 +103,11 @@ def torch_bytes(obj) -> bytes:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoint directories of a run, oldest step first."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(output_dir).glob("checkpoint-*")
+        if (m := CHECKPOINT_PATTERN.fullmatch(p.name))
+    ]
     return [path for _, path in sorted(found)]
 
 
@@ -124,8 +128,10 @@ def checkpoint_plan(path: Path, config: AdapterConfig) -> dict:
     recorded = AdapterConfig.model_validate(saved["adapter"])
     changed = [key for key in AdapterConfig.model_fields if getattr(recorded, key) != getattr(config, key)]
     if changed:
-        raise UserError(f"checkpoint {path} was written with a different adapter.{changed[0]}; "
-                        "restore the recipe's adapter section or start a new output_dir")
+        raise UserError(
+            f"checkpoint {path} was written with a different adapter.{changed[0]}; "
+            "restore the recipe's adapter section or start a new output_dir"
+        )
     return saved["plan"]
 
 
@@ -139,7 +145,9 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     )
     if set(adapter.named_tensors()) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
-    check_regenerated(adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE)
+    check_regenerated(
+        adapter.regenerated_record(), read_adapter_config(path / "adapter"), path / "adapter" / CONFIG_FILE
+    )
     copy_tensors(adapter, tensors)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
@@ -181,18 +189,24 @@ def read_starting_point(config: AdapterConfig) -> StartingPoint:
     directory = Path(config.init_from)
     adapter_dir = directory if (directory / CONFIG_FILE).is_file() else directory / "adapter"
     if not (adapter_dir / CONFIG_FILE).is_file():
-        raise UserError(f"adapter.init_from: {directory} holds no sharelora adapter ({CONFIG_FILE} there or in its adapter/)")
+        raise UserError(
+            f"adapter.init_from: {directory} holds no sharelora adapter ({CONFIG_FILE} there or in its adapter/)"
+        )
     saved = read_adapter_config(adapter_dir)
     recorded = AdapterConfig.model_validate(saved["adapter"])
     for key in AdapterConfig.model_fields:
         if key not in CHANGEABLE_SETTINGS and getattr(recorded, key) != getattr(config, key):
-            raise UserError(f"adapter.init_from: {adapter_dir} was trained with adapter.{key}={getattr(recorded, key)!r}, "
-                            f"this recipe has {getattr(config, key)!r}; make them equal to continue it")
+            raise UserError(
+                f"adapter.init_from: {adapter_dir} was trained with adapter.{key}={getattr(recorded, key)!r}, "
+                f"this recipe has {getattr(config, key)!r}; make them equal to continue it"
+            )
     _, tensors = read_checked_tensors(adapter_dir, saved)
     optimizer_state = None
     if config.init_optimizer:
         path = directory / "optimizer.pt"
         if not path.is_file():
-            raise UserError(f"adapter.init_optimizer needs a checkpoint-N directory as adapter.init_from: {path} not found")
+            raise UserError(
+                f"adapter.init_optimizer needs a checkpoint-N directory as adapter.init_from: {path} not found"
+            )
         optimizer_state = read_checkpoint_file(path, lambda file: torch.load(file, weights_only=False))
     return StartingPoint(saved, adapter_dir / CONFIG_FILE, tensors, optimizer_state)

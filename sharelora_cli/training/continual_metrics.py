@@ -28,7 +28,9 @@ def summarize(columns: list[ContinualTask], rows: list[list[float]], initial: li
     learned = [j for j, column in enumerate(columns) if column.stage < last]
     forgetting = {columns[j].name: max(rows[i][j] for i in range(columns[j].stage, last)) - final[j] for j in learned}
     transfer_back = [final[j] - rows[columns[j].stage][j] for j in learned]
-    transfer_forward = [rows[column.stage - 1][j] - initial[j] for j, column in enumerate(columns) if 1 <= column.stage <= last + 1]
+    transfer_forward = [
+        rows[column.stage - 1][j] - initial[j] for j, column in enumerate(columns) if 1 <= column.stage <= last + 1
+    ]
     return {
         "tasks": [column.name for column in columns],
         "stages_done": len(rows),
@@ -46,10 +48,14 @@ def format_table(summary: dict, stage_names: list[str]) -> str:
     width = max(12, *(len(name) + 2 for name in summary["tasks"]))
     header = f"{'accuracy':<16}" + "".join(f"{name:>{width}}" for name in summary["tasks"])
     labels = ["before stages", *(f"after {name}" for name in stage_names[: summary["stages_done"]])]
-    lines = [header] + [f"{label:<16}" + "".join(f"{value:>{width}.4f}" for value in row)
-                        for label, row in zip(labels, [summary["initial"], *summary["matrix"]])]
-    lines.append(f"average accuracy {summary['average_accuracy']:.4f}; backward transfer "
-                 f"{_number(summary['backward_transfer'])}; forward transfer {_number(summary['forward_transfer'])}")
+    lines = [header] + [
+        f"{label:<16}" + "".join(f"{value:>{width}.4f}" for value in row)
+        for label, row in zip(labels, [summary["initial"], *summary["matrix"]])
+    ]
+    lines.append(
+        f"average accuracy {summary['average_accuracy']:.4f}; backward transfer "
+        f"{_number(summary['backward_transfer'])}; forward transfer {_number(summary['forward_transfer'])}"
+    )
     if summary["forgetting"]:
         lines.append("forgetting: " + ", ".join(f"{name} {value:.4f}" for name, value in summary["forgetting"].items()))
     return "\n".join(lines)

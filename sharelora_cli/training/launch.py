@@ -38,8 +38,14 @@ def _num_processes(argv: list[str]) -> int:
 def relaunch_as_workers(processes: int, argv: list[str]) -> int:
     """Run this same command as `processes` gloo workers on this machine; return their exit code."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "sharelora_cli", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "sharelora_cli",
+        *argv,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     return subprocess.call(command, env=env)

@@ -14,8 +14,8 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,20 @@ from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, g
 from tqdm.auto import tqdm
 
 from sharelora_cli.adapters.adapter_io import check_regenerated, copy_tensors, save_adapter
+from sharelora_cli.adapters.base import TrainerHook
+from sharelora_cli.adapters.fusion import find_shared_inputs
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.adapters.registry import METHODS
+from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
+from sharelora_cli.core.errors import UserError
+from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
+from sharelora_cli.evaluation.engine import Engine, context_window
+from sharelora_cli.evaluation.humaneval_task import require_permission
+from sharelora_cli.evaluation.runner import CodeExecution, run_task
+from sharelora_cli.models.loading import load_model, load_tokenizer
+from sharelora_cli.models.quantization import bitsandbytes
 from sharelora_cli.training.checkpoint import (
     TrainerState,
     checkpoint_plan,
@@ -35,22 +49,8 @@ from sharelora_cli.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from sharelora_cli.adapters.base import TrainerHook
-from sharelora_cli.adapters.fusion import find_shared_inputs
-from sharelora_cli.adapters.plan import Adapter
-from sharelora_cli.adapters.registry import METHODS
-from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
-from sharelora_cli.core.errors import UserError
-from sharelora_cli.evaluation.engine import Engine, context_window
-from sharelora_cli.evaluation.humaneval_task import require_permission
-from sharelora_cli.evaluation.runner import CodeExecution, run_task
-from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.core.lr_schedule import make_scheduler
 from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
-from sharelora_cli.models.loading import load_model, load_tokenizer
-from sharelora_cli.models.quantization import bitsandbytes
-from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Written last when a run finishes: its presence says the run is complete.
@@ -111,7 +111,9 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
     """
     run = set_up(recipe, code)
     cfg = recipe.train
-    progress = tqdm(total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train")
+    progress = tqdm(
+        total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train"
+    )
     record: dict = {"loss": math.nan}
     val_loss = None
     # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
@@ -120,9 +122,13 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
             record = run_step(run)
             val_loss = record.get("val_loss", val_loss)
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             if run.state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
-                checkpoint = write_checkpoint(run.output_dir, run.state, run.adapter, run.optimizer, run.scheduler, run.accelerator, recipe)
+                checkpoint = write_checkpoint(
+                    run.output_dir, run.state, run.adapter, run.optimizer, run.scheduler, run.accelerator, recipe
+                )
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, checkpoint)
     return finish(run, record["loss"], val_loss)
@@ -169,10 +175,32 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
         truncate_metrics(output_dir / METRICS_FILE, state.step)
-    sampler = StepSampler(len(splits.train), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
-    accelerator.print(f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})")
-    return Session(recipe, accelerator, tokenizer, splits, model, adapter, hook, optimizer, scheduler, sampler,
-                   MetricsLog(output_dir, accelerator, recipe.model_dump()), state, code)
+    sampler = StepSampler(
+        len(splits.train),
+        cfg.batch_size,
+        cfg.grad_accum,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.seed,
+    )
+    accelerator.print(
+        f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})"
+    )
+    return Session(
+        recipe,
+        accelerator,
+        tokenizer,
+        splits,
+        model,
+        adapter,
+        hook,
+        optimizer,
+        scheduler,
+        sampler,
+        MetricsLog(output_dir, accelerator, recipe.model_dump()),
+        state,
+        code,
+    )
 
 
 def run_step(run: Session) -> dict:
@@ -182,13 +210,21 @@ def run_step(run: Session) -> dict:
     micro = [[run.splits.train[i] for i in idx] for idx in run.sampler.micro_batches(state.step)]
     batches = [collate(examples, run.tokenizer.pad_token_id) for examples in micro]
     rows = [ex.row for examples in micro for ex in examples]
-    loss, tokens, grad_norm = train_step(run.model, batches, run.adapter, run.optimizer, run.scheduler, run.accelerator, cfg, state.step, rows)
+    loss, tokens, grad_norm = train_step(
+        run.model, batches, run.adapter, run.optimizer, run.scheduler, run.accelerator, cfg, state.step, rows
+    )
     state.step += 1
     state.tokens_seen += tokens
     state.elapsed_s += time.perf_counter() - started
-    record = {"step": state.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-              "tokens": state.tokens_seen, "tokens_per_s": tokens / (time.perf_counter() - started),
-              "epoch": run.sampler.epoch_of(state.step)}
+    record = {
+        "step": state.step,
+        "loss": loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "tokens": state.tokens_seen,
+        "tokens_per_s": tokens / (time.perf_counter() - started),
+        "epoch": run.sampler.epoch_of(state.step),
+    }
     if run.hook is not None and run.hook.after_step(state.step, run.optimizer):
         record["trainable_parameters"] = run.adapter.num_trainable()
     if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
@@ -213,7 +249,9 @@ def evaluate_during_training(run: Session) -> dict[str, float]:
         with preserved_rng():
             for task in tasks:
                 scores = run_task(task, engine, cfg, run.code).metrics
-                metrics.update({f"{task}/{name}": value for name, value in scores.items() if not name.startswith("subject/")})
+                metrics.update(
+                    {f"{task}/{name}": value for name, value in scores.items() if not name.startswith("subject/")}
+                )
         model.train()
     if tasks:
         run.accelerator.wait_for_everyone()
@@ -223,10 +261,24 @@ def evaluate_during_training(run: Session) -> dict[str, float]:
 def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
     """Write the adapter, tokenizer and summary (main process), once every process is done."""
     accelerator, output_dir = run.accelerator, run.output_dir
-    summary = RunSummary(run.state.step, run.state.tokens_seen, run.state.elapsed_s, peak_memory(accelerator.device),
-                         run.adapter.num_trainable(), loss, val_loss, str(output_dir), accelerator.is_main_process)
+    summary = RunSummary(
+        run.state.step,
+        run.state.tokens_seen,
+        run.state.elapsed_s,
+        peak_memory(accelerator.device),
+        run.adapter.num_trainable(),
+        loss,
+        val_loss,
+        str(output_dir),
+        accelerator.is_main_process,
+    )
     if accelerator.is_main_process:
-        save_adapter(run.adapter, output_dir / "adapter", base_model=run.recipe.model.name_or_path, extra=quantization_note(run.recipe))
+        save_adapter(
+            run.adapter,
+            output_dir / "adapter",
+            base_model=run.recipe.model.name_or_path,
+            extra=quantization_note(run.recipe),
+        )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2) + "\n")
     run.log.close()
@@ -239,9 +291,14 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, find_unused_parameters:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
-                       log_with=trackers(cfg.report_to, output_dir) or None, project_dir=str(output_dir),
-                       dynamo_plugin=dynamo_plugin(cfg))
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[ddp],
+        log_with=trackers(cfg.report_to, output_dir) or None,
+        project_dir=str(output_dir),
+        dynamo_plugin=dynamo_plugin(cfg),
+    )
 
 
 def dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
@@ -260,7 +317,9 @@ def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
     output_dir = Path(recipe.output_dir)
     latest = latest_checkpoint(output_dir) if output_dir.is_dir() else None
     if latest is not None and not recipe.resume:
-        raise UserError(f"output_dir {output_dir} already holds {latest.name}; pass resume=true to continue it, or choose another output_dir")
+        raise UserError(
+            f"output_dir {output_dir} already holds {latest.name}; pass resume=true to continue it, or choose another output_dir"
+        )
     if (output_dir / "adapter").is_dir() and latest is None and not recipe.resume:
         raise UserError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
     if accelerator.is_main_process:
@@ -271,7 +330,9 @@ def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
             probe.unlink()
             (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
         except OSError as err:
-            raise UserError(f"output_dir {output_dir} is not writable ({err.strerror}); choose another output_dir") from None
+            raise UserError(
+                f"output_dir {output_dir} is not writable ({err.strerror}); choose another output_dir"
+            ) from None
     accelerator.wait_for_everyone()
     return latest if recipe.resume else None
 
@@ -291,12 +352,17 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int]):
+def train_step(
+    model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int]
+):
     """One optimizer step over grad_accum micro-batches; returns (global mean loss, global tokens, grad norm).
 
     rows: the data rows of this process's examples, to name them if the loss is not finite.
     """
-    counts = torch.tensor([float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches] + [float(sum(int(b["attention_mask"].sum()) for b in batches))])
+    counts = torch.tensor(
+        [float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        + [float(sum(int(b["attention_mask"].sum()) for b in batches))]
+    )
     counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
     target_tokens, input_tokens = counts[:-1].sum(), int(counts[-1])
     total_loss = torch.zeros((), device=accelerator.device)
@@ -321,7 +387,9 @@ def train_step(model, batches, adapter, optimizer, scheduler, accelerator, cfg: 
     return loss, input_tokens, grad_norm
 
 
-def handle_nonfinite(loss: float, grad_norm: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]):
+def handle_nonfinite(
+    loss: float, grad_norm: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]
+):
     """Stop, or skip the update, when the loss or the gradient norm is not finite."""
     optimizer.zero_grad(set_to_none=True)
     what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) at finite loss {loss:.4f}"
@@ -346,7 +414,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], fused_loss: bool = Fal
         return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss
     logits = model(**model_inputs(batch), use_cache=False).logits
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -363,7 +434,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], tokenizer, cfg: TrainConfig, accelerator: Accelerator) -> float | None:
+def validation_loss(
+    model, examples: list[Example], tokenizer, cfg: TrainConfig, accelerator: Accelerator
+) -> float | None:
     """Token-weighted mean loss over a fixed validation subset: eval_batches global batches."""
     if not examples:
         return None
@@ -372,7 +445,10 @@ def validation_loss(model, examples: list[Example], tokenizer, cfg: TrainConfig,
     mine = chosen[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
     for start in range(0, len(mine), cfg.batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate(mine[start : start + cfg.batch_size], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(accelerator.device)
+            for k, v in collate(mine[start : start + cfg.batch_size], tokenizer.pad_token_id).items()
+        }
         totals[0] += token_loss_sum(model, batch)
         totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     totals = accelerator.reduce(totals, reduction="sum")
@@ -384,7 +460,15 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
     rng_states = gather_object([rng_state()])
     target = output_dir / f"checkpoint-{state.step}"
     if accelerator.is_main_process:
-        save_checkpoint(output_dir, state, adapter, optimizer, scheduler, rng_states, extra={"base_model": recipe.model.name_or_path})
+        save_checkpoint(
+            output_dir,
+            state,
+            adapter,
+            optimizer,
+            scheduler,
+            rng_states,
+            extra={"base_model": recipe.model.name_or_path},
+        )
         prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return target

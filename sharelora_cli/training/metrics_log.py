@@ -12,8 +12,8 @@ import accelerate.utils.imports as available
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
 
-from sharelora_cli.training.checkpoint import write_failure
 from sharelora_cli.core.errors import UserError
+from sharelora_cli.training.checkpoint import write_failure
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -26,8 +26,10 @@ def trackers(names: list[str], output_dir: Path) -> list:
     """What Accelerator(log_with=...) takes for train.report_to; a tracker without its package is refused."""
     for name in names:
         if not getattr(available, f"is_{name}_available")():
-            raise UserError(f"train.report_to: {name} is not installed; `pip install {PIP_NAMES.get(name, name)}` "
-                            f"or remove it from train.report_to")
+            raise UserError(
+                f"train.report_to: {name} is not installed; `pip install {PIP_NAMES.get(name, name)}` "
+                f"or remove it from train.report_to"
+            )
     # TensorBoard by instance, to keep its files in OUTPUT_DIR/tensorboard whatever the project is called.
     return [TensorBoardTracker(TENSORBOARD_DIR, output_dir) if name == "tensorboard" else name for name in names]
 
@@ -86,7 +88,11 @@ class MetricsLog:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after `step` (the checkpoint resumed from, or 0), so the log has no repeats."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if (logged := logged_step(line)) is not None and logged <= step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if (logged := logged_step(line)) is not None and logged <= step
+        ]
         path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from sharelora_cli.training.continual_metrics import ContinualTask, summarize
+from sharelora_cli.config.recipe import Recipe, stage_name, stage_recipe, to_yaml
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.humaneval_task import require_permission
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
 from sharelora_cli.evaluation.runner import CodeExecution, build_engine, run_task
-from sharelora_cli.config.recipe import Recipe, stage_name, stage_recipe, to_yaml
+from sharelora_cli.training.continual_metrics import ContinualTask, summarize
 from sharelora_cli.training.loop import SUMMARY_FILE, train
 
 CONTINUAL_FILE = "continual.json"
@@ -49,7 +49,9 @@ def stage_run(recipe: Recipe, index: int) -> Recipe:
     stage = stage_recipe(recipe, index)
     adapter = stage.adapter
     if index > 0:
-        adapter = adapter.model_copy(update={"init_from": str(stage_dir(recipe, index - 1) / "adapter"), "init_optimizer": False})
+        adapter = adapter.model_copy(
+            update={"init_from": str(stage_dir(recipe, index - 1) / "adapter"), "init_optimizer": False}
+        )
     return stage.model_copy(update={"output_dir": str(stage_dir(recipe, index)), "adapter": adapter})
 
 
@@ -78,8 +80,15 @@ def run_stages(recipe: Recipe, code: CodeExecution = CodeExecution()) -> Continu
         run = stage_run(recipe, index)
         if not (Path(run.output_dir) / SUMMARY_FILE).is_file():
             train(run, code)
-        row = main_only(process, scores, recipe, columns, Path(run.output_dir) / "adapter",
-                        Path(run.output_dir) / STAGE_EVAL_FILE, code)
+        row = main_only(
+            process,
+            scores,
+            recipe,
+            columns,
+            Path(run.output_dir) / "adapter",
+            Path(run.output_dir) / STAGE_EVAL_FILE,
+            code,
+        )
         if process.is_main_process:
             rows.append(row)
             summary = summarize(columns, rows, initial)
@@ -97,11 +106,15 @@ def main_only(process: PartialState, function, *args):
 def check_output_dir(recipe: Recipe) -> None:
     started = [d.name for d in sorted(Path(recipe.output_dir).glob("stage-*")) if d.is_dir()]
     if started and not recipe.resume:
-        raise UserError(f"output_dir {recipe.output_dir} already holds {', '.join(started)}; pass resume=true to "
-                        "continue that run, or choose another output_dir")
+        raise UserError(
+            f"output_dir {recipe.output_dir} already holds {', '.join(started)}; pass resume=true to "
+            "continue that run, or choose another output_dir"
+        )
 
 
-def scores(recipe: Recipe, columns: list[ContinualTask], adapter: Path | None, path: Path, code: CodeExecution) -> list[float]:
+def scores(
+    recipe: Recipe, columns: list[ContinualTask], adapter: Path | None, path: Path, code: CodeExecution
+) -> list[float]:
     """Every column's accuracy with this adapter: read from `path` when an earlier attempt wrote it, else evaluated."""
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -112,7 +125,10 @@ def scores(recipe: Recipe, columns: list[ContinualTask], adapter: Path | None, p
     for column in columns:
         settings = stage_recipe(recipe, column.stage).eval
         results[column.name] = run_task(column.task, engine, settings, code)
-    config = {"model": recipe.model.name_or_path, "adapter": str(adapter) if adapter else None,
-              "metrics": {column.name: PRIMARY_METRIC[column.task] for column in columns}}
+    config = {
+        "model": recipe.model.name_or_path,
+        "adapter": str(adapter) if adapter else None,
+        "metrics": {column.name: PRIMARY_METRIC[column.task] for column in columns},
+    }
     write_json(results_document(results, config), path)
     return [results[column.name].metrics[PRIMARY_METRIC[column.task]] for column in columns]

@@ -20,8 +20,8 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory off the path
-import namespaces  # noqa: E402
-import wire  # noqa: E402
+import namespaces
+import wire
 
 del sys.path[0]
 
@@ -220,7 +220,9 @@ class _Guard:
 
     def _check_write(self, path) -> None:
         if not isinstance(path, int) and not _within(_resolve(path), self.workdir):
-            raise PermissionError(f"sandbox: writing {os.fsdecode(path)!r} is not allowed outside the working directory")
+            raise PermissionError(
+                f"sandbox: writing {os.fsdecode(path)!r} is not allowed outside the working directory"
+            )
 
     def _check_read(self, path, handle: bool) -> None:
         if path is None or isinstance(path, int):

@@ -56,8 +56,17 @@ def bwrap_arguments(plan: Plan, as_root: bool) -> list[str]:
     for which it keeps CAP_SETUID/CAP_SETGID until then; otherwise bwrap maps the caller's uid and drops them all."""
     size = str(plan.scratch_bytes)
     covered = [path for action, path in plan.steps if action == "hide"]
-    args = ["--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root else ["--unshare-user"]
+    args = [
+        "--die-with-parent",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
+    args += (
+        ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root else ["--unshare-user"]
+    )
     args += ["--ro-bind", "/", "/"]
     read_only_afterwards = []
     for action, path in plan.steps:
@@ -67,7 +76,9 @@ def bwrap_arguments(plan: Plan, as_root: bool) -> list[str]:
         elif action == "hide_file":
             args += ["--ro-bind", "/dev/null", path]
         else:  # bwrap would create the directories leading there as 0700, closed to nobody
-            for directory in _directories_between(max((root for root in covered if _inside_any(path, [root])), key=len), path):
+            for directory in _directories_between(
+                max((root for root in covered if _inside_any(path, [root])), key=len), path
+            ):
                 args += ["--perms", "0755", "--dir", directory]
             args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm", "--proc", "/proc"]

@@ -120,7 +120,9 @@ class Sandbox:
     """One program in a sandboxed child; `with` starts it and runs its top-level code (SandboxStopped if
     that fails), call() runs one of its functions, leaving the block kills everything it started."""
 
-    def __init__(self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None, hidden: Iterable = ()):
+    def __init__(
+        self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None, hidden: Iterable = ()
+    ):
         self.isolation = isolation or choose_isolation(allow_weak=False)
         self.limits = limits
         self.stop_reason: str | None = None  # set once the sample can answer no more, even if a caller swallowed it
@@ -330,7 +332,7 @@ def _killing_signal(returncode: int, isolation: Isolation) -> signal.Signals | N
 
 def _child_environment(home: str) -> dict[str, str]:
     """Nothing from the parent's environment: no tokens, keys or proxy settings reach the program."""
-    single_thread = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    single_thread = dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1")
     return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", **single_thread}
 
 

@@ -21,7 +21,7 @@ _REBUILD = {
     "tuple": tuple,
     "set": set,
     "frozenset": frozenset,
-    "dict": lambda pairs: {key: value for key, value in pairs},
+    "dict": lambda pairs: dict(pairs),
     "bytes": lambda text: text.encode("latin-1"),
     "complex": lambda parts: complex(*parts),
 }

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -154,7 +155,7 @@ def merge_command(
     """Fold the adapter into its base and write a plain transformers checkpoint (safetensors, config, tokenizer)."""
     from sharelora_cli.outputs.merge import merge_adapter
 
-    typer.echo(merge_adapter(adapter, out, base, dtype, full_precision_base, overwrite).summary())
+    typer.echo(merge_adapter(Path(adapter), Path(out), base, dtype, full_precision_base, overwrite).summary())
 
 
 @app.command("export")
@@ -177,7 +178,7 @@ def export_command(
     """Write the adapter in another library's format, without merging it."""
     from sharelora_cli.outputs.export import export_adapter
 
-    typer.echo(export_adapter(adapter, out, fmt, base, overwrite))
+    typer.echo(export_adapter(Path(adapter), Path(out), fmt, base, overwrite))
 
 
 @app.command("eval")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_within, reordering_bound
 from reference import lora_delta, randomize_factors
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -135,9 +136,10 @@ def test_merging_to_one_b_gives_the_mean_over_all_layers_whatever_the_order(tiny
     for name, group in adapter.groups.items():
         assert group.index["lora_B"] == [0, 0, 0, 0] and len(group.merges) == 3
         # Layer-weighted means compose: the final B is the plain mean of the four layers' B's.
-        torch.testing.assert_close(
-            group.tensors["lora_B"][0].detach(), torch.stack(before[name]).mean(0), atol=1e-7, rtol=1e-6
-        )
+        # Three merges of ≤ 4 roundings each (scale, add, divide) and a 4-term mean (3 adds, a divide): 16 steps,
+        # each on a weighted sum of B's later divided by its weight, so each costs at most u·max|B| in the result.
+        bound = reordering_bound(16, torch.stack(before[name]).abs().amax(0))
+        assert_within(group.tensors["lora_B"][0], torch.stack(before[name]).mean(0), bound)
 
 
 def test_schedule_spreads_the_merges_evenly_and_ends_at_the_target(tiny_model):

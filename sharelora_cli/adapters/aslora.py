@@ -22,6 +22,7 @@ stored copy of the paper says nothing more, so the rest is our choice, set by th
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ def target_plan(plan: dict, cfg: ASLoRAConfig) -> dict:
     return result
 
 
-def most_similar_pair(tensors: list[torch.Tensor], measure: str) -> tuple[int, int, float]:
+def most_similar_pair(tensors: Sequence[torch.Tensor], measure: str) -> tuple[int, int, float]:
     """(i, j, similarity), i < j, of the two most similar tensors; ties go to the lowest (i, j)."""
     flat = torch.stack([t.detach().flatten() for t in tensors]).double()
     if measure == "cosine":

@@ -19,14 +19,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from sharelora_cli.adapters.fusion import Fusion, Group
 from sharelora_cli.adapters.low_rank_function import compute_dtype
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -36,10 +32,12 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear-like layer."""
-    if is_conv1d(layer):
+    if isinstance(layer, Conv1D):
         d_in, d_out = layer.weight.shape
         return int(d_in), int(d_out)
-    return int(layer.in_features), int(layer.out_features)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    raise TypeError(f"{type(layer).__name__} is not a linear layer")
 
 
 def plain_frozen_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -50,6 +48,7 @@ def plain_frozen_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     """
     if type(layer) not in (nn.Linear, Conv1D) or layer._forward_hooks or layer._forward_pre_hooks:
         return None
+    assert isinstance(layer, (nn.Linear, Conv1D))  # the exact type was checked just above
     weight, bias = layer.weight, layer.bias  # a plain linear's only parameters
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
@@ -92,13 +91,13 @@ class AdaptedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
         """factors: the layer's factors and the model's shared tensors, by attribute name."""
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer: nn.Module = base_layer
         self.d_in, self.d_out = layer_shape(base_layer)
         self.hyper = hyper
         self.merged = False
         for name, tensor in factors.items():
             setattr(self, name, tensor)
-        self.dropout = nn.Dropout(hyper.dropout) if hyper.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = nn.Dropout(hyper.dropout) if hyper.dropout > 0 else nn.Identity()
         # Plain attributes, not submodules: inject_adapter gives every layer of a model one Fusion.
         self.fusion = Fusion()
         self.group = Group([self])
@@ -166,6 +165,7 @@ class AdaptedLayer(nn.Module):
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError("in-place merge needs a full-precision base; use `sharelora merge` for 4-bit bases")
         delta = delta.t() if is_conv1d(self.base_layer) else delta

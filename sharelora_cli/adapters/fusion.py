@@ -21,7 +21,7 @@ are concatenated once per step (FactorCasts).
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -29,12 +29,25 @@ from torch import nn
 from sharelora_cli.adapters.low_rank_function import AddLowRank, FusedPart, GroupLayout, SharedInputProduct
 
 
+class FusableLayer(Protocol):
+    """What fusion needs of an adapted layer (adapters/base.py's AdaptedLayer, which imports this module)."""
+
+    group: "Group"
+    merged: bool
+    dropout: nn.Module
+    base_layer: nn.Module
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]: ...
+
+    def fusable_base(self) -> tuple[torch.Tensor, torch.Tensor | None] | None: ...
+
+
 @dataclass(eq=False)
 class Group:
     """Adapted layers that read one input tensor, and the results the leader computed for the others."""
 
-    members: list[nn.Module]
-    pending: dict[nn.Module, "Pending"] = field(default_factory=dict)
+    members: list[FusableLayer]
+    pending: dict[FusableLayer, "Pending"] = field(default_factory=dict)
 
     def __getstate__(self) -> dict:
         # Pending results belong to one forward pass (and autograd graph); a copy of the model starts without.
@@ -55,9 +68,9 @@ class Fusion:
 
     def __init__(self) -> None:
         self.generation = 0  # counts model forwards: pending results and cached copies never outlive theirs
-        self.last_call: tuple[weakref.ref, tuple, nn.Module] | None = None
-        self.joins: list[tuple[nn.Module, nn.Module]] = []
-        self.leaves: list[nn.Module] = []
+        self.last_call: tuple[weakref.ref, tuple, FusableLayer] | None = None
+        self.joins: list[tuple[FusableLayer, FusableLayer]] = []
+        self.leaves: list[FusableLayer] = []
         self.casts = FactorCasts()
 
     def start_forward(self, *_: Any) -> None:
@@ -78,13 +91,17 @@ class Fusion:
         self.joins.clear()
         self.leaves.clear()
 
-    def forward(self, layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def forward(self, layer: FusableLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         autocast = autocast_dtype(x)
         key = (input_version(x), torch.is_grad_enabled(), autocast, self.generation)
         entry = layer.group.pending.pop(layer, None)
         if entry is not None and entry.key == key and entry.x is x and (entry.output is None or not (args or kwargs)):
             # (a fused output was computed without the arguments a plain linear does not take)
-            result = entry.output if entry.output is not None else add_delta(layer, x, args, kwargs, *entry.delta)
+            if entry.output is not None:
+                result = entry.output
+            else:
+                assert entry.delta is not None  # a pending result holds its output or its delta
+                result = add_delta(layer, x, args, kwargs, *entry.delta)
         else:
             if entry is not None and entry.key[3] == self.generation and entry.x is not x:
                 self.leaves.append(layer)
@@ -93,7 +110,7 @@ class Fusion:
         self.last_call = (weakref.ref(x), key, layer)
         return result
 
-    def note_sibling(self, layer: nn.Module, x: torch.Tensor, key: tuple) -> None:
+    def note_sibling(self, layer: FusableLayer, x: torch.Tensor, key: tuple) -> None:
         """Plan layer's joining the previous call's group when both read this same tensor."""
         if self.last_call is None:
             return
@@ -110,16 +127,16 @@ class Fusion:
             self.joins.append((layer, previous))
 
     def run(
-        self, layer: nn.Module, x: torch.Tensor, key: tuple, autocast: torch.dtype | None, args: tuple, kwargs: dict
+        self, layer: FusableLayer, x: torch.Tensor, key: tuple, autocast: torch.dtype | None, args: tuple, kwargs: dict
     ) -> torch.Tensor:
         """Compute layer's output; as its group's leader, also leave every sibling's result pending."""
         alone = bool(args or kwargs)  # a base taking more arguments is not a plain linear, and has no siblings
         members = [layer] if alone else [layer] + [m for m in layer.group.members if m is not layer and not m.merged]
-        dtype = None
+        dtype: torch.dtype | None = None
         As: list[torch.Tensor] = []
         block_of: dict[int, int] = {}  # id(A) -> its row block: identical A's are multiplied once
-        fused: list[tuple[nn.Module, torch.Tensor, FusedPart]] = []
-        others: list[tuple[nn.Module, int, torch.Tensor, float]] = []
+        fused: list[tuple[FusableLayer, torch.Tensor, FusedPart]] = []
+        others: list[tuple[FusableLayer, int, torch.Tensor, float]] = []
         for member in members:
             lora_A, lora_B, scaling = member.low_rank()
             dtype = dtype or autocast or lora_A.dtype
@@ -134,6 +151,7 @@ class Fusion:
             else:  # its own forward makes (or casts) the base product
                 others.append((member, block, lora_B, scaling))
 
+        assert dtype is not None  # members holds at least the layer itself
         returned = tuple(dict.fromkeys(block for _, block, _, _ in others))
         layout = GroupLayout(
             tuple(A.shape[0] for A in As),
@@ -165,10 +183,13 @@ class Fusion:
                 result = add_delta(layer, x, args, kwargs, *delta)
             else:
                 pending[member] = Pending(x, key, None, delta)
+        assert result is not None  # the layer is one of the members, fused or not
         return result
 
 
-def add_delta(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, x2, h, lora_B, lora_B_c, lora_B_t, scaling):
+def add_delta(
+    layer: FusableLayer, x: torch.Tensor, args: tuple, kwargs: dict, x2, h, lora_B, lora_B_c, lora_B_t, scaling
+):
     """layer's base output plus its adapter term, the base fed the 2-D view of x (a linear acts on the last dim)."""
     if args or kwargs:
         base_out = layer.base_layer(x, *args, **kwargs).reshape(-1, lora_B.shape[0])
@@ -184,7 +205,7 @@ def input_version(x: torch.Tensor) -> int:
     return -1 if x.is_inference() else x._version
 
 
-def groupable(layer: nn.Module) -> bool:
+def groupable(layer: FusableLayer) -> bool:
     """A layer with dropout feeds its adapter its own masked input, which no sibling shares."""
     return isinstance(layer.dropout, nn.Identity)
 

@@ -4,6 +4,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -149,7 +150,7 @@ def _plan_groups(model: nn.Module, config: AdapterConfig) -> dict[str, Group]:
     for path in find_targets(model, config):
         d_in, d_out = layer_shape(model.get_submodule(path))
         by_type[(path.rsplit(".", 1)[-1], d_in, d_out)].append(path)
-    shapes_per_type = defaultdict(int)
+    shapes_per_type: dict[str, int] = defaultdict(int)
     for module_type, _, _ in by_type:
         shapes_per_type[module_type] += 1
     method = METHODS[config.method]
@@ -192,7 +193,7 @@ def _groups_from_plan(model: nn.Module, plan: dict) -> dict[str, Group]:
 def _create_factors(model: nn.Module, group: Group, layer_cls: type[AdaptedLayer], hyper: Hyper) -> None:
     # Factors live on the base weight's device, in float32 even under a 4-bit or bf16 base
     # (QLoRA keeps adapters in full precision; autocast lowers the matmuls).
-    device = model.get_submodule(group.modules[0]).weight.device
+    device = cast(torch.Tensor, model.get_submodule(group.modules[0]).weight).device
     frozen = layer_cls.frozen_factors(hyper)
     for factor, shape in layer_cls.factor_shapes(group.d_in, group.d_out, hyper).items():
         tensors = []
@@ -216,7 +217,7 @@ def _create_shared(
     """
     tensors = _draw_shared(layer_cls, specs, hyper)
     first = next(iter(groups.values())).modules[0]
-    device = model.get_submodule(first).weight.device
+    device = cast(torch.Tensor, model.get_submodule(first).weight).device
     device = torch.device("cpu") if device.type == "meta" else device
     return {
         name: nn.Parameter(tensors[name].to(device), requires_grad=spec.regenerated_by is None)

@@ -10,6 +10,8 @@ from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method, lora_scalin
 
 class LoraLayer(AdaptedLayer):
     factor_names = ("lora_A", "lora_B")
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
         super().__init__(base_layer, factors, hyper)

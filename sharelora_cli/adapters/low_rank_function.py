@@ -115,7 +115,9 @@ class SharedInputProduct(torch.autograd.Function):
         for k, block in enumerate(layout.returned_blocks):
             dh = grads[len(layout.fused) + k]
             g[block] = dh if g[block] is None else g[block].add_(dh)
-        G = torch.cat(g, dim=1) if n_blocks > 1 else g[0]
+        filled = [block for block in g if block is not None]
+        assert len(filled) == n_blocks  # every distinct A feeds at least one module
+        G = torch.cat(filled, dim=1) if n_blocks > 1 else filled[0]
 
         grad_x_a = None
         if ctx.same_input and needs[1]:

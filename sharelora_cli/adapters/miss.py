@@ -26,6 +26,7 @@ def chunk_sum_matrix(d_in: int, rank: int, device: torch.device, dtype: torch.dt
 
 class MissLayer(AdaptedLayer):
     factor_names = ("miss_D",)
+    miss_D: torch.Tensor
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:

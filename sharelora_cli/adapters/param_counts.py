@@ -22,6 +22,7 @@ class MethodCount:
     @property
     def reduction(self) -> float:
         """Fraction of LoRA's trainable parameters saved (0.441 = 44.1% fewer)."""
+        assert self.trainable is not None, "a method that does not fit the model saves nothing"
         return 1 - self.trainable / self.lora_trainable
 
 

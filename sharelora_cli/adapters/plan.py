@@ -10,7 +10,9 @@ tensor's '{group}.{factor}.{k}'. Frozen ones are regenerated from the adapter co
 """
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -84,7 +86,11 @@ class Adapter:
         return sum(p.numel() for p in self.parameters())
 
     def layers(self) -> list[AdaptedLayer]:
-        return [self.model.get_submodule(path) for group in self.groups.values() for path in group.modules]
+        return [
+            cast(AdaptedLayer, self.model.get_submodule(path))
+            for group in self.groups.values()
+            for path in group.modules
+        ]
 
     def plan(self) -> dict:
         return {name: group.plan() for name, group in self.groups.items()}
@@ -102,7 +108,7 @@ class Adapter:
             setattr(layer, name, tensor)
 
 
-def regenerated_record(tensors: dict[str, torch.Tensor], rules: dict[str, str]) -> dict[str, dict]:
+def regenerated_record(tensors: Mapping[str, torch.Tensor], rules: dict[str, str]) -> dict[str, dict]:
     """Per regenerated tensor: its rule, shape and the SHA-256 of its float32 bytes, so a load can prove it drew the same."""
     return {
         name: {"rule": rule, "shape": list(tensors[name].shape), "sha256": tensor_digest(tensors[name])}

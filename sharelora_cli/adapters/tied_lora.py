@@ -35,6 +35,10 @@ def zeroed_factor(hyper: Hyper) -> str:
 
 class TiedLoraLayer(AdaptedLayer):
     factor_names = tuple(FACTORS.values())
+    tied_A: torch.Tensor
+    tied_B: torch.Tensor
+    tied_u: torch.Tensor
+    tied_v: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
         super().__init__(base_layer, factors, hyper)

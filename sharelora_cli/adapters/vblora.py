@@ -44,6 +44,9 @@ def mixture(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor
 
 class VBLoraLayer(AdaptedLayer):
     factor_names = ("vblora_logits_A", "vblora_logits_B")
+    vblora_logits_A: torch.Tensor
+    vblora_logits_B: torch.Tensor
+    vblora_vector_bank: torch.Tensor  # shared by every layer
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:

@@ -33,6 +33,10 @@ def projection_rule(seed: int) -> str:
 
 class VeraLayer(AdaptedLayer):
     factor_names = ("vera_lambda_d", "vera_lambda_b")
+    vera_lambda_d: torch.Tensor
+    vera_lambda_b: torch.Tensor
+    vera_A: torch.Tensor  # shared by every layer
+    vera_B: torch.Tensor
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:

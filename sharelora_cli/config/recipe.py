@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from yaml import YAMLError
 
 from sharelora_cli.config.recipe_yaml import load_yaml, override_value
@@ -31,6 +32,10 @@ Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 # Accelerate's experiment trackers; each needs its own package.
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
+DEFAULT_TRACKERS: tuple[Tracker, ...] = ("tensorboard",)
+DEFAULT_TASKS: tuple[TaskName, ...] = ("gsm8k", "mmlu")
+TiedFactor = Literal["A", "B", "u", "v"]
+TIED_FACTORS: tuple[TiedFactor, ...] = ("A", "B", "u", "v")
 
 
 class Section(BaseModel):
@@ -76,7 +81,7 @@ class VeRAConfig(Section):
 class TiedLoRAConfig(Section):
     """method=tied-lora: which of the tied A, B and the per-layer scaling vectors u, v train; the rest stay frozen."""
 
-    train: list[Literal["A", "B", "u", "v"]] = Field(default_factory=lambda: ["A", "B", "u", "v"], min_length=1)
+    train: list[TiedFactor] = Field(default_factory=lambda: list(TIED_FACTORS), min_length=1)
 
     @field_validator("train")
     @classmethod
@@ -171,7 +176,7 @@ class TrainConfig(Section):
     # Evaluations run beside val_loss every eval_every steps (main process), with the eval section's settings.
     eval_tasks: list[TaskName] = Field(default_factory=list)
     # Where metrics go besides metrics.jsonl: Accelerate's trackers (an empty list: none).
-    report_to: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Tracker] = Field(default_factory=lambda: list(DEFAULT_TRACKERS))
 
 
 class GSM8KTaskConfig(Section):
@@ -214,7 +219,7 @@ class PerplexityTaskConfig(Section):
 class EvalConfig(Section):
     """`sharelora eval`: which benchmarks, on how many examples, with what batching."""
 
-    tasks: list[TaskName] = Field(default_factory=lambda: ["gsm8k", "mmlu"])
+    tasks: list[TaskName] = Field(default_factory=lambda: list(DEFAULT_TASKS))
     # First N examples per task (per subject for MMLU); None: all.
     limit: int | None = Field(None, gt=0)
     # auto: the largest that fits on CUDA (halved on out-of-memory), 8 on CPU.
@@ -350,7 +355,7 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     return validate(plain, source=str(path))
 
 
-def validate(values: dict, source: str = "recipe") -> Recipe:
+def validate(values: object, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(values)
     except ValidationError as err:
@@ -400,7 +405,7 @@ def _section_model(loc: tuple) -> type[BaseModel]:
     return model
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = tuple(error["loc"])
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "recipe"
     got = error.get("input")

@@ -33,12 +33,10 @@ def _construct_word(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Word | bo
 
 
 def _word_loader() -> type:
-    class WordLoader(get_yaml_loader()):
-        pass
-
-    WordLoader.add_constructor(BOOL_TAG, _construct_word)
-    WordLoader.add_constructor(NULL_TAG, _construct_word)
-    return WordLoader
+    word_loader: Any = type("WordLoader", (get_yaml_loader(),), {})  # a PyYAML loader class: untyped
+    word_loader.add_constructor(BOOL_TAG, _construct_word)
+    word_loader.add_constructor(NULL_TAG, _construct_word)
+    return word_loader
 
 
 def load_yaml(text: str, schema: type[BaseModel]) -> Any:

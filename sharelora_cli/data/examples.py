@@ -265,7 +265,7 @@ class StepSampler:
                 f"train.batch_size x train.grad_accum x processes = {self.global_batch} exceeds the "
                 f"{num_examples} training examples; lower train.batch_size or train.grad_accum"
             )
-        self._epoch, self._perm = -1, []
+        self._epoch, self._perm = -1, list[int]()
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """grad_accum lists of example indices for this process at this step."""

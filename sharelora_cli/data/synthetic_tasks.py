@@ -202,7 +202,7 @@ def distinct_rows(skill: str, count: int, rng: random.Random, exclude: set[str])
 
 def write_task(out_dir: Path, skill: str, train_size: int, test_size: int, seed: int) -> Path:
     """A GSM8K-layout folder (train.jsonl, test.jsonl) for one skill; no test question appears in train."""
-    rng, seen = random.Random(f"{skill}-{seed}"), set()
+    rng, seen = random.Random(f"{skill}-{seed}"), set[str]()
     test = distinct_rows(skill, test_size, rng, seen)
     train = distinct_rows(skill, train_size, rng, seen)
     out_dir = Path(out_dir)

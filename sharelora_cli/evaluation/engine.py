@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import find_executable_batch_size
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,7 +50,9 @@ def context_window(model: nn.Module, override: int | None) -> int:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: BatchSize, max_length: int):
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: BatchSize, max_length: int
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size

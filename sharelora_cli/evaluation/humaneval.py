@@ -152,8 +152,10 @@ def score_samples(
                 log(records[index])
     finally:
         pool.shutdown(cancel_futures=True)  # on Ctrl-C, drop the queued samples instead of running them all
-    num_tasks = len({record["task_id"] for record in records})
-    return {**_pass_rates(records, ks), "num_tasks": num_tasks, "num_samples": len(records), "records": records}
+    scored = [record for record in records if record is not None]
+    assert len(scored) == len(records)  # every future completed, or its exception left above
+    num_tasks = len({record["task_id"] for record in scored})
+    return {**_pass_rates(scored, ks), "num_tasks": num_tasks, "num_samples": len(scored), "records": scored}
 
 
 @contextlib.contextmanager

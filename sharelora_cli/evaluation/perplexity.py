@@ -56,7 +56,7 @@ def evaluate(engine: Engine, cfg: PerplexityTaskConfig, limit: int | None) -> Ta
         {"index": i, "tokens": len(ids) - 1, "nll": nll[i], "perplexity": _exp(nll[i], len(ids) - 1)}
         for i, ids in enumerate(documents)
     ]
-    total_nll, total_tokens = sum(nll), sum(r["tokens"] for r in records)
+    total_nll, total_tokens = sum(nll), sum(len(ids) - 1 for ids in documents)
     total_bytes = sum(len(text.encode("utf-8")) for text in texts)
     metrics = {
         "token_perplexity": _exp(total_nll, total_tokens),

@@ -6,19 +6,20 @@ sit under "records" and the run's model, adapter and settings under "config".
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-Metric = float | int
+Metric = float | int | None  # None: JSON null, e.g. the perplexity of a document too short to score
 
 
 @dataclass
 class TaskResult:
-    metrics: dict[str, Metric]
+    metrics: Mapping[str, Metric]
     records: list[dict] = field(default_factory=list)
 
 
-def format_table(results: dict[str, TaskResult]) -> str:
+def format_table(results: Mapping[str, TaskResult]) -> str:
     """task / metric / value lines; per-subject MMLU accuracies are left to the results file."""
     lines = [f"{'task':<12}{'metric':<28}{'value':>12}"]
     for task, result in results.items():
@@ -30,7 +31,7 @@ def format_table(results: dict[str, TaskResult]) -> str:
     return "\n".join(lines)
 
 
-def results_document(results: dict[str, TaskResult], config: dict) -> dict:
+def results_document(results: Mapping[str, TaskResult], config: dict) -> dict:
     return {
         **{task: result.metrics for task, result in results.items()},
         "records": {task: result.records for task, result in results.items()},

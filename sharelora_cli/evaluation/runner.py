@@ -5,9 +5,11 @@ Without one, --model is required and the defaults of EvalConfig apply.
 """
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from accelerate.utils import set_seed
@@ -45,7 +47,7 @@ class EvalRequest:
 
 @dataclass
 class EvalReport:
-    results: dict[str, TaskResult]
+    results: Mapping[str, TaskResult]
     results_file: Path
 
 
@@ -56,7 +58,7 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
     elif request.overrides:
         raise UserError("key=value overrides need a RECIPE; without one use the flags (--tasks, --limit, ...)")
     else:
-        values = OmegaConf.to_container(OmegaConf.create(Recipe().model_dump()), resolve=True)
+        values = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create(Recipe().model_dump()), resolve=True))
     flags = {
         ("model", "name_or_path"): request.model,
         ("eval", "tasks"): [t.strip() for t in request.tasks.split(",") if t.strip()] if request.tasks else None,
@@ -105,7 +107,7 @@ def results_path(request: EvalRequest, recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / "eval.json" if request.recipe else Path(DEFAULT_RESULTS_FILE)
 
 
-def needs_model(request: EvalRequest, tasks: list[str]) -> bool:
+def needs_model(request: EvalRequest, tasks: Sequence[str]) -> bool:
     return any(task != "humaneval" or request.samples is None for task in tasks)
 
 
@@ -167,7 +169,8 @@ def run_eval(request: EvalRequest) -> EvalReport:
     path = results_path(request, recipe)
     code = CodeExecution(request.allow_code_execution, request.allow_weak_sandbox)
     samples = Path(request.samples) if request.samples else None
-    results, seconds = {}, {}
+    results: dict[str, TaskResult] = {}
+    seconds: dict[str, float] = {}
     for task in tasks:
         started = time.perf_counter()
         results[task] = run_task(task, engine, recipe.eval, code, samples, path)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sharelora_cli.config.recipe import ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError, first_line
@@ -69,7 +76,7 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.device) -> nn.Module:
+def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.device) -> PreTrainedModel:
     """The base model, frozen, on device; 4-bit NF4 with double quantisation when asked and on CUDA."""
     path = resolve_model_path(model_cfg.name_or_path)
     kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
@@ -90,7 +97,7 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
     if use_4bit:
         prepare_for_kbit_training(model)
     else:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to in a decorator mypy reads as unbound
     model.requires_grad_(False)
     return model
 

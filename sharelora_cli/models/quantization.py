@@ -15,6 +15,7 @@ dtype: the same numbers on every CPU, at the speed of the path CPUs without AVX5
 
 import logging
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ def bnb_config(quant: QuantizationConfig):
     )
 
 
-def linear4bit_modules(model: nn.Module) -> list[nn.Module]:
+def linear4bit_modules(model: nn.Module) -> list[Any]:
     linear4bit = bitsandbytes().nn.Linear4bit
     return [module for module in model.modules() if isinstance(module, linear4bit)]
 
@@ -63,7 +64,7 @@ def keep_standard_layout(model: nn.Module) -> None:
         check_standard_layout(module)
 
 
-def check_standard_layout(module: nn.Module) -> None:
+def check_standard_layout(module: Any) -> None:  # a bitsandbytes Linear4bit (untyped)
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         raise RuntimeError(
             "a Linear4bit weight was repacked for bitsandbytes' CPU bf16 kernel (an eval-mode forward ran before "
@@ -71,7 +72,7 @@ def check_standard_layout(module: nn.Module) -> None:
         )
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
+def dequantized_weight(module: Any) -> torch.Tensor:
     """A Linear4bit's weight as the dense (d_out, d_in) tensor its forward multiplies by."""
     check_standard_layout(module)
     weight = module.weight

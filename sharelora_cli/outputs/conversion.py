@@ -10,6 +10,7 @@ read_checked_tensors proved they come out as the adapter recorded them.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -31,7 +32,9 @@ class SavedAdapter:
     def layers(self) -> dict[str, AdaptedLayer]:
         """Module path -> adapted layer, in plan order."""
         return {
-            path: self.adapter.model.get_submodule(path) for g in self.adapter.groups.values() for path in g.modules
+            path: cast(AdaptedLayer, self.adapter.model.get_submodule(path))
+            for g in self.adapter.groups.values()
+            for path in g.modules
         }
 
     def quantization(self) -> QuantizationConfig | None:

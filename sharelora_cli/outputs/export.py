@@ -12,6 +12,7 @@ format: it is refused with a pointer to `sharelora merge`.
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -142,7 +143,7 @@ def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[s
     return tensors, config
 
 
-def _has_conv1d(layers: dict[str, AdaptedLayer]) -> bool:
+def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:
     return any(is_conv1d(layer.base_layer) for layer in layers.values())
 
 
@@ -150,7 +151,7 @@ def _has_conv1d(layers: dict[str, AdaptedLayer]) -> bool:
 WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora}
 
 
-def _common_config(peft_type: str, layers: dict[str, AdaptedLayer]) -> dict:
+def _common_config(peft_type: str, layers: Mapping[str, AdaptedLayer]) -> dict:
     return {
         "peft_type": peft_type,
         "task_type": "CAUSAL_LM",

@@ -17,13 +17,14 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
@@ -190,7 +191,7 @@ def plan_entries(files: list[Path], saved: SavedAdapter) -> list[Entry]:
     entries, found = [], set()
     for file in files:
         for key, shape in _tensor_shapes(file).items():
-            name = _model_name(key, model.base_model_prefix, wanted)
+            name = _model_name(key, cast(PreTrainedModel, model).base_model_prefix, wanted)
             layer = wanted.get(name)
             if layer is not None:
                 _check_target(file, key, shape, layer)

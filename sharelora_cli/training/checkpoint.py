@@ -186,6 +186,7 @@ class StartingPoint:
 
 def read_starting_point(config: AdapterConfig) -> StartingPoint:
     """adapter.init_from, read and checked against the recipe's adapter before any model is loaded."""
+    assert config.init_from is not None  # read only when the recipe names a starting point
     directory = Path(config.init_from)
     adapter_dir = directory if (directory / CONFIG_FILE).is_file() else directory / "adapter"
     if not (adapter_dir / CONFIG_FILE).is_file():

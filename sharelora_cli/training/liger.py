@@ -7,7 +7,7 @@ directly, so the head itself cannot carry an adapter.
 """
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from sharelora_cli.adapters.base import AdaptedLayer
 from sharelora_cli.core.errors import UserError
@@ -28,7 +28,7 @@ def require_liger_kernel(device: torch.device) -> None:
         ) from None
 
 
-def apply_liger_kernel(model: nn.Module) -> None:
+def apply_liger_kernel(model: PreTrainedModel) -> None:
     """Swap the model's norms, rotary embedding, MLP activation and training loss for Liger's kernels."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

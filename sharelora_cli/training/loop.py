@@ -35,6 +35,7 @@ from sharelora_cli.core.lr_schedule import make_scheduler
 from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
+from sharelora_cli.evaluation.results import Metric
 from sharelora_cli.evaluation.runner import CodeExecution, run_task
 from sharelora_cli.models.loading import load_model, load_tokenizer
 from sharelora_cli.models.quantization import bitsandbytes
@@ -52,7 +53,7 @@ from sharelora_cli.training.checkpoint import (
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Written last when a run finishes: its presence says the run is complete.
 SUMMARY_FILE = "summary.json"
 
@@ -235,7 +236,7 @@ def run_step(run: Session) -> dict:
     return record
 
 
-def evaluate_during_training(run: Session) -> dict[str, float]:
+def evaluate_during_training(run: Session) -> dict[str, Metric]:
     """train.eval_tasks on the model being trained, on the main process; "task/metric" -> value.
 
     Sampling and eval.seed move the global RNGs, which dropout and the data order also draw from: they are
@@ -353,7 +354,7 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 
 def train_step(
-    model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int]
+    model, batches, adapter, optimizer, scheduler, accelerator, cfg: TrainConfig, step: int, rows: list[int | None]
 ):
     """One optimizer step over grad_accum micro-batches; returns (global mean loss, global tokens, grad norm).
 
@@ -388,7 +389,14 @@ def train_step(
 
 
 def handle_nonfinite(
-    loss: float, grad_norm: float, optimizer, scheduler, cfg: TrainConfig, step: int, tokens: int, rows: list[int]
+    loss: float,
+    grad_norm: float,
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    step: int,
+    tokens: int,
+    rows: list[int | None],
 ):
     """Stop, or skip the update, when the loss or the gradient norm is not finite."""
     optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ the others Accelerate supports when their package is installed). Only the main p
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import accelerate.utils.imports as available
@@ -22,7 +23,7 @@ PROJECT = "sharelora"
 PIP_NAMES = {"comet_ml": "comet-ml"}
 
 
-def trackers(names: list[str], output_dir: Path) -> list:
+def trackers(names: Sequence[str], output_dir: Path) -> list:
     """What Accelerator(log_with=...) takes for train.report_to; a tracker without its package is refused."""
     for name in names:
         if not getattr(available, f"is_{name}_available")():
@@ -72,7 +73,7 @@ class MetricsLog:
         try:
             self.file.write((json.dumps(strict_json(record)) + "\n").encode())
         except OSError as err:  # written every step, so a full disk usually shows here first
-            raise write_failure(Path(self.file.name), err.strerror, self.output_dir) from None
+            raise write_failure(Path(self.file.name), err.strerror or str(err), self.output_dir) from None
         scalars = {tracker_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=record["step"])
 

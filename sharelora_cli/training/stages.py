@@ -131,4 +131,11 @@ def scores(
         "metrics": {column.name: PRIMARY_METRIC[column.task] for column in columns},
     }
     write_json(results_document(results, config), path)
-    return [results[column.name].metrics[PRIMARY_METRIC[column.task]] for column in columns]
+    return [primary_score(results[column.name], column.task) for column in columns]
+
+
+def primary_score(result: TaskResult, task: str) -> float:
+    """The task's accuracy, which (unlike a perplexity) is always defined."""
+    value = result.metrics[PRIMARY_METRIC[task]]
+    assert value is not None
+    return float(value)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.sandbox import plan as sandbox_plan
@@ -216,7 +216,7 @@ class Sandbox:
         return ends
 
     def _settings(self, request_fd: int, reply_fd: int, info_fd: int | None) -> dict:
-        settings = {
+        settings: dict[str, object] = {
             "source": self._source,
             "isolation": self.isolation.value,
             "request_fd": request_fd,
@@ -295,7 +295,7 @@ class Sandbox:
         detail = f" ({last_line})" if last_line else ""
         return f"failed: exited with code {returncode} before finishing{detail}"
 
-    def _stop(self, reason: str):
+    def _stop(self, reason: str) -> NoReturn:
         """Record why the sample can answer no more, kill it and raise SandboxStopped."""
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -337,7 +337,7 @@ def _child_environment(home: str) -> dict[str, str]:
 
 
 def _read_all(fd: int, deadline: float) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         if not _wait_readable(fd, deadline - time.monotonic()):
             raise TimeoutError

@@ -14,10 +14,12 @@ import os
 import select
 import struct
 import time
+from collections.abc import Callable
+from typing import Any
 
 _HEADER = struct.Struct(">I")  # payload length
 # JSON objects are never values here: each one is a tag naming the type its single field rebuilds.
-_REBUILD = {
+_REBUILD: dict[str, Callable[[Any], object]] = {
     "tuple": tuple,
     "set": set,
     "frozenset": frozenset,

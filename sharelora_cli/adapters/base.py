@@ -14,7 +14,7 @@ they are never counted as trainable and never reach the optimizer.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,10 @@ class AdaptedLayer(nn.Module):
 
     #: the factors of one layer, as attribute names; set by each method.
     factor_names: tuple[str, ...] = ()
+    #: what ΔW is, which says how the layer exports as plain LoRA: "low_rank" (low_rank() gives it exactly),
+    #: "full_rank" (only delta_weight(); a LoRA export truncates its SVD) or "input_dependent" (no single ΔW:
+    #: neither merge nor a LoRA export can represent it).
+    update_form: ClassVar[Literal["low_rank", "full_rank", "input_dependent"]] = "low_rank"
 
     def __init__(self, base_layer: nn.Module, factors: dict[str, nn.Parameter], hyper: Hyper):
         """factors: the layer's factors and the model's shared tensors, by attribute name."""

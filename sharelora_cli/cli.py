@@ -168,17 +168,24 @@ def export_command(
         "peft",
         "--format",
         help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
-        "(Tied-LoRA has no PEFT format: use merge)",
+        "(Tied-LoRA has no PEFT format: use merge); lora: every method as one plain LoRA (one r), "
+        "the form vLLM and SGLang serve",
     ),
     base: str | None = typer.Option(
         None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    rank: int | None = typer.Option(
+        None, "--rank", help="--format lora: SVD rank for full-rank updates [default: the adapter's rank]"
+    ),
+    max_rank: int | None = typer.Option(
+        None, "--max-rank", help="--format lora: refuse an export whose r exceeds this (the server's max_lora_rank)"
+    ),
 ) -> None:
     """Write the adapter in another library's format, without merging it."""
     from sharelora_cli.outputs.export import export_adapter
 
-    typer.echo(export_adapter(Path(adapter), Path(out), fmt, base, overwrite))
+    typer.echo(export_adapter(Path(adapter), Path(out), fmt, base, overwrite, rank, max_rank))
 
 
 @app.command("eval")

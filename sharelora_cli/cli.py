@@ -151,11 +151,19 @@ def merge_command(
         help="for an adapter trained on a 4-bit base: merge into the full-precision weights",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    max_shard_size: str | None = typer.Option(
+        None,
+        "--max-shard-size",
+        help="largest output shard, as in transformers (100MB, 2GB, 1GiB): it bounds the merge's memory [default: 1GiB]",
+    ),
 ) -> None:
     """Fold the adapter into its base and write a plain transformers checkpoint (safetensors, config, tokenizer)."""
     from sharelora_cli.outputs.merge import merge_adapter
 
-    typer.echo(merge_adapter(Path(adapter), Path(out), base, dtype, full_precision_base, overwrite).summary())
+    result = merge_adapter(
+        Path(adapter), Path(out), base, dtype, full_precision_base, overwrite, max_shard_size=max_shard_size
+    )
+    typer.echo(result.summary())
 
 
 @app.command("export")

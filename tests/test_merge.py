@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from sharelora_cli.adapters.adapter_io import load_adapter, save_adapter
 from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.cli import main
 from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.models.loading import load_model
@@ -414,3 +415,10 @@ def test_4bit_merge_from_a_sharded_base_in_small_shards_equals_the_4bit_adapter(
     assert code == 0 and "dequantised 4-bit base" in output, output
     assert len(shard_tensor_bytes(tmp_path / "merged")) > 3
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)
+
+
+def test_input_dependent_update_is_not_merged(llama_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(LoraLayer, "update_form", "input_dependent")
+    result = run_cli(monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--out", tmp_path / "m")
+    assert_one_line_error(*result, "input-dependent", "cannot be merged")
+    assert not (tmp_path / "m").exists()

@@ -122,6 +122,7 @@ def merge_adapter(
     if getattr(model_config, "quantization_config", None):
         raise UserError(f"--base {base_dir} holds pre-quantised weights: merge needs the full-precision base model")
     saved = load_on_meta(adapter_dir, config, model_config)
+    _check_single_delta(saved)
     entries = plan_entries(files, saved)
     quant = _trained_quantization(saved, full_precision_base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +142,16 @@ def _parse_dtype(name: str) -> torch.dtype | None:
     if name not in OUT_DTYPES:
         raise UserError(f"--dtype must be one of auto, {', '.join(OUT_DTYPES)}; got '{name}'")
     return OUT_DTYPES[name]
+
+
+def _check_single_delta(saved: SavedAdapter) -> None:
+    """A merge adds one ΔW per weight; an input-dependent update has none (AdaptedLayer.update_form)."""
+    for path, layer in saved.layers().items():
+        if type(layer).update_form == "input_dependent":
+            raise UserError(
+                f"'{path}' has an input-dependent update (no single ΔW): it cannot be merged into the base; "
+                "serve the adapter with sharelora instead"
+            )
 
 
 def parse_shard_size(size: int | str | None) -> int:

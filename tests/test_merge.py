@@ -277,14 +277,14 @@ def test_bad_options_are_refused(args, needle, llama_adapter, tmp_path, monkeypa
 FP32_4BIT = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
 
 
-def save_qlora_adapter(tiny_model_dir: Path, out: Path, method: str):
+def save_qlora_adapter(tiny_model_dir: Path, out: Path, method: str, targets: list[str] = LLAMA_TARGETS):
     """An adapter on the 4-bit base (fp32 compute); returns (dir, ids, logits).
 
     The logits come from an eval-mode pass, the one that would repack the weights for bf16 on AVX512-BF16 CPUs.
     """
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), FP32_4BIT, torch.device("cpu"))
     ids = token_ids(model.config.vocab_size)
-    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=LLAMA_TARGETS))
+    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=targets))
     torch.manual_seed(1)
     with torch.no_grad():
         for factor in adapter.parameters():
@@ -422,3 +422,13 @@ def test_input_dependent_update_is_not_merged(llama_adapter, tmp_path, monkeypat
     result = run_cli(monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--out", tmp_path / "m")
     assert_one_line_error(*result, "input-dependent", "cannot be merged")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bnb_cpu_path", ["no-avx512-bf16"], indirect=True)
+def test_4bit_merge_of_gpt2_conv1d_keeps_the_checkpoint_layout(gpt2_dir, tmp_path, monkeypatch, capsys, bnb_cpu_path):
+    """4-bit loading transposes a Conv1D weight to quantise it; the merge writes it back in GPT-2's (d_in, d_out)."""
+    adapter_dir, ids, qlora_logits = save_qlora_adapter(gpt2_dir, tmp_path / "adapter", "lora", GPT2_TARGETS)
+    code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged")
+    assert code == 0 and "dequantised 4-bit base" in output, output
+    assert (qlora_logits - logits(AutoModelForCausalLM.from_pretrained(gpt2_dir), ids)).abs().max() > 0.01
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)

@@ -31,7 +31,8 @@ __all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 EVERY_METHOD = [*METHODS, "aslora"]
 # Logits of two fp32 evaluations of one model that differ only in the order of their sums (fused or plain
 # adapter path, r padded with zeros) are what every merge/export test in this suite compares at 1e-5; the
-# exactness of the export itself is checked per module against the derived bound in assert_same_delta.
+# exactness of the export itself is checked per module against derived bounds (assert_same_delta on ΔW,
+# assert_same_output on each module's real input in that forward).
 LOGITS_ATOL = 1e-5
 
 
@@ -62,6 +63,37 @@ def assert_same_delta(ours: AdaptedLayer, theirs: torch.Tensor) -> None:
     assert_within(theirs, ours.delta_weight(), reordering_bound(lora_A.shape[0] + 1, magnitude.detach()))
 
 
+def module_inputs(peft_model, paths: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each adapted module of the PEFT model receives in one forward of ids."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(path):
+        return lambda module, args: captured.__setitem__(path, args[0].detach())
+
+    model = peft_model.base_model.model
+    handles = [model.get_submodule(path).register_forward_pre_hook(keep(path)) for path in paths]
+    logits(peft_model, ids)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def assert_same_output(ours: AdaptedLayer, theirs, x: torch.Tensor) -> None:
+    """One module, one input: W x + s·B(A x) both ways differ by reordering the d_in- and r-term sums only.
+
+    Two more roundings on the adapter's side: s folded into B (export) or applied after (ours), and the
+    final addition; PEFT's scaling 1.0 is exact.
+    """
+    lora_A, lora_B, scaling = (t.detach() if isinstance(t, torch.Tensor) else t for t in ours.low_rank())
+    weight = ours.base_layer.weight.detach()
+    with torch.no_grad():
+        expected, actual = ours(x), theirs(x)
+    base_terms = x.abs() @ weight.abs().t()
+    delta_terms = abs(scaling) * ((x.abs() @ lora_A.abs().t()) @ lora_B.abs().t())
+    bound = reordering_bound(ours.d_in + 1, base_terms) + reordering_bound(ours.d_in + lora_A.shape[0] + 2, delta_terms)
+    assert_within(actual, expected, bound)
+
+
 def assert_plain_lora_config(config: dict, modules: list[str]) -> None:
     """What vLLM and SGLang need: LORA, one int r, scaling 1, no per-module patterns, nothing else saved."""
     assert config["peft_type"] == "LORA" and isinstance(config["r"], int)
@@ -88,8 +120,10 @@ def test_lora_export_of_every_method_equals_the_adapter(method, tiny_model_dir, 
     assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {peft_config["r"]}
     assert {t.shape[1] for k, t in tensors.items() if k.endswith("lora_B.weight")} == {peft_config["r"]}
     ours, peft_model = adapted_and_peft(tiny_model_dir, adapter_dir, tmp_path / "lora")
+    inputs = module_inputs(peft_model, modules, ids)
     for path in modules:
         assert_same_delta(ours.get_submodule(path), peft_delta(peft_model, path))
+        assert_same_output(ours.get_submodule(path), peft_model.base_model.model.get_submodule(path), inputs[path])
     assert (adapted - before).abs().max() > 0.01  # the adapter really changes the model
     torch.testing.assert_close(logits(peft_model, ids), adapted, atol=LOGITS_ATOL, rtol=0)
 

@@ -16,7 +16,7 @@ import ctypes
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -250,7 +250,7 @@ def plan_entries(files: list[Path], saved: SavedAdapter) -> list[Entry]:
     return entries
 
 
-def _model_name(key: str, prefix: str, names: dict) -> str:
+def _model_name(key: str, prefix: str, names: Container[str]) -> str:
     """Checkpoint keys may omit the base-model prefix (e.g. GPT-2's 'h.0.attn.c_attn.weight')."""
     prefixed = f"{prefix}.{key}"
     return prefixed if key not in names and prefixed in names else key
@@ -300,22 +300,18 @@ def _dequantizing_reader(
     model_config: PretrainedConfig, quant: QuantizationConfig, device: str
 ) -> Callable[[Entry], torch.Tensor]:
     """Base tensors as 4-bit training saw them, one at a time: Linear4bit weights through NF4, the rest cast."""
-    model = build_on_meta(model_config)
+    model = cast(PreTrainedModel, build_on_meta(model_config))
     quantizer = quantize_on_load(model, quant)
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
 
     def read(entry: Entry) -> torch.Tensor:
-        return as_loaded_4bit(model, quantizer, _param_name(model, entry.key), _read_tensor(entry), quant, device)
+        name = _model_name(entry.key, model.base_model_prefix, names)
+        if name not in names:
+            raise UserError(f"base checkpoint tensor '{entry.key}' has no place in the model built from its config")
+        return as_loaded_4bit(model, quantizer, name, _read_tensor(entry), quant, device)
 
     return read
-
-
-def _param_name(model: nn.Module, key: str) -> str:
-    """The model's name for a checkpoint key, which may omit the base-model prefix."""
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for name in (key, f"{model.base_model_prefix}.{key}"):
-        if name in names:
-            return name
-    raise UserError(f"base checkpoint tensor '{key}' has no place in the model built from its config")
 
 
 def write_shards(

@@ -151,11 +151,19 @@ def merge_command(
         help="for an adapter trained on a 4-bit base: merge into the full-precision weights",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    max_shard_size: str | None = typer.Option(
+        None,
+        "--max-shard-size",
+        help="largest output shard, as in transformers (100MB, 2GB, 1GiB): it bounds the merge's memory [default: 1GiB]",
+    ),
 ) -> None:
     """Fold the adapter into its base and write a plain transformers checkpoint (safetensors, config, tokenizer)."""
     from sharelora_cli.outputs.merge import merge_adapter
 
-    typer.echo(merge_adapter(Path(adapter), Path(out), base, dtype, full_precision_base, overwrite).summary())
+    result = merge_adapter(
+        Path(adapter), Path(out), base, dtype, full_precision_base, overwrite, max_shard_size=max_shard_size
+    )
+    typer.echo(result.summary())
 
 
 @app.command("export")
@@ -168,17 +176,24 @@ def export_command(
         "peft",
         "--format",
         help="peft: a PEFT LoRA, MiSS, VeRA or VB-LoRA adapter for PeftModel.from_pretrained "
-        "(Tied-LoRA has no PEFT format: use merge)",
+        "(Tied-LoRA has no PEFT format: use merge); lora: every method as one plain LoRA (one r), "
+        "the form vLLM and SGLang serve",
     ),
     base: str | None = typer.Option(
         None, "--base", help="base model config directory or hub id [default: the adapter's base_model]"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it exists"),
+    rank: int | None = typer.Option(
+        None, "--rank", help="--format lora: SVD rank for full-rank updates [default: the adapter's rank]"
+    ),
+    max_rank: int | None = typer.Option(
+        None, "--max-rank", help="--format lora: refuse an export whose r exceeds this (the server's max_lora_rank)"
+    ),
 ) -> None:
     """Write the adapter in another library's format, without merging it."""
     from sharelora_cli.outputs.export import export_adapter
 
-    typer.echo(export_adapter(Path(adapter), Path(out), fmt, base, overwrite))
+    typer.echo(export_adapter(Path(adapter), Path(out), fmt, base, overwrite, rank, max_rank))
 
 
 @app.command("eval")

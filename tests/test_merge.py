@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from sharelora_cli.adapters.adapter_io import load_adapter, save_adapter
 from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.cli import main
 from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.models.loading import load_model
+from sharelora_cli.models.quantization import dequantized_weight, linear4bit_modules
 from sharelora_cli.outputs import merge
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -275,14 +277,14 @@ def test_bad_options_are_refused(args, needle, llama_adapter, tmp_path, monkeypa
 FP32_4BIT = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
 
 
-def save_qlora_adapter(tiny_model_dir: Path, out: Path, method: str):
+def save_qlora_adapter(tiny_model_dir: Path, out: Path, method: str, targets: list[str] = LLAMA_TARGETS):
     """An adapter on the 4-bit base (fp32 compute); returns (dir, ids, logits).
 
     The logits come from an eval-mode pass, the one that would repack the weights for bf16 on AVX512-BF16 CPUs.
     """
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), FP32_4BIT, torch.device("cpu"))
     ids = token_ids(model.config.vocab_size)
-    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=LLAMA_TARGETS))
+    adapter = inject_adapter(model, adapter_config(method, rank=4, targets=targets))
     torch.manual_seed(1)
     with torch.no_grad():
         for factor in adapter.parameters():
@@ -328,4 +330,105 @@ def test_cli_merges_vera_tied_lora_and_vblora_trained_on_a_4bit_base(
     assert code == 0 and "dequantised 4-bit base" in output, output
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert (qlora_logits - logits(base, ids)).abs().max() > 0.1
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)
+
+
+def shard_tensor_bytes(directory: Path) -> list[tuple[int, int]]:
+    """(tensors, bytes of tensor data) of every safetensors shard in directory."""
+    sizes = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = [handle.get_tensor(key) for key in handle.keys()]
+        sizes.append((len(tensors), sum(t.numel() * t.element_size() for t in tensors)))
+    return sizes
+
+
+def test_max_shard_size_bounds_every_output_shard(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    adapter_dir, ids, _, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", AdapterConfig(rank=4))
+    args = ["merge", "--adapter", adapter_dir, "--out", tmp_path / "merged"]
+    code, output = run_cli(monkeypatch, capsys, *args, "--max-shard-size", "300KB")
+    assert code == 0, output
+    sizes = shard_tensor_bytes(tmp_path / "merged")
+    assert len(sizes) > 5
+    # A shard passes 300 kB only when one tensor alone is larger (the 1 MiB embedding), as in transformers.
+    assert all(nbytes <= 300_000 or count == 1 for count, nbytes in sizes), sizes
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), adapted, atol=1e-5, rtol=0)
+    for bad in ("lots", "1.5GB", "0"):
+        result = run_cli(monkeypatch, capsys, *args[:-1], tmp_path / "bad", "--max-shard-size", bad)
+        assert_one_line_error(*result, "--max-shard-size must be a positive size", bad)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_streamed_4bit_merge_reproduces_the_4bit_load_tensor_by_tensor(
+    compute_dtype, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """With ΔW = 0 the merge writes the base as a 4-bit load leaves it: bit for bit, read from a sharded base."""
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="400KB")
+    assert (sharded / merge.INDEX_FILE).is_file()
+    quant = QuantizationConfig(load_in_4bit=True, compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(sharded)
+    adapter = inject_adapter(model, AdapterConfig(rank=4, targets=LLAMA_TARGETS))  # B = 0: ΔW = 0
+    save_adapter(adapter, tmp_path / "adapter", base_model=str(sharded), extra={"quantization": quant.model_dump()})
+    code, output = run_cli(
+        monkeypatch,
+        capsys,
+        "merge",
+        "--adapter",
+        tmp_path / "adapter",
+        "--out",
+        tmp_path / "m",
+        "--max-shard-size",
+        "1MB",
+    )
+    assert code == 0 and "dequantised 4-bit base" in output, output
+    loaded = load_model(ModelConfig(name_or_path=str(sharded)), quant, torch.device("cpu"))
+    dtype = getattr(torch, compute_dtype)
+    quantized = {
+        f"{name}.weight": module for name, module in loaded.named_modules() if module in linear4bit_modules(loaded)
+    }
+    merged = {}
+    for file in (tmp_path / "m").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            merged |= {key: handle.get_tensor(key) for key in handle.keys()}
+    assert len(quantized) == 7 * 4 and quantized.keys() <= merged.keys()
+    for key, tensor in merged.items():
+        expected = dequantized_weight(quantized[key]) if key in quantized else checkpoint_tensor(sharded, key).to(dtype)
+        assert tensor.dtype == dtype and torch.equal(tensor, expected), key
+
+
+def checkpoint_tensor(directory: Path, key: str) -> torch.Tensor:
+    weight_map = json.loads((directory / merge.INDEX_FILE).read_text())["weight_map"]
+    with safe_open(str(directory / weight_map[key]), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+@pytest.mark.parametrize("bnb_cpu_path", ["no-avx512-bf16"], indirect=True)
+def test_4bit_merge_from_a_sharded_base_in_small_shards_equals_the_4bit_adapter(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, bnb_cpu_path
+):
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(sharded, max_shard_size="400KB")
+    adapter_dir, ids, qlora_logits = save_qlora_adapter(sharded, tmp_path / "adapter", "shareab")
+    args = ["merge", "--adapter", adapter_dir, "--out", tmp_path / "merged", "--max-shard-size", "500KB"]
+    code, output = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "dequantised 4-bit base" in output, output
+    assert len(shard_tensor_bytes(tmp_path / "merged")) > 3
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)
+
+
+def test_input_dependent_update_is_not_merged(llama_adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(LoraLayer, "update_form", "input_dependent")
+    result = run_cli(monkeypatch, capsys, "merge", "--adapter", llama_adapter, "--out", tmp_path / "m")
+    assert_one_line_error(*result, "input-dependent", "cannot be merged")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bnb_cpu_path", ["no-avx512-bf16"], indirect=True)
+def test_4bit_merge_of_gpt2_conv1d_keeps_the_checkpoint_layout(gpt2_dir, tmp_path, monkeypatch, capsys, bnb_cpu_path):
+    """4-bit loading transposes a Conv1D weight to quantise it; the merge writes it back in GPT-2's (d_in, d_out)."""
+    adapter_dir, ids, qlora_logits = save_qlora_adapter(gpt2_dir, tmp_path / "adapter", "lora", GPT2_TARGETS)
+    code, output = run_cli(monkeypatch, capsys, "merge", "--adapter", adapter_dir, "--out", tmp_path / "merged")
+    assert code == 0 and "dequantised 4-bit base" in output, output
+    assert (qlora_logits - logits(AutoModelForCausalLM.from_pretrained(gpt2_dir), ids)).abs().max() > 0.01
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), ids), qlora_logits, atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from sharelora_cli.config.recipe import QuantizationConfig
 
@@ -86,3 +87,41 @@ def prepare_for_kbit_training(model: nn.Module) -> None:
         if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
             param.data = param.data.float()
     keep_standard_layout(model)
+
+
+def quantize_on_load(model: nn.Module, quant: QuantizationConfig) -> Any:
+    """Turn a meta-device model into the skeleton from_pretrained builds for a 4-bit load; returns its quantizer.
+
+    The same transformers code decides which linears become Linear4bit (not the output head, not the
+    modules a model keeps in float32) and with which blocksize, double quantisation and storage type,
+    so a tensor quantised through `as_loaded_4bit` is the one training's from_pretrained produced.
+    """
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(bnb_config(quant), pre_quantized=False)
+    quantizer.preprocess_model(model, device_map={"": "cpu"}, dtype=getattr(torch, quant.compute_dtype))
+    return quantizer
+
+
+def as_loaded_4bit(
+    model: nn.Module, quantizer: Any, name: str, tensor: torch.Tensor, quant: QuantizationConfig, device: str
+) -> torch.Tensor:
+    """A checkpoint tensor as a 4-bit load leaves it: Linear4bit weights quantised and dequantised, the rest cast.
+
+    name: the parameter's name in `model` (prepared by quantize_on_load). Loading casts every tensor to the
+    compute dtype first, and quantises on the device it loads to; the result is on the CPU, in the checkpoint's
+    layout (a Conv1D weight, transposed for quantisation, is transposed back).
+    """
+    from transformers.integrations.bitsandbytes import Bnb4bitQuantize
+
+    value = (
+        tensor.to(device=device, dtype=getattr(torch, quant.compute_dtype)) if tensor.is_floating_point() else tensor
+    )
+    if not quantizer.param_needs_quantization(model, name):
+        return value.to("cpu")
+    packed: Any = Bnb4bitQuantize(quantizer).convert({name: [value]}, model=model)[name]  # a bitsandbytes Params4bit
+    dense = bitsandbytes().functional.dequantize_4bit(packed.data, packed.quant_state)
+    source_cls: Any = model.get_submodule(name.rpartition(".")[0]).source_cls  # what replace_with_bnb_linear replaced
+    if issubclass(source_cls, Conv1D):
+        dense = dense.t()
+    return dense.to("cpu").contiguous()

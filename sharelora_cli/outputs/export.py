@@ -1,4 +1,7 @@
-"""`sharelora export --format peft`: write a saved adapter as a standard PEFT adapter directory.
+"""`sharelora export`: write a saved adapter as a standard PEFT adapter directory.
+
+`--format lora` writes every method as one plain LoRA (outputs/lora_export.py), the form serving engines load.
+`--format peft` writes each method in PEFT's own format where it has one:
 
 Every LoRA-family method (its layer is a LoraLayer: lora, sharea, shareb, shareab, and any
 method with its own sharing plan) is exactly a per-layer LoRA: each module gets the A and B
@@ -28,24 +31,40 @@ from sharelora_cli.core.atomic import atomic_directory
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_config
 from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
+from sharelora_cli.outputs.lora_export import KEY_PREFIX, REPORT_FILE, lora_export
 
-FORMATS = ("peft",)
-# PeftModelForCausalLM's key prefix; PEFT drops the adapter name ("default") from saved keys.
-KEY_PREFIX = "base_model.model."
+FORMATS = ("peft", "lora")
 
 
 def export_adapter(
-    adapter_dir: Path, out: Path, fmt: str = "peft", base: str | None = None, overwrite: bool = False
+    adapter_dir: Path,
+    out: Path,
+    fmt: str = "peft",
+    base: str | None = None,
+    overwrite: bool = False,
+    rank: int | None = None,
+    max_rank: int | None = None,
 ) -> str:
-    """Write out/adapter_config.json and out/adapter_model.safetensors atomically; returns a summary line."""
+    """Write out/adapter_config.json and out/adapter_model.safetensors atomically; returns the summary to print.
+
+    rank: the SVD rank of full-rank updates (--format lora; default the adapter's rank); max_rank: the
+    largest r a --format lora export may have.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    if fmt != "lora" and (rank is not None or max_rank is not None):
+        raise UserError("--rank and --max-rank apply to --format lora only")
+    for flag, value in (("--rank", rank), ("--max-rank", max_rank)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
     adapter_dir, out = Path(adapter_dir), Path(out)
     config = read_adapter_config(adapter_dir)
     base_name = base_model_name(config, base)
     check_output_dir(out, overwrite, adapter_dir)
     saved = load_on_meta(adapter_dir, config, load_config(base_name, key="--base"))
     layers = saved.layers()
+    if fmt == "lora":
+        return _export_lora(saved, layers, out, base_name, overwrite, rank, max_rank)
     writer = _writer(layers)
     if writer is None:
         raise UserError(f"method '{saved.adapter.config.method}' has no PEFT format: use `sharelora merge` instead")
@@ -55,6 +74,27 @@ def export_adapter(
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return f"exported {len(layers)} {saved.adapter.config.method} modules as a PEFT {peft_config['peft_type']} adapter -> {out}"
+
+
+def _export_lora(
+    saved: SavedAdapter,
+    layers: dict[str, AdaptedLayer],
+    out: Path,
+    base_name: str,
+    overwrite: bool,
+    rank: int | None,
+    max_rank: int | None,
+) -> str:
+    exported = lora_export(layers, rank or saved.adapter.config.rank, max_rank)
+    peft_config = exported.config | {"base_model_name_or_path": base_name}
+    with atomic_directory(out, replace=overwrite) as staging:
+        save_file(exported.tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+        (staging / REPORT_FILE).write_text(json.dumps(exported.report, indent=2) + "\n")
+    return (
+        f"exported {len(layers)} {saved.adapter.config.method} modules as a PEFT LORA adapter "
+        f"(r={exported.rank}) -> {out}\n{exported.summary()}"
+    )
 
 
 def _writer(layers: dict[str, AdaptedLayer]):

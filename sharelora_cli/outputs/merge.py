@@ -3,18 +3,20 @@
 The merge streams: base tensors are read one at a time from the base's safetensors files,
 ΔW (from the adapter's own layers, in float32) is added to exactly the weights the adapter
 targets, and output shards are written as they fill. Peak memory is about one output shard
-(MAX_SHARD_BYTES) plus the runtime, never two copies of the model (docs/merge.md).
+(--max-shard-size, default MAX_SHARD_BYTES) plus the largest tensor, the adapter and the runtime,
+never two copies of the model (docs/merge.md).
 
-A base the adapter was trained on in 4-bit is merged QLoRA-style: the base is loaded in
-4-bit with bitsandbytes (on CUDA when present, else with its CPU kernels) exactly as training
-loaded it, each Linear4bit weight is dequantised, and ΔW is added in float32, so the merged
-model is the model training saw.
+A base the adapter was trained on in 4-bit is merged QLoRA-style and streams the same way: each
+base tensor is quantised to NF4 and dequantised by the code 4-bit loading runs (the skeleton
+from_pretrained would build, on CUDA when present, else with bitsandbytes' CPU kernels), so the
+merged weight is W_4bit + ΔW, the model training saw, without the whole 4-bit model in memory.
 """
 
+import ctypes
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -25,14 +27,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils.hub import convert_file_size_to_int
 
 from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.config.recipe import QuantizationConfig
 from sharelora_cli.core.atomic import atomic_directory
 from sharelora_cli.core.errors import UserError, first_line
-from sharelora_cli.models.loading import DTYPES, load_config, resolve_model_path
-from sharelora_cli.models.quantization import bitsandbytes, bnb_config, dequantized_weight, keep_standard_layout
+from sharelora_cli.models.loading import DTYPES, build_on_meta, load_config, resolve_model_path
+from sharelora_cli.models.quantization import as_loaded_4bit, quantize_on_load
 from sharelora_cli.outputs.conversion import SavedAdapter, base_model_name, check_output_dir, load_on_meta
 
 log = logging.getLogger(__name__)
@@ -101,14 +104,17 @@ def merge_adapter(
     full_precision_base: bool = False,
     overwrite: bool = False,
     device: str | None = None,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     """Write base + ΔW as a transformers checkpoint in out (atomically: all of it or nothing).
 
     dtype: auto keeps the base's dtypes (the compute dtype for a 4-bit base), else bf16/fp16/fp32.
-    device: where a 4-bit base is loaded for dequantisation; defaults to CUDA when present, else CPU.
+    device: where a 4-bit base's tensors are quantised and dequantised; defaults to CUDA when present, else CPU.
+    max_shard_size: bytes, or transformers' syntax ("100MB", "2GB", "1GiB"); default MAX_SHARD_BYTES.
     """
     adapter_dir, out = Path(adapter_dir), Path(out)
     out_dtype = _parse_dtype(dtype)
+    shard_bytes = parse_shard_size(max_shard_size)
     config = read_adapter_config(adapter_dir)
     base_dir = resolve_base_dir(base_model_name(config, base))
     check_output_dir(out, overwrite, adapter_dir, base_dir)
@@ -117,14 +123,16 @@ def merge_adapter(
     if getattr(model_config, "quantization_config", None):
         raise UserError(f"--base {base_dir} holds pre-quantised weights: merge needs the full-precision base model")
     saved = load_on_meta(adapter_dir, config, model_config)
+    _check_single_delta(saved)
     entries = plan_entries(files, saved)
     quant = _trained_quantization(saved, full_precision_base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    read = _dequantizing_reader(base_dir, quant, device) if quant else _read_tensor
+    read = _dequantizing_reader(model_config, quant, device) if quant else _read_tensor
     if quant and out_dtype is None:
         out_dtype = DTYPES[quant.compute_dtype]
+    release_freed_tensors()
     with atomic_directory(out, replace=overwrite) as staging:
-        shards, nbytes = write_shards(staging, entries, read, out_dtype)
+        shards, nbytes = write_shards(staging, entries, read, out_dtype, shard_bytes)
         _write_config(staging, model_config, out_dtype, untied=any(e.out_key != e.key for e in entries))
         copy_side_files(base_dir, staging)
     return MergeResult(out, len(saved.layers()), len(entries), shards, nbytes, quant is not None)
@@ -136,6 +144,45 @@ def _parse_dtype(name: str) -> torch.dtype | None:
     if name not in OUT_DTYPES:
         raise UserError(f"--dtype must be one of auto, {', '.join(OUT_DTYPES)}; got '{name}'")
     return OUT_DTYPES[name]
+
+
+def release_freed_tensors() -> None:
+    """Have glibc give every block of 1 MiB or more its own mapping, so a freed tensor goes back to the system.
+
+    By default glibc raises this threshold (up to 32 MiB) each time a mapped block is freed and then serves
+    tensors from its heap, where the pending shard's tensors pin the freed temporaries between them: the
+    4-bit merge of a 220M-parameter model then peaked 135-250 MiB higher, varying from run to run, and the
+    excess grew with the model (docs/merge.md). Other C libraries: nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h>; setting it also turns the dynamic adjustment off
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
+def _check_single_delta(saved: SavedAdapter) -> None:
+    """A merge adds one ΔW per weight; an input-dependent update has none (AdaptedLayer.update_form)."""
+    for path, layer in saved.layers().items():
+        if type(layer).update_form == "input_dependent":
+            raise UserError(
+                f"'{path}' has an input-dependent update (no single ΔW): it cannot be merged into the base; "
+                "serve the adapter with sharelora instead"
+            )
+
+
+def parse_shard_size(size: int | str | None) -> int:
+    """--max-shard-size in bytes: an integer or transformers' "100MB" / "2GB" / "1GiB"."""
+    if size is None:
+        return MAX_SHARD_BYTES
+    try:
+        nbytes = convert_file_size_to_int(int(size) if str(size).isdigit() else size)
+    except ValueError:
+        nbytes = 0
+    if nbytes <= 0:
+        raise UserError(f"--max-shard-size must be a positive size such as 100MB, 2GB or 1GiB; got '{size}'")
+    return nbytes
 
 
 def _trained_quantization(saved: SavedAdapter, full_precision_base: bool) -> QuantizationConfig | None:
@@ -203,7 +250,7 @@ def plan_entries(files: list[Path], saved: SavedAdapter) -> list[Entry]:
     return entries
 
 
-def _model_name(key: str, prefix: str, names: dict) -> str:
+def _model_name(key: str, prefix: str, names: Container[str]) -> str:
     """Checkpoint keys may omit the base-model prefix (e.g. GPT-2's 'h.0.attn.c_attn.weight')."""
     prefixed = f"{prefix}.{key}"
     return prefixed if key not in names and prefixed in names else key
@@ -249,44 +296,33 @@ def _read_tensor(entry: Entry) -> torch.Tensor:
         return handle.get_tensor(entry.key)
 
 
-def _dequantizing_reader(base_dir: Path, quant: QuantizationConfig, device: str) -> Callable[[Entry], torch.Tensor]:
-    """Base tensors as 4-bit training saw them: Linear4bit weights dequantised, the rest in the compute dtype."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base_dir, quantization_config=bnb_config(quant), dtype=DTYPES[quant.compute_dtype], device_map={"": device}
-        )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"--base {base_dir}: cannot load it in 4-bit on {device}: {first_line(err)}") from None
-    keep_standard_layout(model)
-    linear4bit = bitsandbytes().nn.Linear4bit
+def _dequantizing_reader(
+    model_config: PretrainedConfig, quant: QuantizationConfig, device: str
+) -> Callable[[Entry], torch.Tensor]:
+    """Base tensors as 4-bit training saw them, one at a time: Linear4bit weights through NF4, the rest cast."""
+    model = cast(PreTrainedModel, build_on_meta(model_config))
+    quantizer = quantize_on_load(model, quant)
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
 
     def read(entry: Entry) -> torch.Tensor:
-        module, attr = _owner(model, entry.key)
-        tensor = getattr(module, attr)
-        if isinstance(module, linear4bit) and attr == "weight":
-            tensor = dequantized_weight(module)
-        return tensor.detach().to("cpu", copy=True)
+        name = _model_name(entry.key, model.base_model_prefix, names)
+        if name not in names:
+            raise UserError(f"base checkpoint tensor '{entry.key}' has no place in the model built from its config")
+        return as_loaded_4bit(model, quantizer, name, _read_tensor(entry), quant, device)
 
     return read
 
 
-def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
-    for name in (key, f"{model.base_model_prefix}.{key}"):
-        path, _, attr = name.rpartition(".")
-        try:
-            return model.get_submodule(path), attr
-        except AttributeError:
-            continue
-    raise UserError(f"base checkpoint tensor '{key}' has no place in the model loaded from it")
-
-
 def write_shards(
-    directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor], dtype: torch.dtype | None
+    directory: Path,
+    entries: list[Entry],
+    read: Callable[[Entry], torch.Tensor],
+    dtype: torch.dtype | None,
+    shard_bytes: int,
 ) -> tuple[int, int]:
     """Write the merged tensors as safetensors shards (+ index when more than one); returns (shards, bytes)."""
-    shards = list(_fill_shards(directory, entries, read, dtype))
+    shards = list(_fill_shards(directory, entries, read, dtype, shard_bytes))
     total = sum(nbytes for _, _, nbytes in shards)
     if len(shards) == 1:
         shards[0][0].rename(directory / "model.safetensors")
@@ -302,7 +338,11 @@ def write_shards(
 
 
 def _fill_shards(
-    directory: Path, entries: list[Entry], read: Callable[[Entry], torch.Tensor], dtype: torch.dtype | None
+    directory: Path,
+    entries: list[Entry],
+    read: Callable[[Entry], torch.Tensor],
+    dtype: torch.dtype | None,
+    shard_bytes: int,
 ) -> Iterator[tuple[Path, list[str], int]]:
     """Merge tensors into a pending shard and save it when full; only one shard is ever held in memory."""
     pending: dict[str, torch.Tensor] = {}
@@ -310,7 +350,7 @@ def _fill_shards(
     for entry in tqdm(entries, desc="merge", unit="tensor", disable=None):
         tensor = entry.merged(read(entry), dtype).contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if pending and size + nbytes > MAX_SHARD_BYTES:
+        if pending and size + nbytes > shard_bytes:
             yield _save_shard(directory / f".shard-{count:05d}", pending), list(pending), size
             pending, size, count = {}, 0, count + 1
         pending[entry.out_key] = tensor

@@ -592,3 +592,25 @@ def test_killing_the_evaluator_keeps_the_finished_records_and_leaves_no_process(
         ("HumanEval/1", "passed"),
         ("HumanEval/2", "passed"),
     ]
+
+
+def test_a_hash_flooding_reply_fails_alone_and_stalls_no_other_sample(strong, problems):
+    # A set subclass whose iterator yields 40k ints that all hash to 0: under 1 MiB on the wire, and n^2
+    # comparisons (15 s, holding the GIL) were it rebuilt as a set by the evaluator.
+    flood = """    class Flood(set):
+        def __iter__(self):
+            return iter([k * (2**61 - 1) for k in range(1, 40_000)])
+    return Flood()
+"""
+    canonical = [
+        {"task_id": task, "completion": problems[task]["canonical_solution"]}
+        for task in ("HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4")
+    ]
+    floods = [{"task_id": "HumanEval/0", "completion": flood}] * 2
+    samples = [floods[0], *canonical[:2], floods[1], *canonical[2:]]
+    scores = score_samples(
+        problems, samples, ks=(1,), timeout=5, workers=2, allow_code_execution=True, isolation=strong
+    )
+    results = [record["result"] for record in scores["records"]]
+    refused = "failed: the sample's reply is not plain data: a set or dict with more than 8 members of one hash value"
+    assert results == [refused, "passed", "passed", refused, "passed", "passed"]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import data_dir
 from sharelora_cli.evaluation.humaneval_check import check_sample
+from sharelora_cli.evaluation.results import json_text
 from sharelora_cli.evaluation.sandbox.session import Isolation, Limits, choose_isolation
 
 # A completion ends where the model starts a new top-level statement after the function body.
@@ -168,7 +169,7 @@ def _progress_log(path: Path | None):
     with open(path, "w", encoding="utf-8") as handle:
 
         def log(record: dict) -> None:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json_text(record) + "\n")
             handle.flush()
 
         yield log

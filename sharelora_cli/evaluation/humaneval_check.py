@@ -19,6 +19,7 @@ from sharelora_cli.evaluation.sandbox.session import (
     SampleRaised,
     Sandbox,
     SandboxStopped,
+    printable,
 )
 from sharelora_cli.evaluation.sandbox.wire import describe
 
@@ -33,7 +34,7 @@ def check_sample(
     except SandboxStopped as stop:
         return Outcome(False, str(stop))
     except Exception as err:  # the evaluator's own trouble (no processes left, a broken problem): this sample alone
-        return Outcome(False, f"failed: evaluator error: {describe(err)}"[:RESULT_CHARS])
+        return Outcome(False, printable(f"failed: evaluator error: {describe(err)}"[:RESULT_CHARS]))
 
 
 def _run_tests(problem: Mapping[str, str], sandbox: Sandbox) -> Outcome:
@@ -49,7 +50,7 @@ def _run_tests(problem: Mapping[str, str], sandbox: Sandbox) -> Outcome:
     except SandboxStopped:
         failure = None  # stop_reason says it
     except Exception as err:
-        failure = f"failed: {describe(err)}"[:RESULT_CHARS]
+        failure = printable(f"failed: {describe(err)}"[:RESULT_CHARS])
     if sandbox.stop_reason is not None:  # also when a test caught the stand-in's exception and went on
         return Outcome(False, sandbox.stop_reason)
     return Outcome(False, failure) if failure else Outcome(True, "passed")

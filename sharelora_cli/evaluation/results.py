@@ -6,11 +6,14 @@ sit under "records" and the run's model, adapter and settings under "config".
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 Metric = float | int | None  # None: JSON null, e.g. the perplexity of a document too short to score
+# A str may hold halves of a UTF-16 pair on their own (JSON's "\ud800" decodes to one), which UTF-8 cannot encode.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -43,5 +46,11 @@ def write_json(document: dict, path: Path) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    staging.write_text(json_text(document, indent=1) + "\n", encoding="utf-8")
     os.replace(staging, path)
+
+
+def json_text(document, indent: int | None = None) -> str:
+    """JSON that encodes as UTF-8 whatever its strings hold: control characters are escaped by json, and a lone
+    surrogate (from a sample's text or a samples file) becomes U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", json.dumps(document, indent=indent, ensure_ascii=False))

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -273,9 +274,11 @@ class Sandbox:
         if frame is None:
             self._stop(self._ending())
         try:
-            message = sandbox_wire.decode(frame)
+            message = sandbox_wire.decode(frame)  # linear in the frame's size (wire.py), but charged to this sample
         except sandbox_wire.WireError as err:
             self._stop(f"failed: the sample's reply is {err}")
+        if time.monotonic() > self._deadline:
+            self._stop("timed out")
         if not (isinstance(message, tuple) and message and all(isinstance(part, str) for part in message[:1])):
             self._stop("failed: the sample broke the reply protocol")
         return message
@@ -358,11 +361,17 @@ def _last_line(handle) -> str:
     size = handle.seek(0, os.SEEK_END)
     handle.seek(max(0, size - 4 * RESULT_CHARS))  # enough bytes for RESULT_CHARS characters of UTF-8
     lines = handle.read().decode("utf-8", errors="replace").strip().splitlines()
-    return lines[-1].strip()[:RESULT_CHARS] if lines else ""
+    return printable(lines[-1].strip()[:RESULT_CHARS]) if lines else ""
 
 
 def _one_line(parts: tuple) -> str:
     """Text from the sample, as one line of at most RESULT_CHARS characters."""
     text = parts[0] if len(parts) == 1 and isinstance(parts[0], str) else "(no reason given)"
     lines = text.strip().splitlines()
-    return (lines[0] if lines else "(no reason given)")[:RESULT_CHARS]
+    return printable((lines[0] if lines else "(no reason given)")[:RESULT_CHARS])
+
+
+def printable(text: str) -> str:
+    """text with every control, format, surrogate or private-use character (terminal escapes, NUL, bidi
+    overrides, halves of UTF-16 pairs) replaced by U+FFFD, so it can be printed and written as UTF-8."""
+    return "".join("\ufffd" if unicodedata.category(char)[0] == "C" else char for char in text)

@@ -9,7 +9,7 @@ sends the arguments in and receives plain values back (sandbox_wire.py). A pass 
 call the tests made returned a value the tests accepted; docs/sandbox.md says what that still leaves open.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from sharelora_cli.evaluation.sandbox.session import (
     RESULT_CHARS,
@@ -25,11 +25,11 @@ from sharelora_cli.evaluation.sandbox.wire import describe
 
 
 def check_sample(
-    problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation, hidden: Iterable = ()
+    problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation
 ) -> Outcome:
     """Passed, timed out, or failed with a reason; never raises, so one sample cannot cost the others."""
     try:
-        with Sandbox(problem["prompt"] + completion, limits, isolation, hidden) as sandbox:
+        with Sandbox(problem["prompt"] + completion, limits, isolation) as sandbox:
             return _run_tests(problem, sandbox)
     except SandboxStopped as stop:
         return Outcome(False, str(stop))

@@ -64,7 +64,6 @@ def evaluate(
     scored = score_samples(
         kept, samples, cfg.ks, cfg.timeout, cfg.workers,
         allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
-        hidden=[path for path in (Path(cfg.path), samples_file) if path is not None],  # other samples' answers too
         progress_file=progress_file(results_file) if results_file else None,
     )  # fmt: skip
     records = [

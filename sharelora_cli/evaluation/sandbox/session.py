@@ -4,9 +4,9 @@ A Sandbox starts one child (child.py) that runs the program's top-level code and
 the functions it defined. The caller (HumanEval's checker, in this process) only ever sees plain values coming
 back (wire.py), so the verdict is decided outside the program's reach.
 
-The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a read-only
-file system without home directories or benchmark data and with fresh size-capped tmpfs mounts at /tmp (its
-working directory) and /dev/shm (plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
+The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a file system
+that holds only an allowlist (the interpreter, its standard library and shared libraries, read-only; a few
+devices; its own /proc; a fresh size-capped tmpfs at /tmp, its working directory: plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
 when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
 through the kernel. Where neither can, only an explicit --allow-weak-sandbox runs samples, with rlimits, the
 in-process audit hook and (as root) the nobody user. docs/sandbox.md lists every boundary. Linux only.
@@ -22,13 +22,10 @@ import os
 import select
 import shutil
 import signal
-import site
 import subprocess
-import sys
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -40,7 +37,16 @@ from sharelora_cli.evaluation.sandbox.namespaces import SETUP_FAILED
 
 NOBODY = 65534
 RESULT_CHARS = 300  # the most of any text from a sample that reaches a result
-_CHILD_SCRIPT = str(Path(__file__).with_name("child.py"))
+# The child's code travels on stdin (child.py says why); this registers wire and namespaces, then runs child.main.
+_BOOTSTRAP = (
+    "import marshal, sys\n"
+    "bundle = marshal.loads(sys.stdin.buffer.read())\n"
+    "for name, source in bundle['code'].items():\n"
+    "    sys.modules[name] = module = type(sys)(name)\n"
+    "    exec(compile(source, name + '.py', 'exec'), module.__dict__)\n"
+    "sys.modules['child'].main(bundle['settings'])\n"
+)
+_CHILD_MODULES = ("wire", "namespaces", "child")  # in import order
 _TEARDOWN_SECONDS = 30  # killing a namespace takes milliseconds; this only bounds a wedged kernel
 
 
@@ -56,7 +62,7 @@ class Limits(NamedTuple):
     timeout: float = 3.0  # wall clock for the whole sample: start, top-level code and every call
     memory_mb: int = 1024
     max_output_bytes: int = 1 << 20  # stdout, each file the sample writes, each reply
-    scratch_mb: int = 16  # each of the tmpfs mounts at /tmp and /dev/shm
+    scratch_mb: int = 16  # the tmpfs at /tmp
 
 
 class Outcome(NamedTuple):
@@ -122,13 +128,11 @@ class Sandbox:
     that fails), call() runs one of its functions, leaving the block kills everything it started."""
 
     def __init__(
-        self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None, hidden: Iterable = ()
-    ):
+        self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None):
         self.isolation = isolation or choose_isolation(allow_weak=False)
         self.limits = limits
         self.stop_reason: str | None = None  # set once the sample can answer no more, even if a caller swallowed it
         self._source = source
-        self._hidden = tuple(hidden)
         self._init_pidfd: int | None = None
         self._workdir: str | None = None
 
@@ -187,7 +191,8 @@ class Sandbox:
         self._replies, reply_write = self._pipe(parent_end=0)
         info_read, info_write = self._pipe(parent_end=0) if self.isolation is not Isolation.WEAK else (None, None)
         child_fds = tuple(fd for fd in (request_read, reply_write, info_write) if fd is not None)
-        settings_file.write(marshal.dumps(self._settings(request_read, reply_write, info_write)))
+        settings = self._settings(request_read, reply_write, info_write)
+        settings_file.write(marshal.dumps({"code": _child_code(), "settings": settings}))
         settings_file.seek(0)
         self._deadline = time.monotonic() + self.limits.timeout
         try:
@@ -225,22 +230,25 @@ class Sandbox:
             "info_fd": info_fd,
             "uid": NOBODY,
             "parent_pid": os.getpid(),
-            "site_packages": site.getsitepackages(),
             "cpu_seconds": math.ceil(self.limits.timeout) + 1,  # a backstop: the wall-clock kill comes first
             "memory_bytes": self.limits.memory_mb << 20,
             "max_output_bytes": self.limits.max_output_bytes,
         }
         if self.isolation is Isolation.KERNEL:
             plan = self._plan()._asdict()
-            settings["plan"] = {**plan, "workdir": sandbox_plan.WORKDIR, "devices": sandbox_plan.DEVICES}
+            settings["plan"] = {
+                **plan, "workdir": sandbox_plan.WORKDIR, "devices": sandbox_plan.DEVICES, "dev_links": sandbox_plan.DEV_LINKS
+            }  # fmt: skip
         return settings
 
     def _plan(self) -> sandbox_plan.Plan:
-        needed = sandbox_plan.child_needs(_CHILD_SCRIPT)
-        return sandbox_plan.make_plan(self._hidden, needed, self.limits.scratch_mb << 20)
+        try:
+            return sandbox_plan.make_plan(self.limits.scratch_mb << 20)
+        except (OSError, subprocess.SubprocessError) as err:
+            self._stop(f"failed: cannot list what the interpreter needs ({err})")
 
     def _command(self, info_fd: int | None) -> list[str]:
-        python = [sys.executable, "-I", "-S", "-B", _CHILD_SCRIPT]  # -S: site's .pth hooks cost more than most tests
+        python = [sandbox_plan.interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP]  # -S: no site-packages
         if self.isolation is not Isolation.BWRAP:
             return python
         options = sandbox_plan.bwrap_arguments(self._plan(), as_root=os.geteuid() == 0)
@@ -325,6 +333,11 @@ class Sandbox:
         self._resources.close()
         if self._workdir is not None:
             remove_tree(self._workdir)
+
+
+@functools.cache
+def _child_code() -> dict[str, str]:
+    return {name: Path(__file__).with_name(f"{name}.py").read_text(encoding="utf-8") for name in _CHILD_MODULES}
 
 
 def _killing_signal(returncode: int, isolation: Isolation) -> signal.Signals | None:

@@ -130,9 +130,7 @@ def score_samples(
     try:
         with _progress_log(progress_file) as log:
             runs = {
-                pool.submit(
-                    check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation
-                ): index
+                pool.submit(check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation): index
                 for index, sample in enumerate(samples)
             }
             finished = tqdm(

@@ -24,9 +24,7 @@ from sharelora_cli.evaluation.sandbox.session import (
 from sharelora_cli.evaluation.sandbox.wire import describe
 
 
-def check_sample(
-    problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation
-) -> Outcome:
+def check_sample(problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation) -> Outcome:
     """Passed, timed out, or failed with a reason; never raises, so one sample cannot cost the others."""
     try:
         with Sandbox(problem["prompt"] + completion, limits, isolation) as sandbox:

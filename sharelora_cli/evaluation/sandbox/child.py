@@ -242,4 +242,3 @@ def _within(path: str, root: str) -> bool:
 def _flush_output() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-

@@ -23,9 +23,16 @@ from typing import NamedTuple
 
 WORKDIR = "/tmp"
 DEVICES = ("null", "urandom", "zero")
-DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
 _LOADER_CACHE = "/etc/ld.so.cache"
-_LIBRARY = re.compile(r"(/\S+) \(0x[0-9a-f]+\)")  # ldd: "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-... (0x...)"
+_LIBRARY = re.compile(
+    r"(/\S+) \(0x[0-9a-f]+\)"
+)  # ldd: "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-... (0x...)"
 _MAX_LINKS = 40  # the kernel's own limit on links followed while resolving one path
 
 

@@ -127,8 +127,7 @@ class Sandbox:
     """One program in a sandboxed child; `with` starts it and runs its top-level code (SandboxStopped if
     that fails), call() runs one of its functions, leaving the block kills everything it started."""
 
-    def __init__(
-        self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None):
+    def __init__(self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None):
         self.isolation = isolation or choose_isolation(allow_weak=False)
         self.limits = limits
         self.stop_reason: str | None = None  # set once the sample can answer no more, even if a caller swallowed it

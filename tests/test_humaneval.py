@@ -21,7 +21,7 @@ from sharelora_cli.evaluation.humaneval import (
     truncate_completion,
 )
 from sharelora_cli.evaluation.humaneval_check import check_sample
-from sharelora_cli.evaluation.sandbox.session import RESULT_CHARS, Limits
+from sharelora_cli.evaluation.sandbox.session import RESULT_CHARS, Limits, choose_isolation
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 
@@ -262,6 +262,9 @@ def test_text_from_a_sample_never_breaks_the_results_json_or_the_console(problem
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert _control_free(done.stdout.decode("utf-8")) and b"\x1b" not in done.stderr and b"\x00" not in done.stderr
     (document,) = _strict_json_lines(results.read_bytes().replace(b"\n", b""))
+    sandbox = choose_isolation(allow_weak=False).value
+    assert f"humaneval sandbox: {sandbox}" in done.stdout.decode().splitlines()  # said even with no progress bar
+    assert document["config"]["settings"] == {"humaneval": {"sandbox": sandbox}} and "sandbox" not in document
     assert document["humaneval"]["pass@1"] == pytest.approx(1 / 5)
     records = document["records"]["humaneval"]
     assert records[1]["completion"] == "    return True  # \ufffd\n"  # the samples file's lone "\ud800"

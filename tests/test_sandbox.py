@@ -292,7 +292,10 @@ def test_without_namespaces_the_cli_refuses_in_one_line_unless_the_weak_guard_is
         [*command, "--allow-weak-sandbox", "--json", str(results)], capture_output=True, text=True, timeout=300
     )
     assert accepted.returncode == 0, accepted.stderr
-    assert json.loads(results.read_text())["humaneval"]["pass@1"] == 1.0
+    document = json.loads(results.read_text())
+    assert document["humaneval"]["pass@1"] == 1.0
+    assert "humaneval sandbox: weak" in accepted.stdout.splitlines()
+    assert document["config"]["settings"] == {"humaneval": {"sandbox": "weak"}}
 
 
 def test_eval_help_documents_the_weak_sandbox_flag():

@@ -1,7 +1,8 @@
 """What a task returns, the terminal table, and the results file.
 
 The file maps each task name to its metrics ({"gsm8k": {"exact_match": ...}, ...}); the per-sample records
-sit under "records" and the run's model, adapter and settings under "config".
+sit under "records" and the run's model, adapter and settings under "config" (how a task ran, e.g. HumanEval's
+sandbox, under "config"/"settings"/TASK).
 """
 
 import json
@@ -20,6 +21,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 class TaskResult:
     metrics: Mapping[str, Metric]
     records: list[dict] = field(default_factory=list)
+    settings: Mapping[str, object] = field(default_factory=dict)  # how it ran (HumanEval: its sandbox), for "config"
 
 
 def format_table(results: Mapping[str, TaskResult]) -> str:
@@ -38,7 +40,10 @@ def results_document(results: Mapping[str, TaskResult], config: dict) -> dict:
     return {
         **{task: result.metrics for task, result in results.items()},
         "records": {task: result.records for task, result in results.items()},
-        "config": config,
+        "config": {
+            **config,
+            "settings": {task: result.settings for task, result in results.items() if result.settings},
+        },
     }
 
 

@@ -173,7 +173,7 @@ def _build_file_system(libc: ctypes.CDLL, plan: dict) -> None:
     os.umask(0o022)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here reaches the host
     # Clones first: the new root is mounted over the host's /tmp, under which a needed path may lie.
-    clones = {path: _clone(libc, path) for path in plan["binds"]}
+    clones = {path: (_clone(libc, path), os.path.isdir(path)) for path in plan["binds"]}
     devices = {name: _clone(libc, f"/dev/{name}") for name in plan["devices"]}
     root = plan["workdir"]
     _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
@@ -186,8 +186,8 @@ def _build_file_system(libc: ctypes.CDLL, plan: dict) -> None:
         os.makedirs(inside(path), exist_ok=True)
     for path, target in plan["symlinks"]:
         os.symlink(target, inside(path))
-    for path, clone in clones.items():
-        _attach(libc, clone, _mount_point(inside(path), is_directory=os.path.isdir(path)))
+    for path, (clone, is_directory) in clones.items():
+        _attach(libc, clone, _mount_point(inside(path), is_directory))
     for path in plan["covers"]:
         _mount(libc, "tmpfs", inside(path), "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=0755,size=4k")
     _set_attributes(libc, root, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, recursive=True)

@@ -9,9 +9,10 @@ library only) from the source the parent hands it.
 
 Decoding costs time and memory linear in the frame's size, whatever the bytes: the evaluator decodes in a thread
 that shares the GIL with every other sample's. So nesting is capped before parsing (deep JSON would recurse in C),
-integers are capped in digits (int() of n digits costs n^2), and a set, frozenset or dict is only built when few of
-its members share a hash value: members with equal hashes (k * (2**61 - 1) are all 0 for int) land in the same
-probe chain, and building such a set of n members costs n^2 comparisons (15.8 s for 44k ints in a 1 MiB reply).
+numbers are capped in digits whatever sys.set_int_max_str_digits says (int() of n digits costs n^2), and a set,
+frozenset or dict is only built when few of its members share a hash value: members with equal hashes
+(k * (2**61 - 1) are all 0 for int) land in the same probe chain, and building such a set of n members costs n^2
+comparisons (15.8 s for 44k ints in a 1 MiB reply).
 """
 
 import json
@@ -30,6 +31,7 @@ MAX_DEPTH = 100  # JSON brackets inside brackets (a tagged type takes two); Huma
 MAX_DIGITS = 4300  # of one integer: CPython's own default limit, held here whatever the process has set
 MAX_SAME_HASH = 8  # members of one set or dict sharing a hash value; unequal plain values rarely share one
 _ESCAPE, _STRING = re.compile(rb"\\."), re.compile(rb'"[^"]*+"')  # possessive: no backtracking
+_LONG_NUMBER = re.compile(rb"(?<!\d)\d{%d}" % (MAX_DIGITS + 1))  # tried only where a run of digits starts
 _BRACKETS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[{]}")))
 # JSON objects are never values here: each one is a tag naming the type its single field rebuilds.
@@ -57,28 +59,26 @@ def encode(value) -> bytes:
 
 def decode(data: bytes):
     try:
-        _check_depth(data)
-        return json.loads(data.decode("ascii"), object_pairs_hook=_rebuild, parse_int=_integer)
+        _check_shape(data)
+        return json.loads(data.decode("ascii"), object_pairs_hook=_rebuild)
     except (RecursionError, ValueError, TypeError) as err:
         raise WireError(f"not plain data: {err}") from None
 
 
-def _check_depth(data: bytes) -> None:
-    """ValueError if brackets outside strings nest deeper than MAX_DEPTH (or do not balance), in linear time:
-    escapes go first, so each string is then a plain quote-to-quote run; each pass drops the innermost pairs."""
-    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", data)).translate(_BRACKETS, delete=_NOT_BRACKETS)
+def _check_shape(data: bytes) -> None:
+    """ValueError for a number of more than MAX_DIGITS digits, or brackets nested deeper than MAX_DEPTH (or not
+    balanced), outside strings; in C-speed passes over the bytes: escapes go first, so each string is then a
+    plain quote-to-quote run, and each pass of the loop drops the innermost bracket pairs."""
+    outside_strings = _STRING.sub(b"", _ESCAPE.sub(b"", data))
+    if _LONG_NUMBER.search(outside_strings):
+        raise ValueError(f"a number of more than {MAX_DIGITS} digits")
+    brackets = outside_strings.translate(_BRACKETS, delete=_NOT_BRACKETS)
     for _ in range(MAX_DEPTH):
         if not brackets:
             return
         brackets = brackets.replace(b"()", b"")
     if brackets:
         raise ValueError(f"brackets nested more than {MAX_DEPTH} deep, or unbalanced")
-
-
-def _integer(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_DIGITS:
-        raise ValueError(f"an integer of more than {MAX_DIGITS} digits")
-    return int(digits)
 
 
 def _few_collisions(members: list) -> list:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from sharelora_cli.core.paths import PROJECT_ROOT, data_dir
 
-_LEFT_OUT = shutil.ignore_patterns("test", "site-packages", "config-*", "__pycache__", "idlelib", "tkinter")
+# __pycache__ stays: the child runs with -B, and would otherwise recompile every module it imports, every sample.
+_LEFT_OUT = shutil.ignore_patterns("test", "site-packages", "config-*", "idlelib", "tkinter")
 
 
 def stage(under: Path) -> tuple[Path, Path]:

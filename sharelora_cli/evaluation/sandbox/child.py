@@ -1,11 +1,12 @@
 """The sandboxed side of sandbox.Sandbox: contain this process, run the program, answer calls.
 
-Not a file the child opens: session.py sends this module's source, wire.py's and namespaces.py's on stdin with the
-settings (marshal), and `python -I -S -c BOOTSTRAP` runs them, so the sample's view needs no checkout. Then: stdin becomes /dev/null; with isolation "kernel" the launcher in
-namespaces.py builds the namespaces and mounts (under bubblewrap they exist already); as root it becomes
-nobody; it keeps no capabilities and sets no_new_privs, checking both; rlimits; an audit hook that refuses
-processes, signals, sockets, native calls and file access outside the working directory. The namespaces are the
-boundary; the hook is defence in depth. In the "weak" mode there are no namespaces and the hook does more work.
+Not a file the child opens: session.py sends this module's source, wire.py's and namespaces.py's on stdin with
+the settings (marshal), and `python -I -S -c BOOTSTRAP` runs them, so the sample's view needs no checkout.
+Then: stdin becomes /dev/null; with isolation "kernel" the launcher in namespaces.py builds the namespaces and
+mounts (under bubblewrap they exist already); as root it becomes nobody; it keeps no capabilities and sets
+no_new_privs, checking both; rlimits; an audit hook that refuses processes, signals, sockets, native calls and
+file access outside the working directory. The namespaces are the boundary; the hook is defence in depth. In the
+"weak" mode there are no namespaces and the hook does more work.
 
 Then it runs the program's top-level code and replies ("ready",) or ("failed", why); after that it answers each
 ("call", name, args, kwargs) with ("returned", value) or ("raised", why) until the parent closes the request pipe.

@@ -177,7 +177,10 @@ def _build_file_system(libc: ctypes.CDLL, plan: dict) -> None:
     devices = {name: _clone(libc, f"/dev/{name}") for name in plan["devices"]}
     root = plan["workdir"]
     _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
-    inside = lambda path: root + path  # noqa: E731  (every plan path is absolute)
+
+    def inside(path: str) -> str:  # where a path of the plan (always absolute) lies before the pivot
+        return root + path
+
     for path in ("/dev", "/proc", plan["workdir"]):
         os.makedirs(inside(path), exist_ok=True)
     scratch = f"mode=1777,size={plan['scratch_bytes']}"
@@ -199,6 +202,7 @@ def _build_file_system(libc: ctypes.CDLL, plan: dict) -> None:
 
 
 def _mount_point(path: str, is_directory: bool) -> str:
+    """path, created as an empty directory or file for a bind of that kind to be attached on."""
     if is_directory:
         os.makedirs(path, exist_ok=True)
     else:

@@ -215,7 +215,7 @@ def test_read_samples_rejects_an_empty_or_missing_file(problems, tmp_path):
 # in an exception), NUL, terminal escapes, invalid UTF-8 on stdout, and a huge line.
 UNRULY = {
     "lone surrogate raised": "    return True\nraise ValueError(chr(0xD800) + 'tail')\n",
-    "lone surrogate in the source": "    return True  # \ud800\n",
+    "lone surrogate in the source": "    return True  # \ud800 \x9b[2J \u202e\n",  # and a C1 CSI, a bidi override
     "escapes printed": (
         "    return True\nimport os, sys\nsys.stdout.buffer.write(b'\\x1b]0;owned\\x07\\x1b[2J\\x00\\xff\\xfe' * 50)\n"
         "sys.stdout.flush()\nos._exit(3)\n"
@@ -241,6 +241,7 @@ def test_text_from_a_sample_never_breaks_the_progress_file_and_the_run_goes_on(p
     progress = tmp_path / "progress.jsonl"
     scores = score_samples(problems, samples, ks=(1,), timeout=10.0, allow_code_execution=True, progress_file=progress)
     logged = _strict_json_lines(progress.read_bytes())
+    assert "\x9b".encode() not in progress.read_bytes() and "\u202e".encode() not in progress.read_bytes()
     assert sorted(record["result"] for record in logged) == sorted(record["result"] for record in scores["records"])
     results = dict(zip([*UNRULY, "canonical"], (record["result"] for record in scores["records"])))
     assert results["canonical"] == "passed"
@@ -267,5 +268,6 @@ def test_text_from_a_sample_never_breaks_the_results_json_or_the_console(problem
     assert document["config"]["settings"] == {"humaneval": {"sandbox": sandbox}} and "sandbox" not in document
     assert document["humaneval"]["pass@1"] == pytest.approx(1 / 5)
     records = document["records"]["humaneval"]
-    assert records[1]["completion"] == "    return True  # \ufffd\n"  # the samples file's lone "\ud800"
+    assert records[1]["completion"] == "    return True  # \ufffd \x9b[2J \u202e\n"  # the file's lone "\ud800"
+    assert "\x9b".encode() not in results.read_bytes() and "\u202e".encode() not in results.read_bytes()  # escaped
     assert [record["passed"] for record in records] == [False, False, False, False, True]

@@ -15,6 +15,9 @@ from pathlib import Path
 Metric = float | int | None  # None: JSON null, e.g. the perplexity of a document too short to score
 # A str may hold halves of a UTF-16 pair on their own (JSON's "\ud800" decodes to one), which UTF-8 cannot encode.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# What json leaves raw but a terminal may act on (DEL, C1 controls such as CSI) or that reorders or breaks what it
+# shows (bidi overrides, line and paragraph separators): written as \u escapes, the same string to a JSON reader.
+_UNSHOWABLE = re.compile("[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -56,6 +59,8 @@ def write_json(document: dict, path: Path) -> None:
 
 
 def json_text(document, indent: int | None = None) -> str:
-    """JSON that encodes as UTF-8 whatever its strings hold: control characters are escaped by json, and a lone
-    surrogate (from a sample's text or a samples file) becomes U+FFFD."""
-    return _LONE_SURROGATE.sub("\ufffd", json.dumps(document, indent=indent, ensure_ascii=False))
+    """JSON that encodes as UTF-8 and shows safely whatever its strings hold: C0 controls are escaped by json,
+    the _UNSHOWABLE ones here, and a lone surrogate (from a sample's text or a samples file) becomes U+FFFD.
+    Outside strings JSON is ASCII, so each substitution lands inside a string."""
+    text = _LONE_SURROGATE.sub("\ufffd", json.dumps(document, indent=indent, ensure_ascii=False))
+    return _UNSHOWABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)

@@ -278,29 +278,32 @@ def test_the_sample_sees_exactly_the_allowlist_and_no_canary(strong, tmp_path):
     assert not any(path.startswith((str(PROJECT_ROOT), str(data_dir()))) for path in seen)
 
 
-def test_covering_mounts_cannot_be_lifted_from_a_new_user_namespace(strong):
-    data_file = str(data_dir() / "humaneval" / "HumanEval.jsonl.gz")
+def test_the_read_only_view_cannot_be_lifted_from_a_new_user_namespace(strong):
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
     report = _attack(
         f"""
-        import ctypes, errno
+        import ctypes, errno, os
+        def outcome(result):
+            return "succeeded" if result == 0 else errno.errorcode[ctypes.get_errno()]
         def attack():
             # As nobody it may still create a user namespace (if the host allows them) and, inside, hold every
             # capability over a new mount namespace; the kernel locks the mounts it inherited, though.
-            report = {{"unshare": "done" if libc.unshare(0x10000000 | 0x20000) == 0 else errno.errorcode[ctypes.get_errno()]}}
-            for target in ("/root", {str(data_dir())!r}, "/tmp", "/"):
-                report[target] = "lifted" if libc.umount2(target.encode(), 2) == 0 else errno.errorcode[ctypes.get_errno()]
+            report = {{"unshare": outcome(libc.unshare(0x10000000 | 0x20000))}}
+            for target in ({stdlib!r}, "/"):  # MS_REMOUNT | MS_BIND without MS_RDONLY: make it writable
+                report["remount " + target] = outcome(libc.mount(None, target.encode(), None, 0x20 | 0x1000, None))
+                report["unmount " + target] = outcome(libc.umount2(target.encode(), 2))
             try:
-                open({data_file!r}, "rb").close()
-                report["data"] = "read"
+                open(os.path.join({stdlib!r}, "planted.py"), "w").close()
+                report["write"] = "written"
             except OSError as err:
-                report["data"] = errno.errorcode[err.errno]
+                report["write"] = errno.errorcode[err.errno]
             return report
         """,
         strong,
     )
-    assert report["data"] == "ENOENT" and "lifted" not in {report["/root"], report[str(data_dir())], report["/"]}, (
-        report
-    )
+    assert report["write"] in {"EROFS", "EACCES"}, report
+    assert "succeeded" not in {value for key, value in report.items() if key != "unshare"}, report
+    assert not os.path.exists(os.path.join(stdlib, "planted.py"))
 
 
 def test_the_network_and_host_sockets_are_unreachable(strong):

@@ -6,8 +6,8 @@ back (wire.py), so the verdict is decided outside the program's reach.
 
 The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a file system
 that holds only an allowlist (the interpreter, its standard library and shared libraries, read-only; a few
-devices; its own /proc; a fresh size-capped tmpfs at /tmp, its working directory: plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
-when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
+devices; its own /proc; a fresh size-capped tmpfs at /tmp, its working directory: plan.py), no capabilities,
+no_new_privs, rlimits, and runs as nobody when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
 through the kernel. Where neither can, only an explicit --allow-weak-sandbox runs samples, with rlimits, the
 in-process audit hook and (as root) the nobody user. docs/sandbox.md lists every boundary. Linux only.
 """
@@ -235,9 +235,12 @@ class Sandbox:
         }
         if self.isolation is Isolation.KERNEL:
             plan = self._plan()._asdict()
-            settings["plan"] = {
-                **plan, "workdir": sandbox_plan.WORKDIR, "devices": sandbox_plan.DEVICES, "dev_links": sandbox_plan.DEV_LINKS
-            }  # fmt: skip
+            fixed = {
+                "workdir": sandbox_plan.WORKDIR,
+                "devices": sandbox_plan.DEVICES,
+                "dev_links": sandbox_plan.DEV_LINKS,
+            }
+            settings["plan"] = {**plan, **fixed}
         return settings
 
     def _plan(self) -> sandbox_plan.Plan:

@@ -21,7 +21,7 @@ from sharelora_cli.evaluation.humaneval import (
     truncate_completion,
 )
 from sharelora_cli.evaluation.humaneval_check import check_sample
-from sharelora_cli.evaluation.sandbox.session import Limits
+from sharelora_cli.evaluation.sandbox.session import RESULT_CHARS, Limits, choose_isolation
 
 SHARELORA = Path(sys.executable).parent / "sharelora"
 
@@ -209,3 +209,65 @@ def test_read_samples_rejects_an_empty_or_missing_file(problems, tmp_path):
         read_samples(empty, problems)
     with pytest.raises(UserError, match="absent.jsonl"):
         read_samples(tmp_path / "absent.jsonl", problems)
+
+
+# Completions whose text would break a file or a terminal: a lone surrogate (from the samples file's "\ud800" and
+# in an exception), NUL, terminal escapes, invalid UTF-8 on stdout, and a huge line.
+UNRULY = {
+    "lone surrogate raised": "    return True\nraise ValueError(chr(0xD800) + 'tail')\n",
+    "lone surrogate in the source": "    return True  # \ud800 \x9b[2J \u202e\n",  # and a C1 CSI, a bidi override
+    "escapes printed": (
+        "    return True\nimport os, sys\nsys.stdout.buffer.write(b'\\x1b]0;owned\\x07\\x1b[2J\\x00\\xff\\xfe' * 50)\n"
+        "sys.stdout.flush()\nos._exit(3)\n"
+    ),
+    "escapes raised": "    return True\nraise RuntimeError('\\x1b[31m\\x00\\u202e' + 'x' * 10**6)\n",
+}
+
+
+def _strict_json_lines(raw: bytes) -> list:
+    """JSON values, one per line, from bytes that must be valid UTF-8 and hold no lone surrogate."""
+    values = [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+    json.dumps(values, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+    return values
+
+
+def _control_free(text: str) -> bool:
+    return not any((ord(char) < 32 and char not in "\n\t") or 0x7F <= ord(char) <= 0x9F for char in text)
+
+
+def test_text_from_a_sample_never_breaks_the_progress_file_and_the_run_goes_on(problems, tmp_path):
+    canonical = {"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}
+    samples = [{"task_id": "HumanEval/0", "completion": text} for text in UNRULY.values()] + [canonical]
+    progress = tmp_path / "progress.jsonl"
+    scores = score_samples(problems, samples, ks=(1,), timeout=10.0, allow_code_execution=True, progress_file=progress)
+    logged = _strict_json_lines(progress.read_bytes())
+    assert "\x9b".encode() not in progress.read_bytes() and "\u202e".encode() not in progress.read_bytes()
+    assert sorted(record["result"] for record in logged) == sorted(record["result"] for record in scores["records"])
+    results = dict(zip([*UNRULY, "canonical"], (record["result"] for record in scores["records"])))
+    assert results["canonical"] == "passed"
+    assert results["lone surrogate raised"] == "failed: ValueError: \ufffdtail"
+    assert results["escapes printed"].startswith("failed: exited with code 3 before finishing (\ufffd]0;owned\ufffd")
+    assert results["escapes raised"] == "failed: RuntimeError: \ufffd[31m\ufffd\ufffd" + "x" * 279
+    longest = len("failed: exited with code 3 before finishing ()") + RESULT_CHARS
+    assert all(_control_free(result) and len(result) <= longest for result in results.values()), results
+
+
+def test_text_from_a_sample_never_breaks_the_results_json_or_the_console(problems, tmp_path):
+    canonical = {"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}
+    samples = tmp_path / "samples.jsonl"
+    lines = [json.dumps({"task_id": "HumanEval/0", "completion": text}) for text in UNRULY.values()]
+    samples.write_text("\n".join([*lines, json.dumps(canonical)]) + "\n")
+    results = tmp_path / "results.json"
+    args = ["eval", "--tasks", "humaneval", "--samples", str(samples), "--allow-code-execution", "--json", str(results)]
+    done = subprocess.run([str(SHARELORA), *args], capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert _control_free(done.stdout.decode("utf-8")) and b"\x1b" not in done.stderr and b"\x00" not in done.stderr
+    (document,) = _strict_json_lines(results.read_bytes().replace(b"\n", b""))
+    sandbox = choose_isolation(allow_weak=False).value
+    assert f"humaneval sandbox: {sandbox}" in done.stdout.decode().splitlines()  # said even with no progress bar
+    assert document["config"]["settings"] == {"humaneval": {"sandbox": sandbox}} and "sandbox" not in document
+    assert document["humaneval"]["pass@1"] == pytest.approx(1 / 5)
+    records = document["records"]["humaneval"]
+    assert records[1]["completion"] == "    return True  # \ufffd \x9b[2J \u202e\n"  # the file's lone "\ud800"
+    assert "\x9b".encode() not in results.read_bytes() and "\u202e".encode() not in results.read_bytes()  # escaped
+    assert [record["passed"] for record in records] == [False, False, False, False, True]

@@ -292,10 +292,31 @@ def test_without_namespaces_the_cli_refuses_in_one_line_unless_the_weak_guard_is
         [*command, "--allow-weak-sandbox", "--json", str(results)], capture_output=True, text=True, timeout=300
     )
     assert accepted.returncode == 0, accepted.stderr
-    assert json.loads(results.read_text())["humaneval"]["pass@1"] == 1.0
+    document = json.loads(results.read_text())
+    assert document["humaneval"]["pass@1"] == 1.0
+    assert "humaneval sandbox: weak" in accepted.stdout.splitlines()
+    assert document["config"]["settings"] == {"humaneval": {"sandbox": "weak"}}
 
 
 def test_eval_help_documents_the_weak_sandbox_flag():
     wide = {**os.environ, "COLUMNS": "200"}
     shown = subprocess.run([str(SHARELORA), "eval", "--help"], capture_output=True, text=True, timeout=120, env=wide)
     assert "--allow-weak-sandbox" in shown.stdout
+
+
+def test_both_launchers_work_with_the_interpreter_venv_and_data_under_tmp():
+    # bwrap mounts a fresh tmpfs at /tmp, and the kernel launcher builds its root there: what lies under the host's
+    # /tmp must still be bound in. The script stages a copy of the interpreter, a venv from it and the data there.
+    for isolation in STRONG:
+        require(isolation)
+    script = Path(__file__).parents[1] / "scripts" / "humaneval_canonical.py"
+    command = [sys.executable, str(script), "--under", "/tmp", "--limit", "3", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {row["launcher"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert set(rows) == {"bwrap", "kernel"}
+    for row in rows.values():
+        assert (row["passed"], row["total"], row["failures"]) == (3, 3, []), row
+        assert (
+            row["interpreter"].startswith("/tmp/") and row["data"].startswith("/tmp/") and "/venv/" in row["evaluator"]
+        )

@@ -1,56 +1,62 @@
-"""The strong sandbox's file-system plan: what is covered, what is mounted back, in which order."""
+"""The strong sandbox's file-system plan: an allowlist derived from the interpreter, and bwrap's arguments for it."""
 
 import os
+import re
+import subprocess
+import sys
+import sysconfig
 
-from sharelora_cli.core.paths import data_dir
-from sharelora_cli.evaluation.sandbox.plan import bwrap_arguments, make_plan
-
-
-def _steps_under(plan, root) -> list[tuple[str, str]]:
-    return [(action, os.path.relpath(path, root)) for action, path in plan.steps if path.startswith(f"{root}/")]
-
-
-def test_needed_directories_inside_covered_ones_come_back_and_secrets_inside_those_are_covered_again(tmp_path):
-    root = os.path.realpath(tmp_path)
-    for directory in ("home/lib/python", "home/other", "data"):
-        os.makedirs(os.path.join(root, directory))
-    for secret in ("home/lib/python/token", "home/other/key", "data/problems.jsonl"):
-        open(os.path.join(root, secret), "w").close()
-    hidden = [f"{root}/home", f"{root}/home/lib/python/token", f"{root}/home/other/key", f"{root}/data/problems.jsonl"]
-    needed = [f"{root}/home/lib/python", f"{root}/home/lib/python/sub", f"{root}/elsewhere"]
-    plan = make_plan(hidden, needed, scratch_bytes=1 << 20)
-    assert _steps_under(plan, root) == [
-        ("hide_file", "data/problems.jsonl"),  # a file: covered by itself, its directory stays visible
-        ("hide", "home"),
-        ("expose", "home/lib/python"),  # inside a covered directory: mounted back
-        ("hide_file", "home/lib/python/token"),  # inside what came back: covered again
-    ]  # home/other/key lies inside covered home already; needed paths outside any covered one need nothing
+from sharelora_cli.core.paths import PROJECT_ROOT, data_dir
+from sharelora_cli.evaluation.sandbox.plan import WORKDIR, bwrap_arguments, interpreter, make_plan
 
 
-def test_home_directories_runtime_sockets_and_the_data_directory_are_always_covered():
-    covered = {path for action, path in make_plan([], [], 1 << 20).steps if action in ("hide", "hide_file")}
-    expected = {os.path.realpath(path) for path in ("/root", "/home", "/run", os.path.expanduser("~"), data_dir())}
-    outermost = {
-        path
-        for path in expected
-        if os.path.lexists(path) and not any(path.startswith(f"{other}/") for other in expected)
-    }
-    assert outermost <= covered
+def _inside(path: str, root) -> bool:
+    root = os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def test_bwrap_opens_the_way_to_an_exposed_directory_and_makes_covers_read_only(tmp_path):
-    root = os.path.realpath(tmp_path)
-    os.makedirs(f"{root}/home/a/b/python")
-    plan = make_plan([f"{root}/home"], [f"{root}/home/a/b/python"], scratch_bytes=4096)
+def test_the_plan_binds_the_interpreter_its_stdlib_and_the_libraries_hashlib_needs():
+    plan = make_plan(1 << 20)
+    assert interpreter() in plan.binds and interpreter() == os.path.realpath(sys._base_executable)
+    assert os.path.realpath(os.path.dirname(os.__file__)) in plan.binds  # the standard library
+    import _hashlib  # an extension module in lib-dynload, linked against libcrypto
+
+    linked = subprocess.run(["ldd", _hashlib.__file__], capture_output=True, text=True, check=True).stdout
+    libraries = {os.path.realpath(path) for path in re.findall(r"(/\S+) \(0x", linked)}
+    assert libraries and all(any(_inside(library, bound) for bound in plan.binds) for library in libraries)
+
+
+def test_nothing_of_the_checkout_the_venv_the_data_or_site_packages_is_bound():
+    plan = make_plan(1 << 20)
+    everything = [*plan.binds, *plan.directories, *(path for path, _ in plan.symlinks)]
+    for root in (PROJECT_ROOT, sys.prefix, data_dir()):
+        assert not [path for path in everything if _inside(path, root)], root
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    site_packages = os.path.realpath(sysconfig.get_path("purelib", vars=base))
+    assert site_packages not in plan.binds
+    assert site_packages in plan.covers or not any(_inside(site_packages, bound) for bound in plan.binds)
+
+
+def test_links_on_the_way_are_recreated_and_directories_lead_to_every_bind():
+    plan = make_plan(1 << 20)
+    assert all(os.readlink(path) == target for path, target in plan.symlinks)
+    for path in [*plan.binds, *(link for link, _ in plan.symlinks)]:
+        parent = os.path.dirname(path)
+        assert parent == "/" or parent in plan.directories or any(_inside(parent, bound) for bound in plan.binds)
+
+
+def test_bwrap_builds_the_same_view_on_an_empty_root_with_tmp_first():
+    plan = make_plan(4096)
     args = bwrap_arguments(plan, as_root=True)
-    expose = args.index(f"{root}/home/a/b/python")
-    # bwrap would create home/a and home/a/b as 0700, which nobody could not pass through.
-    assert args[expose - 9 : expose + 2] == [
-        "--perms", "0755", "--dir", f"{root}/home/a", "--perms", "0755", "--dir", f"{root}/home/a/b",
-        "--ro-bind", f"{root}/home/a/b/python", f"{root}/home/a/b/python",
-    ]  # fmt: skip
-    remount = next(i for i in range(len(args)) if args[i : i + 2] == ["--remount-ro", f"{root}/home"])
-    assert remount > expose  # read-only only once the way to the exposed directory exists
-    tmp = args.index("--chdir") - 1
-    assert args[tmp - 5 : tmp + 3] == ["--perms", "1777", "--size", "4096", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    assert "/" not in [args[i + 1] for i, arg in enumerate(args) if arg == "--ro-bind"]  # no host root
+    tmp = args.index("--tmpfs")
+    assert args[tmp - 4 : tmp + 2] == ["--perms", "1777", "--size", "4096", "--tmpfs", WORKDIR]
+    first_bind = args.index("--ro-bind")
+    assert tmp < first_bind  # a bind under the host's /tmp lands inside the fresh one, not under it
+    binds = [args[i + 1] for i, arg in enumerate(args) if arg == "--ro-bind"]
+    assert binds == list(plan.binds)
+    directories = [args[i + 1] for i, arg in enumerate(args) if arg == "--dir"]
+    assert directories == [*plan.directories, "/dev"]
+    assert all(args[args.index(path) - 2 : args.index(path)] == ["0755", "--dir"] for path in plan.directories)
+    assert args[-2:] == ["--remount-ro", "/"]
     assert "--unshare-user" not in args and "--unshare-user" in bwrap_arguments(plan, as_root=False)

@@ -1,7 +1,9 @@
 """Values crossing the sandbox boundary arrive as exact built-in types, and no byte string decodes to anything else."""
 
+import json
 import math
 import os
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -148,3 +150,47 @@ def test_receiving_gives_up_at_the_deadline():
     finally:
         os.close(read)
         os.close(write)
+
+
+COLLIDING = [k * (2**61 - 1) for k in range(1, 200)]  # every one hashes to 0: one probe chain for all
+
+
+@pytest.mark.parametrize("tag", ["set", "frozenset"])
+def test_a_hash_flooded_set_is_refused_before_it_is_built(tag):
+    frame = json.dumps({tag: COLLIDING}).encode()
+    with pytest.raises(WireError, match=r"more than 8 members of one hash value"):
+        decode(frame)
+    tuples = json.dumps({tag: [{"tuple": [n, 1]} for n in COLLIDING]}).encode()
+    with pytest.raises(WireError, match=r"more than 8 members of one hash value"):
+        decode(tuples)  # tuples of colliding ints collide too
+
+
+def test_a_hash_flooded_dict_is_refused_and_a_few_shared_hashes_are_fine():
+    with pytest.raises(WireError, match=r"more than 8 members of one hash value"):
+        decode(json.dumps({"dict": [[n, 0] for n in COLLIDING]}).encode())
+    few = COLLIDING[: sandbox_wire.MAX_SAME_HASH]
+    assert decode(encode(set(few))) == set(few)
+    assert decode(encode({-1: "a", -2: "b"})) == {-1: "a", -2: "b"}  # hash(-1) == hash(-2)
+
+
+def test_integers_are_capped_in_digits_whatever_the_process_allows():
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # unlimited: int() of n digits would cost n^2
+    try:
+        assert decode(b"9" * sandbox_wire.MAX_DIGITS) == int("9" * sandbox_wire.MAX_DIGITS)
+        with pytest.raises(WireError, match="a number of more than 4300 digits"):
+            decode(b"[-" + b"9" * 100_000 + b"]")
+        assert decode(encode(["9" * 100_000, 1.5e300])) == ["9" * 100_000, 1.5e300]  # digits in text do not count
+    finally:
+        sys.set_int_max_str_digits(limit)
+
+
+def test_nesting_is_capped_outside_strings_only():
+    depth = sandbox_wire.MAX_DEPTH
+    assert decode(b"[" * depth + b"]" * depth) is not None
+    with pytest.raises(WireError, match=f"nested more than {depth} deep"):
+        decode(b"[" * (depth + 1) + b"]" * (depth + 1))
+    brackets_in_text = '["' + "[{" * 5000 + '\\"]"]'
+    assert decode(brackets_in_text.encode()) == ["[{" * 5000 + '"]']
+    with pytest.raises(WireError):
+        decode(b'["' + b'\\"' * 100_000)  # a string that never ends: one linear pass, then an error

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import data_dir
 from sharelora_cli.evaluation.humaneval_check import check_sample
+from sharelora_cli.evaluation.results import json_text
 from sharelora_cli.evaluation.sandbox.session import Isolation, Limits, choose_isolation
 
 # A completion ends where the model starts a new top-level statement after the function body.
@@ -108,14 +109,12 @@ def score_samples(
     allow_code_execution: bool = False,
     allow_weak_sandbox: bool = False,
     isolation: Isolation | None = None,
-    hidden: Iterable[Path] = (),
     progress_file: Path | None = None,
 ) -> dict:
     """Run every sample in the sandbox; pass@k for each k no larger than the fewest samples of any task.
 
-    isolation: None picks the strongest this machine allows (see sandbox.choose_isolation); hidden: more paths
-    the samples must not see (the problems and samples files); progress_file: each record is appended to it as
-    soon as its sample is scored, so an interrupted run keeps what it finished.
+    isolation: None picks the strongest this machine allows (see sandbox.choose_isolation); progress_file: each
+    record is appended to it as soon as its sample is scored, so an interrupted run keeps what it finished.
     """
     if not allow_code_execution:
         raise UserError(
@@ -125,15 +124,13 @@ def score_samples(
     ks = tuple(ks)
     _check_request(problems, samples, ks, timeout, workers)
     isolation = isolation or choose_isolation(allow_weak_sandbox)
-    limits, hidden = Limits(timeout=timeout), tuple(hidden)
+    limits = Limits(timeout=timeout)
     records: list[dict | None] = [None] * len(samples)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         with _progress_log(progress_file) as log:
             runs = {
-                pool.submit(
-                    check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation, hidden
-                ): index
+                pool.submit(check_sample, problems[sample["task_id"]], sample["completion"], limits, isolation): index
                 for index, sample in enumerate(samples)
             }
             finished = tqdm(
@@ -168,7 +165,7 @@ def _progress_log(path: Path | None):
     with open(path, "w", encoding="utf-8") as handle:
 
         def log(record: dict) -> None:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json_text(record) + "\n")
             handle.flush()
 
         yield log

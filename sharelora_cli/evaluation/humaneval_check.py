@@ -9,7 +9,7 @@ sends the arguments in and receives plain values back (sandbox_wire.py). A pass 
 call the tests made returned a value the tests accepted; docs/sandbox.md says what that still leaves open.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from sharelora_cli.evaluation.sandbox.session import (
     RESULT_CHARS,
@@ -19,21 +19,20 @@ from sharelora_cli.evaluation.sandbox.session import (
     SampleRaised,
     Sandbox,
     SandboxStopped,
+    printable,
 )
 from sharelora_cli.evaluation.sandbox.wire import describe
 
 
-def check_sample(
-    problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation, hidden: Iterable = ()
-) -> Outcome:
+def check_sample(problem: Mapping[str, str], completion: str, limits: Limits, isolation: Isolation) -> Outcome:
     """Passed, timed out, or failed with a reason; never raises, so one sample cannot cost the others."""
     try:
-        with Sandbox(problem["prompt"] + completion, limits, isolation, hidden) as sandbox:
+        with Sandbox(problem["prompt"] + completion, limits, isolation) as sandbox:
             return _run_tests(problem, sandbox)
     except SandboxStopped as stop:
         return Outcome(False, str(stop))
     except Exception as err:  # the evaluator's own trouble (no processes left, a broken problem): this sample alone
-        return Outcome(False, f"failed: evaluator error: {describe(err)}"[:RESULT_CHARS])
+        return Outcome(False, printable(f"failed: evaluator error: {describe(err)}"[:RESULT_CHARS]))
 
 
 def _run_tests(problem: Mapping[str, str], sandbox: Sandbox) -> Outcome:
@@ -49,7 +48,7 @@ def _run_tests(problem: Mapping[str, str], sandbox: Sandbox) -> Outcome:
     except SandboxStopped:
         failure = None  # stop_reason says it
     except Exception as err:
-        failure = f"failed: {describe(err)}"[:RESULT_CHARS]
+        failure = printable(f"failed: {describe(err)}"[:RESULT_CHARS])
     if sandbox.stop_reason is not None:  # also when a test caught the stand-in's exception and went on
         return Outcome(False, sandbox.stop_reason)
     return Outcome(False, failure) if failure else Outcome(True, "passed")

@@ -17,17 +17,17 @@ from sharelora_cli.evaluation.humaneval import (
     truncate_completion,
 )
 from sharelora_cli.evaluation.results import TaskResult
-from sharelora_cli.evaluation.sandbox.session import choose_isolation
+from sharelora_cli.evaluation.sandbox.session import Isolation, choose_isolation
 
 REFUSAL = "humaneval executes model-written code: pass --allow-code-execution to run it (ideally in a container)"
 
 
-def require_permission(allow_code_execution: bool, allow_weak_sandbox: bool = False) -> None:
+def require_permission(allow_code_execution: bool, allow_weak_sandbox: bool = False) -> Isolation:
     """Refuse before any model is loaded or any completion generated: without consent, or without namespaces
-    for the sandbox unless the weaker guard was accepted."""
+    for the sandbox unless the weaker guard was accepted. Returns the sandbox the samples will run in."""
     if not allow_code_execution:
         raise UserError(REFUSAL)
-    choose_isolation(allow_weak_sandbox)
+    return choose_isolation(allow_weak_sandbox)
 
 
 def progress_file(results_file: Path) -> Path:
@@ -52,7 +52,8 @@ def evaluate(
     allow_weak_sandbox: bool = False,
     results_file: Path | None = None,
 ) -> TaskResult:
-    require_permission(allow_code_execution, allow_weak_sandbox)
+    isolation = require_permission(allow_code_execution, allow_weak_sandbox)
+    print(f"humaneval sandbox: {isolation.value}", flush=True)  # a plain line, also where no progress bar shows
     problems = load_problems(Path(cfg.path))
     kept = dict(list(problems.items())[:limit])
     if samples_file is not None:
@@ -63,12 +64,11 @@ def evaluate(
         samples = generate_samples(engine, kept, cfg)
     scored = score_samples(
         kept, samples, cfg.ks, cfg.timeout, cfg.workers,
-        allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
-        hidden=[path for path in (Path(cfg.path), samples_file) if path is not None],  # other samples' answers too
+        allow_code_execution=allow_code_execution, isolation=isolation,
         progress_file=progress_file(results_file) if results_file else None,
     )  # fmt: skip
     records = [
         {"prompt": kept[record["task_id"]]["prompt"], **sample, **record, "correct": record["passed"]}
         for sample, record in zip(samples, scored.pop("records"))
     ]
-    return TaskResult(scored, records)
+    return TaskResult(scored, records, {"sandbox": isolation.value})

@@ -1,10 +1,12 @@
-"""The sandboxed side of sandbox.Sandbox, run as a script: contain this process, run the program, answer calls.
+"""The sandboxed side of sandbox.Sandbox: contain this process, run the program, answer calls.
 
-Reads its settings (marshal) from stdin, then: stdin becomes /dev/null; with isolation "kernel" the launcher in
-namespaces.py builds the namespaces and mounts (under bubblewrap they exist already); as root it becomes
-nobody; it keeps no capabilities and sets no_new_privs, checking both; rlimits; an audit hook that refuses
-processes, signals, sockets, native calls and file access outside the working directory. The namespaces are the
-boundary; the hook is defence in depth. In the "weak" mode there are no namespaces and the hook does more work.
+Not a file the child opens: session.py sends this module's source, wire.py's and namespaces.py's on stdin with
+the settings (marshal), and `python -I -S -c BOOTSTRAP` runs them, so the sample's view needs no checkout.
+Then: stdin becomes /dev/null; with isolation "kernel" the launcher in namespaces.py builds the namespaces and
+mounts (under bubblewrap they exist already); as root it becomes nobody; it keeps no capabilities and sets
+no_new_privs, checking both; rlimits; an audit hook that refuses processes, signals, sockets, native calls and
+file access outside the working directory. The namespaces are the boundary; the hook is defence in depth. In the
+"weak" mode there are no namespaces and the hook does more work.
 
 Then it runs the program's top-level code and replies ("ready",) or ("failed", why); after that it answers each
 ("call", name, args, kwargs) with ("returned", value) or ("raised", why) until the parent closes the request pipe.
@@ -13,17 +15,13 @@ Standard library only and few imports: it starts once per sample.
 """
 
 import ctypes
-import marshal
 import os
 import resource
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's directory off the path
-import namespaces
+import namespaces  # registered by the bootstrap (session.py) before this module runs
 import wire
-
-del sys.path[0]
 
 _CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
@@ -57,8 +55,7 @@ _UNAUDITED_SIGNALLERS = {
 }  # fmt: skip
 
 
-def main() -> None:
-    settings = marshal.loads(sys.stdin.buffer.read())
+def main(settings: dict) -> None:
     _detach_stdin()
     os.environ.pop("PWD", None)  # bwrap --chdir exports it; every mode shows the program the same environment
     libc = ctypes.CDLL(None, use_errno=True)
@@ -74,7 +71,6 @@ def main() -> None:
     except namespaces.SetupError as err:
         print(f"sandbox setup failed: {err}", file=sys.stderr, flush=True)
         os._exit(namespaces.SETUP_FAILED)
-    sys.path.extend(settings["site_packages"])  # third-party imports work as in the parent
     _set_limits(settings)
     _refuse_unaudited_signallers()
     sys.addaudithook(_Guard(os.getcwd(), _readable_roots()))  # cannot be removed once added
@@ -247,7 +243,3 @@ def _within(path: str, root: str) -> bool:
 def _flush_output() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-
-
-if __name__ == "__main__":
-    main()

@@ -9,12 +9,15 @@ init; when a namespace's PID 1 dies the kernel kills everything else in it, so n
 the run. As root the namespaces need no user namespace (the sample then becomes nobody); otherwise a user
 namespace maps the caller's own uid. Exit codes follow bubblewrap: the sample's own, or 128 + the signal that
 killed it; SETUP_FAILED, with one line on stderr, when the namespaces or mounts could not be built.
-Standard library only (it runs in the child interpreter); Linux 5.12+ (open_tree, move_mount, mount_setattr).
+The file system is the allowlist of plan.py: init builds it on a fresh tmpfs and pivots into it, so the host's
+tree is not under it at all. Standard library only (it runs in the child interpreter); Linux 5.12+ (open_tree,
+move_mount, mount_setattr).
 """
 
 import ctypes
 import json
 import os
+import platform
 import select
 import signal
 import sys
@@ -29,8 +32,8 @@ _AT_FDCWD, _AT_RECURSIVE, _OPEN_TREE_CLONE, _MOVE_MOUNT_F_EMPTY_PATH = -100, 0x8
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442  # one number on every architecture
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 _CAPABILITY_VERSION_3 = 0x20080522
-_HIDDEN_DIR_OPTIONS = "mode=0755,size=64k"  # room for the directories leading to re-exposed paths
-_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_MNT_DETACH = 2
 
 
 class SetupError(Exception):
@@ -166,48 +169,77 @@ def _die_with_launcher(libc: ctypes.CDLL, alive_read: int) -> None:
 
 
 def _build_file_system(libc: ctypes.CDLL, plan: dict) -> None:
+    """A tmpfs root holding only the plan's allowlist (plan.py), pivoted into; the host's tree is then detached."""
     os.umask(0o022)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here reaches the host
-    steps = [tuple(step) for step in plan["steps"]]
-    # Clones are taken before anything is covered: exposed directories may lie inside covered ones.
-    clones = {path: _clone(libc, path, recursive=True) for action, path in steps if action == "expose"}
+    # Clones first: the new root is mounted over the host's /tmp, under which a needed path may lie.
+    clones = {path: (_clone(libc, path), os.path.isdir(path)) for path in plan["binds"]}
     devices = {name: _clone(libc, f"/dev/{name}") for name in plan["devices"]}
-    for action, path in steps:
-        if action == "hide":
-            _mount(libc, "tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, _HIDDEN_DIR_OPTIONS)
-        elif action == "hide_file":
-            _attach(libc, _clone(libc, "/dev/null"), path)
-        else:
-            os.makedirs(path, exist_ok=True)
-            _attach(libc, clones.pop(path), path)
-    _set_attributes(libc, "/", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, recursive=True)
+    root = plan["workdir"]
+    _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+
+    def inside(path: str) -> str:  # where a path of the plan (always absolute) lies before the pivot
+        return root + path
+
+    for path in ("/dev", "/proc", plan["workdir"]):
+        os.makedirs(inside(path), exist_ok=True)
     scratch = f"mode=1777,size={plan['scratch_bytes']}"
-    _build_dev(libc, devices, scratch)
-    _mount_proc(libc)
-    _mount(libc, "tmpfs", plan["workdir"], "tmpfs", _MS_NOSUID | _MS_NODEV, scratch)
+    _mount(libc, "tmpfs", inside(plan["workdir"]), "tmpfs", _MS_NOSUID | _MS_NODEV, scratch)  # before binds under it
+    for path in plan["directories"]:
+        os.makedirs(inside(path), exist_ok=True)
+    for path, target in plan["symlinks"]:
+        os.symlink(target, inside(path))
+    for path, (clone, is_directory) in clones.items():
+        _attach(libc, clone, _mount_point(inside(path), is_directory))
+    for path in plan["covers"]:
+        _mount(libc, "tmpfs", inside(path), "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=0755,size=4k")
+    _set_attributes(libc, root, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, recursive=True)
+    _clear_attributes(libc, inside(plan["workdir"]), _MOUNT_ATTR_RDONLY)
+    _build_dev(libc, inside("/dev"), devices, plan["dev_links"])
+    _mount_proc(libc, inside("/proc"))  # while the host's /proc is still in this namespace (see _mount_proc)
+    _pivot_into(libc, root)
     os.chdir(plan["workdir"])
 
 
-def _build_dev(libc: ctypes.CDLL, devices: dict[str, int], scratch: str) -> None:
-    """/dev with null, zero, full, random and urandom (bound from the host), the usual links, and a fresh /dev/shm."""
-    _mount(libc, "tmpfs", "/dev", "tmpfs", _MS_NOSUID, "mode=0755,size=64k")
+def _mount_point(path: str, is_directory: bool) -> str:
+    """path, created as an empty directory or file for a bind of that kind to be attached on."""
+    if is_directory:
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    return path
+
+
+def _pivot_into(libc: ctypes.CDLL, root: str) -> None:
+    """Make root the root directory and detach the host's tree: pivot_root(".", ".") stacks the old root on the
+    new one, and unmounting "." takes it away (no directory for it needed)."""
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise SetupError(f"pivot_root: no system call number known for {platform.machine()}")
+    os.chdir(root)
+    _check(libc.syscall(ctypes.c_long(number), b".", b"."), "pivot_root")
+    _check(libc.umount2(b".", _MNT_DETACH), "detaching the host's root")
+    os.chdir("/")
+
+
+def _build_dev(libc: ctypes.CDLL, dev: str, devices: dict[str, int], links: dict[str, str]) -> None:
+    """/dev with the plan's devices (bound from the host) and the usual links, read-only."""
+    _mount(libc, "tmpfs", dev, "tmpfs", _MS_NOSUID, "mode=0755,size=64k")
     for name, clone in devices.items():
-        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
-        _attach(libc, clone, f"/dev/{name}")
-    for name, target in _LINKS.items():
-        os.symlink(target, f"/dev/{name}")
-    os.mkdir("/dev/shm")
-    _mount(libc, "tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, scratch)
-    _set_attributes(libc, "/dev", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, recursive=False)
+        _attach(libc, clone, _mount_point(f"{dev}/{name}", is_directory=False))
+    for name, target in links.items():
+        os.symlink(target, f"{dev}/{name}")
+    _set_attributes(libc, dev, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, recursive=False)
 
 
-def _mount_proc(libc: ctypes.CDLL) -> None:
-    """A /proc that shows only the sample's PID namespace. A user namespace may not mount one where the host's
-    /proc is partly covered (as in many containers); /proc is then an empty directory rather than the host's."""
+def _mount_proc(libc: ctypes.CDLL, target: str) -> None:
+    """A /proc that shows only the sample's PID namespace. A user namespace may mount one only while a fully
+    visible one is in its mount namespace: not where the host's /proc is partly covered (as in many containers);
+    /proc is then an empty directory."""
     try:
-        _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        _mount(libc, "proc", target, "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     except SetupError:
-        _mount(libc, "tmpfs", "/proc", "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=0555,size=4k")
+        _mount(libc, "tmpfs", target, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "mode=0555,size=4k")
 
 
 def _mount(libc: ctypes.CDLL, source, target: str, fstype, flags: int, options: str | None = None) -> None:
@@ -216,9 +248,9 @@ def _mount(libc: ctypes.CDLL, source, target: str, fstype, flags: int, options: 
     _check(result, f"mount {fstype or 'propagation'} on {target}")
 
 
-def _clone(libc: ctypes.CDLL, path: str, recursive: bool = False) -> int:
-    """A detached copy of the mount(s) at path, to attach elsewhere later."""
-    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
+def _clone(libc: ctypes.CDLL, path: str) -> int:
+    """A detached copy of the mount at path, to attach elsewhere later."""
+    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC
     args = (ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_long(_AT_FDCWD), path.encode(), ctypes.c_long(flags))
     return _check(libc.syscall(*args), f"open_tree {path}")
 
@@ -229,9 +261,13 @@ def _attach(libc: ctypes.CDLL, clone: int, target: str) -> None:
     os.close(clone)
 
 
-def _set_attributes(libc: ctypes.CDLL, path: str, flags: int, recursive: bool) -> None:
-    attributes = _MountAttr(attr_set=flags)
+def _set_attributes(libc: ctypes.CDLL, path: str, flags: int, recursive: bool, clear: bool = False) -> None:
+    attributes = _MountAttr(attr_clr=flags) if clear else _MountAttr(attr_set=flags)
     args = (ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD), path.encode())
     size = ctypes.c_long(ctypes.sizeof(attributes))
     result = libc.syscall(*args, ctypes.c_long(_AT_RECURSIVE if recursive else 0), ctypes.byref(attributes), size)
-    _check(result, f"mount_setattr read-only on {path}")
+    _check(result, f"mount_setattr {'clearing' if clear else 'setting'} {flags:#x} on {path}")
+
+
+def _clear_attributes(libc: ctypes.CDLL, path: str, flags: int) -> None:
+    _set_attributes(libc, path, flags, recursive=False, clear=True)

@@ -4,10 +4,10 @@ A Sandbox starts one child (child.py) that runs the program's top-level code and
 the functions it defined. The caller (HumanEval's checker, in this process) only ever sees plain values coming
 back (wire.py), so the verdict is decided outside the program's reach.
 
-The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a read-only
-file system without home directories or benchmark data and with fresh size-capped tmpfs mounts at /tmp (its
-working directory) and /dev/shm (plan.py), no capabilities, no_new_privs, rlimits, and runs as nobody
-when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
+The boundary is the kernel's: each child gets its own PID, mount, network, IPC and UTS namespaces, a file system
+that holds only an allowlist (the interpreter, its standard library and shared libraries, read-only; a few
+devices; its own /proc; a fresh size-capped tmpfs at /tmp, its working directory: plan.py), no capabilities,
+no_new_privs, rlimits, and runs as nobody when the evaluator is root. Bubblewrap builds the namespaces when installed, else namespaces.py does
 through the kernel. Where neither can, only an explicit --allow-weak-sandbox runs samples, with rlimits, the
 in-process audit hook and (as root) the nobody user. docs/sandbox.md lists every boundary. Linux only.
 """
@@ -22,12 +22,10 @@ import os
 import select
 import shutil
 import signal
-import site
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterable
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -39,7 +37,16 @@ from sharelora_cli.evaluation.sandbox.namespaces import SETUP_FAILED
 
 NOBODY = 65534
 RESULT_CHARS = 300  # the most of any text from a sample that reaches a result
-_CHILD_SCRIPT = str(Path(__file__).with_name("child.py"))
+# The child's code travels on stdin (child.py says why); this registers wire and namespaces, then runs child.main.
+_BOOTSTRAP = (
+    "import marshal, sys\n"
+    "bundle = marshal.loads(sys.stdin.buffer.read())\n"
+    "for name, source in bundle['code'].items():\n"
+    "    sys.modules[name] = module = type(sys)(name)\n"
+    "    exec(compile(source, name + '.py', 'exec'), module.__dict__)\n"
+    "sys.modules['child'].main(bundle['settings'])\n"
+)
+_CHILD_MODULES = ("wire", "namespaces", "child")  # in import order
 _TEARDOWN_SECONDS = 30  # killing a namespace takes milliseconds; this only bounds a wedged kernel
 
 
@@ -55,7 +62,7 @@ class Limits(NamedTuple):
     timeout: float = 3.0  # wall clock for the whole sample: start, top-level code and every call
     memory_mb: int = 1024
     max_output_bytes: int = 1 << 20  # stdout, each file the sample writes, each reply
-    scratch_mb: int = 16  # each of the tmpfs mounts at /tmp and /dev/shm
+    scratch_mb: int = 16  # the tmpfs at /tmp
 
 
 class Outcome(NamedTuple):
@@ -120,14 +127,11 @@ class Sandbox:
     """One program in a sandboxed child; `with` starts it and runs its top-level code (SandboxStopped if
     that fails), call() runs one of its functions, leaving the block kills everything it started."""
 
-    def __init__(
-        self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None, hidden: Iterable = ()
-    ):
+    def __init__(self, source: str, limits: Limits = Limits(), isolation: Isolation | None = None):
         self.isolation = isolation or choose_isolation(allow_weak=False)
         self.limits = limits
         self.stop_reason: str | None = None  # set once the sample can answer no more, even if a caller swallowed it
         self._source = source
-        self._hidden = tuple(hidden)
         self._init_pidfd: int | None = None
         self._workdir: str | None = None
 
@@ -186,7 +190,8 @@ class Sandbox:
         self._replies, reply_write = self._pipe(parent_end=0)
         info_read, info_write = self._pipe(parent_end=0) if self.isolation is not Isolation.WEAK else (None, None)
         child_fds = tuple(fd for fd in (request_read, reply_write, info_write) if fd is not None)
-        settings_file.write(marshal.dumps(self._settings(request_read, reply_write, info_write)))
+        settings = self._settings(request_read, reply_write, info_write)
+        settings_file.write(marshal.dumps({"code": _child_code(), "settings": settings}))
         settings_file.seek(0)
         self._deadline = time.monotonic() + self.limits.timeout
         try:
@@ -224,22 +229,28 @@ class Sandbox:
             "info_fd": info_fd,
             "uid": NOBODY,
             "parent_pid": os.getpid(),
-            "site_packages": site.getsitepackages(),
             "cpu_seconds": math.ceil(self.limits.timeout) + 1,  # a backstop: the wall-clock kill comes first
             "memory_bytes": self.limits.memory_mb << 20,
             "max_output_bytes": self.limits.max_output_bytes,
         }
         if self.isolation is Isolation.KERNEL:
             plan = self._plan()._asdict()
-            settings["plan"] = {**plan, "workdir": sandbox_plan.WORKDIR, "devices": sandbox_plan.DEVICES}
+            fixed = {
+                "workdir": sandbox_plan.WORKDIR,
+                "devices": sandbox_plan.DEVICES,
+                "dev_links": sandbox_plan.DEV_LINKS,
+            }
+            settings["plan"] = {**plan, **fixed}
         return settings
 
     def _plan(self) -> sandbox_plan.Plan:
-        needed = sandbox_plan.child_needs(_CHILD_SCRIPT)
-        return sandbox_plan.make_plan(self._hidden, needed, self.limits.scratch_mb << 20)
+        try:
+            return sandbox_plan.make_plan(self.limits.scratch_mb << 20)
+        except (OSError, subprocess.SubprocessError) as err:
+            self._stop(f"failed: cannot list what the interpreter needs ({err})")
 
     def _command(self, info_fd: int | None) -> list[str]:
-        python = [sys.executable, "-I", "-S", "-B", _CHILD_SCRIPT]  # -S: site's .pth hooks cost more than most tests
+        python = [sandbox_plan.interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP]  # -S: no site-packages
         if self.isolation is not Isolation.BWRAP:
             return python
         options = sandbox_plan.bwrap_arguments(self._plan(), as_root=os.geteuid() == 0)
@@ -273,9 +284,11 @@ class Sandbox:
         if frame is None:
             self._stop(self._ending())
         try:
-            message = sandbox_wire.decode(frame)
+            message = sandbox_wire.decode(frame)  # linear in the frame's size (wire.py), but charged to this sample
         except sandbox_wire.WireError as err:
             self._stop(f"failed: the sample's reply is {err}")
+        if time.monotonic() > self._deadline:
+            self._stop("timed out")
         if not (isinstance(message, tuple) and message and all(isinstance(part, str) for part in message[:1])):
             self._stop("failed: the sample broke the reply protocol")
         return message
@@ -324,6 +337,11 @@ class Sandbox:
             remove_tree(self._workdir)
 
 
+@functools.cache
+def _child_code() -> dict[str, str]:
+    return {name: Path(__file__).with_name(f"{name}.py").read_text(encoding="utf-8") for name in _CHILD_MODULES}
+
+
 def _killing_signal(returncode: int, isolation: Isolation) -> signal.Signals | None:
     """The signal that ended the sample: Popen reports it negative; bwrap and the kernel launcher as 128 + it."""
     number = -returncode if returncode < 0 else returncode - 128 if isolation is not Isolation.WEAK else 0
@@ -358,11 +376,17 @@ def _last_line(handle) -> str:
     size = handle.seek(0, os.SEEK_END)
     handle.seek(max(0, size - 4 * RESULT_CHARS))  # enough bytes for RESULT_CHARS characters of UTF-8
     lines = handle.read().decode("utf-8", errors="replace").strip().splitlines()
-    return lines[-1].strip()[:RESULT_CHARS] if lines else ""
+    return printable(lines[-1].strip()[:RESULT_CHARS]) if lines else ""
 
 
 def _one_line(parts: tuple) -> str:
     """Text from the sample, as one line of at most RESULT_CHARS characters."""
     text = parts[0] if len(parts) == 1 and isinstance(parts[0], str) else "(no reason given)"
     lines = text.strip().splitlines()
-    return (lines[0] if lines else "(no reason given)")[:RESULT_CHARS]
+    return printable((lines[0] if lines else "(no reason given)")[:RESULT_CHARS])
+
+
+def printable(text: str) -> str:
+    """text with every control, format, surrogate or private-use character (terminal escapes, NUL, bidi
+    overrides, halves of UTF-16 pairs) replaced by U+FFFD, so it can be printed and written as UTF-8."""
+    return "".join("\ufffd" if unicodedata.category(char)[0] == "C" else char for char in text)

@@ -5,25 +5,41 @@ A subclass travels as its base type, so an object with its own __eq__ (the "alwa
 reaches the checker, only the value it wraps. The receiver rebuilds exact built-in types from JSON, which no
 byte string can turn into code, so whatever a hostile sample writes decodes to plain data or to a WireError.
 Both sides import this module: the parent as sharelora_cli.evaluation.sandbox.wire, the child (standard
-library only) from its own directory.
+library only) from the source the parent hands it.
+
+Decoding costs time and memory linear in the frame's size, whatever the bytes: the evaluator decodes in a thread
+that shares the GIL with every other sample's. So nesting is capped before parsing (deep JSON would recurse in C),
+numbers are capped in digits whatever sys.set_int_max_str_digits says (int() of n digits costs n^2), and a set,
+frozenset or dict is only built when few of its members share a hash value: members with equal hashes
+(k * (2**61 - 1) are all 0 for int) land in the same probe chain, and building such a set of n members costs n^2
+comparisons (15.8 s for 44k ints in a 1 MiB reply).
 """
 
 import json
 import math
 import os
+import re
 import select
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 _HEADER = struct.Struct(">I")  # payload length
+MAX_DEPTH = 100  # JSON brackets inside brackets (a tagged type takes two); HumanEval's values need 6 at most
+MAX_DIGITS = 4300  # of one integer: CPython's own default limit, held here whatever the process has set
+MAX_SAME_HASH = 8  # members of one set or dict sharing a hash value; unequal plain values rarely share one
+_ESCAPE, _STRING = re.compile(rb"\\."), re.compile(rb'"[^"]*+"')  # possessive: no backtracking
+_LONG_NUMBER = re.compile(rb"(?<!\d)\d{%d}" % (MAX_DIGITS + 1))  # tried only where a run of digits starts
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[{]}")))
 # JSON objects are never values here: each one is a tag naming the type its single field rebuilds.
 _REBUILD: dict[str, Callable[[Any], object]] = {
     "tuple": tuple,
-    "set": set,
-    "frozenset": frozenset,
-    "dict": lambda pairs: dict(pairs),
+    "set": lambda members: set(_few_collisions(members)),
+    "frozenset": lambda members: frozenset(_few_collisions(members)),
+    "dict": lambda pairs: dict(zip(_few_collisions([key for key, _ in pairs]), [item for _, item in pairs])),
     "bytes": lambda text: text.encode("latin-1"),
     "complex": lambda parts: complex(*parts),
 }
@@ -43,9 +59,34 @@ def encode(value) -> bytes:
 
 def decode(data: bytes):
     try:
+        _check_shape(data)
         return json.loads(data.decode("ascii"), object_pairs_hook=_rebuild)
     except (RecursionError, ValueError, TypeError) as err:
         raise WireError(f"not plain data: {err}") from None
+
+
+def _check_shape(data: bytes) -> None:
+    """ValueError for a number of more than MAX_DIGITS digits, or brackets nested deeper than MAX_DEPTH (or not
+    balanced), outside strings; in C-speed passes over the bytes: escapes go first, so each string is then a
+    plain quote-to-quote run, and each pass of the loop drops the innermost bracket pairs."""
+    outside_strings = _STRING.sub(b"", _ESCAPE.sub(b"", data))
+    if _LONG_NUMBER.search(outside_strings):
+        raise ValueError(f"a number of more than {MAX_DIGITS} digits")
+    brackets = outside_strings.translate(_BRACKETS, delete=_NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return
+        brackets = brackets.replace(b"()", b"")
+    if brackets:
+        raise ValueError(f"brackets nested more than {MAX_DEPTH} deep, or unbalanced")
+
+
+def _few_collisions(members: list) -> list:
+    """The members, or ValueError when more than MAX_SAME_HASH of them share a hash (TypeError: unhashable)."""
+    counts = Counter(map(hash, members))
+    if counts and max(counts.values()) > MAX_SAME_HASH:
+        raise ValueError(f"a set or dict with more than {MAX_SAME_HASH} members of one hash value")
+    return members
 
 
 def _tagged(value):
@@ -79,6 +120,8 @@ def _rebuild(pairs: list):
     tag, body = pairs[0]
     if type(body) is not (str if tag == "bytes" else list):
         raise TypeError(tag)
+    if tag == "dict" and not all(type(pair) is list and len(pair) == 2 for pair in body):
+        raise TypeError("dict entries must be [key, value] pairs")
     return _REBUILD[tag](body)
 
 

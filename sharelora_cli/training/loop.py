@@ -493,13 +493,16 @@ def validation_loss(
     chosen = examples[: cfg.eval_batches * cfg.batch_size * accelerator.num_processes]
     mine = chosen[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = {
-            k: v.to(accelerator.device)
-            for k, v in collate(mine[start : start + cfg.batch_size], tokenizer.pad_token_id).items()
-        }
-        totals[0] += token_loss_sum(model, batch)
-        totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    # Every process runs as many forwards as the one with most examples: under FSDP2 a forward gathers
+    # weights from all of them. One left without examples runs the first one again and counts nothing.
+    batches = math.ceil(math.ceil(len(chosen) / accelerator.num_processes) / cfg.batch_size)
+    for start in range(0, batches * cfg.batch_size, cfg.batch_size):
+        part = mine[start : start + cfg.batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(part or chosen[:1], tokenizer.pad_token_id).items()}
+        summed = token_loss_sum(model, batch)
+        if part:
+            totals[0] += summed
+            totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     return float(totals[0] / totals[1])

@@ -10,6 +10,7 @@ from torch import nn
 
 from sharelora_cli.adapters.inject import inject_adapter, planned_regenerated_record, tensor_shapes
 from sharelora_cli.adapters.plan import Adapter
+from sharelora_cli.adapters.sharded_values import placed_like
 from sharelora_cli.config.recipe import AdapterConfig, validate
 from sharelora_cli.core.atomic import atomic_directory
 from sharelora_cli.core.errors import UserError, first_line
@@ -74,7 +75,7 @@ def copy_tensors(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> None:
     """Set every distinct tensor of the adapter from saved tensors of the same names (checked by the caller)."""
     with torch.no_grad():
         for name, param in adapter.named_tensors().items():
-            param.copy_(tensors[name])
+            param.copy_(placed_like(tensors[name], param))
 
 
 def check_regenerated(current: dict[str, dict], config: dict, source: Path) -> None:

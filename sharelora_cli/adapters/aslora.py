@@ -31,6 +31,7 @@ from torch import nn
 from sharelora_cli.adapters.base import Method
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.plan import Adapter, Group
+from sharelora_cli.adapters.sharded_values import full_value
 from sharelora_cli.config.recipe import ASLoRAConfig
 from sharelora_cli.core.errors import UserError
 
@@ -87,7 +88,7 @@ def target_plan(plan: dict, cfg: ASLoRAConfig) -> dict:
 
 def most_similar_pair(tensors: Sequence[torch.Tensor], measure: str) -> tuple[int, int, float]:
     """(i, j, similarity), i < j, of the two most similar tensors; ties go to the lowest (i, j)."""
-    flat = torch.stack([t.detach().flatten() for t in tensors]).double()
+    flat = torch.stack([full_value(t).detach().flatten() for t in tensors]).double()
     if measure == "cosine":
         unit = F.normalize(flat, dim=1)
         scores = unit @ unit.t()

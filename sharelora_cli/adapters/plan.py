@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sharelora_cli.adapters.base import AdaptedLayer
+from sharelora_cli.adapters.sharded_values import full_value
 from sharelora_cli.config.recipe import AdapterConfig
 
 
@@ -117,4 +118,6 @@ def regenerated_record(tensors: Mapping[str, torch.Tensor], rules: dict[str, str
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        full_value(tensor).detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    ).hexdigest()

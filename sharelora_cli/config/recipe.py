@@ -146,6 +146,16 @@ class DataConfig(Section):
     max_examples: int | None = Field(None, gt=0)
 
 
+class DistributedConfig(Section):
+    """How a run spreads over the processes its launch starts (docs/distributed.md)."""
+
+    # auto: FSDP2 when the launch asks for FSDP (accelerate launch --use_fsdp), DDP with several processes.
+    # fsdp2: shard each decoder layer (and the adapter, owned by the root) over the processes, on CPU or GPU.
+    strategy: Literal["auto", "ddp", "fsdp2"] = "auto"
+    # FSDP2: free a decoder layer's gathered weights after its forward and gather them again for backward.
+    reshard_after_forward: bool = True
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -177,6 +187,7 @@ class TrainConfig(Section):
     eval_tasks: list[TaskName] = Field(default_factory=list)
     # Where metrics go besides metrics.jsonl: Accelerate's trackers (an empty list: none).
     report_to: list[Tracker] = Field(default_factory=lambda: list(DEFAULT_TRACKERS))
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class GSM8KTaskConfig(Section):

@@ -30,6 +30,7 @@ from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.core.atomic import atomic_directory, remove_directory, remove_stale_staging
 from sharelora_cli.core.errors import UserError, first_line
+from sharelora_cli.training.sharding import shard_optimizer_state
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
@@ -70,14 +71,24 @@ def preserved_rng() -> Iterator[None]:
 
 
 def save_checkpoint(
-    output_dir: Path, state: TrainerState, adapter: Adapter, optimizer, scheduler, rng_states: list[dict], extra: dict
+    output_dir: Path,
+    state: TrainerState,
+    adapter: Adapter,
+    optimizer_state: dict,
+    scheduler,
+    rng_states: list[dict],
+    extra: dict,
 ) -> Path:
-    """Write checkpoint-N atomically; on failure the previous checkpoints are untouched."""
+    """Write checkpoint-N atomically; on failure the previous checkpoints are untouched.
+
+    adapter and optimizer_state hold whole tensors (training/sharding.py gathers them under FSDP2), so a
+    checkpoint's files are the same however the run was distributed.
+    """
     target = Path(output_dir) / f"checkpoint-{state.step}"
     try:
         with atomic_directory(target, replace=True) as staging:
             save_adapter(adapter, staging / "adapter", extra=extra)
-            (staging / "optimizer.pt").write_bytes(torch_bytes(optimizer.state_dict()))
+            (staging / "optimizer.pt").write_bytes(torch_bytes(optimizer_state))
             (staging / "scheduler.pt").write_bytes(torch_bytes(scheduler.state_dict()))
             (staging / "rng.pt").write_bytes(torch_bytes(rng_states))
             (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
@@ -135,14 +146,23 @@ def checkpoint_plan(path: Path, config: AdapterConfig) -> dict:
     return saved["plan"]
 
 
-def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: int) -> TrainerState:
-    """Restore tensors, optimizer, scheduler and this process's RNG; return the trainer state."""
+def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: int, processes: int) -> TrainerState:
+    """Restore tensors, optimizer, scheduler and this process's RNG; return the trainer state.
+
+    A run continues with the process count that wrote the checkpoint: the global batch, the data each
+    process reads and each process's random numbers depend on it.
+    """
     state = read_checkpoint_file(path / STATE_FILE, lambda file: TrainerState(**json.loads(file.read_text())))
     tensors = read_adapter_tensors(path / "adapter")
     optimizer_state, scheduler_state, rng_states = (
         read_checkpoint_file(path / name, lambda file: torch.load(file, weights_only=False))
         for name in ("optimizer.pt", "scheduler.pt", "rng.pt")
     )
+    if len(rng_states) != processes:
+        raise UserError(
+            f"checkpoint {path} was written by {len(rng_states)} process(es), this run has {processes}; "
+            f"resume with --num_processes {len(rng_states)}, or start a new output_dir"
+        )
     if set(adapter.named_tensors()) != set(tensors):
         raise UserError(f"checkpoint {path} was written for a different adapter; start a new output_dir")
     check_regenerated(
@@ -150,6 +170,7 @@ def load_checkpoint(path: Path, adapter: Adapter, optimizer, scheduler, rank: in
     )
     copy_tensors(adapter, tensors)
     optimizer.load_state_dict(optimizer_state)
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(scheduler_state)
     set_rng_state(rng_states[rank])
     return state

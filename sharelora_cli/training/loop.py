@@ -12,7 +12,6 @@ import os
 import resource
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,19 @@ from sharelora_cli.training.checkpoint import (
 )
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
+from sharelora_cli.training.run_lock import RunLock
+from sharelora_cli.training.sharding import (
+    Distribution,
+    check_fsdp2_settings,
+    gathered,
+    gathered_optimizer_state,
+    gradient_sync,
+    norm_value,
+    resolve,
+    shard,
+    shard_optimizer_state,
+    take_launch_request,
+)
 
 EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Written last when a run finishes: its presence says the run is complete.
@@ -80,6 +92,9 @@ class RunSummary:
     final_val_loss: float | None
     output_dir: str
     is_main_process: bool
+    # How the run was distributed: "single", "ddp" or "fsdp2", over this many processes.
+    strategy: str
+    processes: int
 
 
 @dataclass
@@ -99,6 +114,7 @@ class Session:
     log: MetricsLog
     state: TrainerState
     code: CodeExecution
+    distribution: Distribution
 
     @property
     def output_dir(self) -> Path:
@@ -110,7 +126,15 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
 
     code: whether HumanEval in train.eval_tasks may run model-written code (the CLI's --allow-code-execution).
     """
-    run = set_up(recipe, code)
+    lock = RunLock(Path(recipe.output_dir))
+    try:
+        return run_training(recipe, code, lock)
+    finally:
+        lock.release()
+
+
+def run_training(recipe: Recipe, code: CodeExecution, lock: RunLock) -> RunSummary:
+    run = set_up(recipe, code, lock)
     cfg = recipe.train
     progress = tqdm(
         total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train"
@@ -135,17 +159,21 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
     return finish(run, record["loss"], val_loss)
 
 
-def set_up(recipe: Recipe, code: CodeExecution) -> Session:
+def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     """Check the output directory, load data, model and adapter, and restore the newest checkpoint when resuming."""
     cfg = recipe.train
     method = METHODS[recipe.adapter.method]
     if "humaneval" in cfg.eval_tasks:
         require_permission(code.allowed, code.weak_sandbox)
     output_dir = Path(recipe.output_dir)
+    launch = take_launch_request(os.environ)
     accelerator = make_accelerator(cfg, output_dir, find_unused_parameters=method.drops_parameters)
+    distribution = resolve(cfg.distributed, launch, accelerator.num_processes)
+    accelerator.print(distribution.describe())
+    check_fsdp2_settings(cfg, distribution)
     if cfg.liger_kernel:
         require_liger_kernel(accelerator.device)
-    resume_from = prepare_output_dir(recipe, accelerator)
+    resume_from = prepare_output_dir(recipe, accelerator, lock)
     start = read_starting_point(recipe.adapter) if recipe.adapter.init_from and resume_from is None else None
     set_seed(cfg.seed)
 
@@ -164,15 +192,23 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     find_shared_inputs(model, accelerator.device)
+    if distribution.strategy == "fsdp2":
+        shard(model, adapter, distribution, accelerator.device, accelerator.mixed_precision)
     optimizer = make_optimizer(adapter, cfg, accelerator.device)
     scheduler = make_scheduler(cfg.scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if distribution.strategy == "fsdp2":
+        optimizer = accelerator.prepare(optimizer)  # the model is sharded already: no DDP wrapper
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if start is not None and start.optimizer_state is not None:
         optimizer.load_state_dict(start.optimizer_state)
+        shard_optimizer_state(optimizer)
 
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, adapter, optimizer, scheduler, accelerator.process_index)
+        state = load_checkpoint(
+            resume_from, adapter, optimizer, scheduler, accelerator.process_index, accelerator.num_processes
+        )
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
         truncate_metrics(output_dir / METRICS_FILE, state.step)
@@ -201,6 +237,7 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         MetricsLog(output_dir, accelerator, recipe.model_dump()),
         state,
         code,
+        distribution,
     )
 
 
@@ -272,10 +309,13 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
         val_loss,
         str(output_dir),
         accelerator.is_main_process,
+        run.distribution.strategy,
+        run.distribution.processes,
     )
+    whole = gathered(run.adapter)
     if accelerator.is_main_process:
         save_adapter(
-            run.adapter,
+            whole,
             output_dir / "adapter",
             base_model=run.recipe.model.name_or_path,
             extra=quantization_note(run.recipe),
@@ -313,8 +353,8 @@ def dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
     return TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if cfg.cuda_graphs else "default")
 
 
-def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
-    """Check the output directory is writable and decide what to resume from; write recipe.yaml."""
+def prepare_output_dir(recipe: Recipe, accelerator: Accelerator, lock: RunLock) -> Path | None:
+    """Check the output directory is writable, lock it for this run, decide what to resume from; write recipe.yaml."""
     output_dir = Path(recipe.output_dir)
     latest = latest_checkpoint(output_dir) if output_dir.is_dir() else None
     if latest is not None and not recipe.resume:
@@ -329,6 +369,7 @@ def prepare_output_dir(recipe: Recipe, accelerator: Accelerator) -> Path | None:
             probe = output_dir / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
+            lock.acquire()
             (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
         except OSError as err:
             raise UserError(
@@ -371,7 +412,7 @@ def train_step(
     for i, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = i == len(batches) - 1
-        with accelerator.no_sync(model) if not sync else nullcontext():
+        with gradient_sync(model, accelerator, sync):
             summed = token_loss_sum(model, batch, fused_loss=cfg.liger_kernel)
             # DDP averages gradients over processes, so scale by their number to get the global token mean.
             accelerator.backward(summed * accelerator.num_processes / target_tokens)
@@ -379,7 +420,7 @@ def train_step(
     loss = float(accelerator.reduce(total_loss, reduction="sum") / target_tokens)
     # A finite loss can still overflow in backward, so the gradient norm is checked too (max_grad_norm
     # unset: measured against inf, which scales nothing); with fp16 the GradScaler skips such steps itself.
-    grad_norm = float(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm or math.inf))
+    grad_norm = norm_value(accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm or math.inf))
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and accelerator.scaler is None):
         return handle_nonfinite(loss, grad_norm, optimizer, scheduler, cfg, step, input_tokens, rows)
     optimizer.step()
@@ -452,13 +493,16 @@ def validation_loss(
     chosen = examples[: cfg.eval_batches * cfg.batch_size * accelerator.num_processes]
     mine = chosen[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = {
-            k: v.to(accelerator.device)
-            for k, v in collate(mine[start : start + cfg.batch_size], tokenizer.pad_token_id).items()
-        }
-        totals[0] += token_loss_sum(model, batch)
-        totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    # Every process runs as many forwards as the one with most examples: under FSDP2 a forward gathers
+    # weights from all of them. One left without examples runs the first one again and counts nothing.
+    batches = math.ceil(math.ceil(len(chosen) / accelerator.num_processes) / cfg.batch_size)
+    for start in range(0, batches * cfg.batch_size, cfg.batch_size):
+        part = mine[start : start + cfg.batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in collate(part or chosen[:1], tokenizer.pad_token_id).items()}
+        summed = token_loss_sum(model, batch)
+        if part:
+            totals[0] += summed
+            totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     return float(totals[0] / totals[1])
@@ -467,12 +511,13 @@ def validation_loss(
 def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerator, recipe: Recipe) -> Path:
     rng_states = gather_object([rng_state()])
     target = output_dir / f"checkpoint-{state.step}"
+    whole, optimizer_state = gathered(adapter), gathered_optimizer_state(optimizer)
     if accelerator.is_main_process:
         save_checkpoint(
             output_dir,
             state,
-            adapter,
-            optimizer,
+            whole,
+            optimizer_state,
             scheduler,
             rng_states,
             extra={"base_model": recipe.model.name_or_path},

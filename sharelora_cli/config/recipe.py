@@ -44,7 +44,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = "artifacts/tiny-llama"
+    # Required in a recipe file (load_recipe refuses it empty): a forgotten model must not train some other one.
+    name_or_path: str = ""
     revision: str | None = None
     # auto: bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -262,7 +263,9 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Continual fine-tuning: stages trained in order, each continuing the previous stage's adapter.
     stages: list[StageConfig] = Field(default_factory=list)
-    output_dir: str = "runs/quickstart"
+    # Empty in a recipe file: runs/<recipe name> (load_recipe), so every recipe gets its own folder and every
+    # process the same one.
+    output_dir: str = ""
     resume: bool = False
 
     @field_serializer("stages")
@@ -352,7 +355,17 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
             f"recipe {path}: cannot use it ({type(err).__name__}: {first_line(err)}); "
             "a recipe is a YAML mapping of sections (model:, adapter:, ...)"
         ) from None
-    return validate(plain, source=str(path))
+    return with_required(validate(plain, source=str(path)), path)
+
+
+def with_required(recipe: Recipe, path: Path) -> Recipe:
+    """The recipe with output_dir defaulted to runs/<recipe name>; a recipe without a model is refused."""
+    if not recipe.model.name_or_path:
+        raise UserError(
+            f"recipe {path}: model.name_or_path is required (a model directory, a recipes/models name or a hub id); "
+            "add `model: {name_or_path: ...}` to the recipe or pass model.name_or_path=..."
+        )
+    return recipe if recipe.output_dir else recipe.model_copy(update={"output_dir": f"runs/{path.stem}"})
 
 
 def validate(values: object, source: str = "recipe") -> Recipe:

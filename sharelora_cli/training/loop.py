@@ -51,7 +51,8 @@ from sharelora_cli.training.checkpoint import (
     save_checkpoint,
 )
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
+from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, strict_json, trackers, truncate_metrics
+from sharelora_cli.training.progress import Progress
 
 EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Written last when a run finishes: its presence says the run is complete.
@@ -110,22 +111,17 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
 
     code: whether HumanEval in train.eval_tasks may run model-written code (the CLI's --allow-code-execution).
     """
+    refuse_finished_run(recipe)
     run = set_up(recipe, code)
     cfg = recipe.train
-    progress = tqdm(
-        total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train"
-    )
+    progress = Progress(cfg.max_steps, run.state.step, run.accelerator.is_local_main_process)
     record: dict = {"loss": math.nan}
     val_loss = None
-    # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
     with StopSignal() as stop, progress:
         while run.state.step < cfg.max_steps:
             record = run_step(run)
             val_loss = record.get("val_loss", val_loss)
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+            progress.update(record, is_logged(record, cfg.log_every))
             if run.state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
                 checkpoint = write_checkpoint(
                     run.output_dir, run.state, run.adapter, run.optimizer, run.scheduler, run.accelerator, recipe
@@ -208,6 +204,8 @@ def run_step(run: Session) -> dict:
     """One optimizer step, the method's hook, validation when due, and the log; returns the step's record."""
     cfg, state = run.recipe.train, run.state
     started = time.perf_counter()
+    # The rate this step applies: the scheduler moves on to the next step's inside train_step.
+    lr = run.scheduler.get_last_lr()[0]
     micro = [[run.splits.train[i] for i in idx] for idx in run.sampler.micro_batches(state.step)]
     batches = [collate(examples, run.tokenizer.pad_token_id) for examples in micro]
     rows = [ex.row for examples in micro for ex in examples]
@@ -220,7 +218,7 @@ def run_step(run: Session) -> dict:
     record = {
         "step": state.step,
         "loss": loss,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": grad_norm,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens / (time.perf_counter() - started),
@@ -231,9 +229,31 @@ def run_step(run: Session) -> dict:
     if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
         record["val_loss"] = validation_loss(run.model, run.splits.validation, run.tokenizer, cfg, run.accelerator)
         record.update(evaluate_during_training(run))
-    if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
+    if is_logged(record, cfg.log_every):
         run.log.write(record)
     return record
+
+
+def is_logged(record: dict, log_every: int) -> bool:
+    """Whether a step goes to metrics.jsonl: every log_every steps, and whenever it validated or merged."""
+    return record["step"] % log_every == 0 or "val_loss" in record or "trainable_parameters" in record
+
+
+class AlreadyFinished(Exception):
+    """resume=true on a run that already reached its last step: nothing is trained and no file changes."""
+
+
+def refuse_finished_run(recipe: Recipe) -> None:
+    """Stop before anything is written when resuming a run whose summary.json already counts every step."""
+    summary_file = Path(recipe.output_dir) / SUMMARY_FILE
+    if not recipe.resume or not summary_file.is_file():
+        return
+    steps = json.loads(summary_file.read_text()).get("steps", 0)
+    if steps >= recipe.train.max_steps:
+        raise AlreadyFinished(
+            f"{recipe.output_dir} already finished at step {steps} (train.max_steps={recipe.train.max_steps}); "
+            "nothing to do: raise train.max_steps to train further, or choose another output_dir"
+        )
 
 
 def evaluate_during_training(run: Session) -> dict[str, Metric]:
@@ -281,7 +301,7 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
             extra=quantization_note(run.recipe),
         )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(strict_json(summary.__dict__), indent=2) + "\n")
     run.log.close()
     accelerator.wait_for_everyone()
     return summary

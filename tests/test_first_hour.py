@@ -1,0 +1,101 @@
+"""A new user's first hour through the CLI: own recipe, readable runs, resuming a finished run."""
+
+import json
+import re
+
+import pytest
+import torch
+from cli_runner import assert_one_line_error, run_cli
+from test_train import read_metrics, write_recipe
+from transformers import get_cosine_schedule_with_warmup
+
+RUN_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "recipe.yaml",
+    "adapter/adapter.safetensors",
+    "adapter/sharelora_config.json",
+)
+STEP_LINE = re.compile(
+    r"^step (\d+)/6  loss (\d+\.\d{4})  lr (\S+)  tok/s \d+  epoch \d+\.\d\d(  val_loss (\d+\.\d{4}))?$"
+)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A 6-step run through the CLI, output captured (no terminal): its newest checkpoint is step 4, not 6."""
+    tmp = tmp_path_factory.mktemp("first-hour")
+    train = {"max_steps": 6, "log_every": 2, "eval_every": 3, "checkpoint_every": 4, "warmup_steps": 2}
+    recipe = write_recipe(tmp, tiny_model_dir, train=train)
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    return recipe, tmp / "run", result
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_and_changes_no_file(finished_run):
+    recipe, run, _ = finished_run
+    before = {name: (run / name).read_bytes() for name in RUN_FILES}
+    result = run_cli("train", str(recipe), "resume=true")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        f"{run} already finished at step 6 (train.max_steps=6); nothing to do: raise train.max_steps to train "
+        "further, or choose another output_dir"
+    ]
+    assert {name: (run / name).read_bytes() for name in RUN_FILES} == before
+    json.loads((run / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+def test_a_run_without_a_terminal_logs_one_plain_line_per_logged_step(finished_run):
+    _, run, result = finished_run
+    lines = [STEP_LINE.match(line) for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert all(lines) and "\r" not in result.stderr
+    metrics = {m["step"]: m for m in read_metrics(run)}
+    # log_every=2 and the validations at steps 3 and 6: the lines are metrics.jsonl's records, rounded.
+    assert [int(m[1]) for m in lines] == sorted(metrics) == [2, 3, 4, 6]
+    for match in lines:
+        record = metrics[int(match[1])]
+        assert match[2] == f"{record['loss']:.4f}" and match[3] == f"{record['lr']:.2e}"
+        assert match[5] == (f"{record['val_loss']:.4f}" if "val_loss" in record else None)
+
+
+def test_done_line_rounds_the_losses_and_shows_no_none_or_nan(finished_run):
+    _, run, result = finished_run
+    done = result.stdout.strip().splitlines()[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert done.startswith("done: 6 steps") and "None" not in done and "nan" not in done
+    assert f"final loss {summary['final_loss']:.4f}, validation loss {summary['final_val_loss']:.4f};" in done
+
+
+def test_logged_lr_is_the_rate_applied_at_that_step_as_transformers_applies_it(finished_run):
+    _, run, _ = finished_run
+    # transformers.Trainer's scheduler, stepped after each update: the rate step k applies is the one before it.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=6)
+    applied = []
+    for _ in range(6):
+        applied.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    logged = {m["step"]: m["lr"] for m in read_metrics(run)}
+    assert logged == {step: applied[step - 1] for step in logged}
+    assert applied[0] == 0.0  # warm-up starts from zero: step 1 trains nothing
+
+
+def test_a_recipe_without_a_model_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("adapter: {method: sharea}\n")
+    assert_one_line_error(run_cli("train", str(path)), "model.name_or_path is required", str(path))
+
+
+def test_the_default_output_dir_is_runs_slash_the_recipe_name(tmp_path, tiny_model_dir):
+    path = tmp_path / "my-alpaca.yaml"
+    path.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}}))
+    result = run_cli("show", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "output_dir: runs/my-alpaca\n" in result.stdout
+
+
+def test_shipped_recipes_keep_their_model_and_output_dir():
+    result = run_cli("show", "quickstart")
+    assert "name_or_path: artifacts/tiny-llama-arith" in result.stdout
+    assert "output_dir: runs/quickstart\n" in result.stdout

@@ -99,3 +99,58 @@ def test_shipped_recipes_keep_their_model_and_output_dir():
     result = run_cli("show", "quickstart")
     assert "name_or_path: artifacts/tiny-llama-arith" in result.stdout
     assert "output_dir: runs/quickstart\n" in result.stdout
+
+
+def gsm8k_lengths(tiny_model_dir, shared_data, rows: int) -> list[int]:
+    """Tokens of each of the first GSM8K rows as trained (prompt, answer, eos), counted apart from sharelora."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:rows]
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in map(json.loads, lines)]
+    return [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]
+
+
+def test_the_data_line_says_what_the_rows_became_and_the_epochs(finished_run, tiny_model_dir, shared_data):
+    _, _, result = finished_run
+    long = [n for n in gsm8k_lengths(tiny_model_dir, shared_data, 300) if n > 256]
+    kept = 300 - len(long)
+    validation = int(kept * 0.1)
+    train = kept - validation
+    expected = (
+        f"data: 300 rows from {shared_data / 'gsm8k' / 'train.jsonl'} -> {kept} examples ({len(long)} dropped: longer "
+        f"than data.max_length=256, {min(long)}-{max(long)} tokens); {train} train / {validation} validation; "
+        f"6 steps x 4 examples = {24 / train:.2f} epochs"
+    )
+    assert long and expected in result.stdout.splitlines()
+
+
+def test_num_epochs_sets_the_steps_and_a_finished_epoch_run_is_not_resumed(tmp_path, tiny_model_dir, shared_data):
+    data = {"max_examples": 40, "validation_fraction": 0, "max_length": 512}
+    recipe = write_recipe(tmp_path, tiny_model_dir, data=data, train={"num_epochs": 0.5, "eval_every": 100})
+    assert all(n <= 512 for n in gsm8k_lengths(tiny_model_dir, shared_data, 40))
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "; 5 steps x 4 examples = 0.50 epochs" in result.stdout  # ceil(0.5 x 40 / 4)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5
+    again = run_cli("train", str(recipe), "resume=true")
+    assert again.returncode == 0 and "already finished at step 5 (train.num_epochs=0.5)" in again.stdout
+
+
+def test_overlength_messages_give_the_counts_and_token_lengths(tmp_path, tiny_model_dir, shared_data):
+    lengths = gsm8k_lengths(tiny_model_dir, shared_data, 50)
+    data = {"max_examples": 50, "validation_fraction": 0, "max_length": 40, "overlength": "drop"}
+    recipe = write_recipe(tmp_path, tiny_model_dir, data=data)
+    assert_one_line_error(
+        run_cli("train", str(recipe)),
+        f"no example fits data.max_length=40: 50 of 50 rows dropped as longer ({min(lengths)}-{max(lengths)} tokens)",
+    )
+    limit = sorted(lengths)[2]  # three rows fit, fewer than a batch of 4
+    fit = sum(n <= limit for n in lengths)
+    long = [n for n in lengths if n > limit]
+    assert fit < 4
+    assert_one_line_error(
+        run_cli("train", str(recipe), f"data.max_length={limit}"),
+        f"exceeds the {fit} training examples",
+        f"(of 50 rows: {len(long)} dropped: longer than data.max_length={limit}, {min(long)}-{max(long)} tokens)",
+    )

@@ -149,6 +149,9 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
+    # Instead of max_steps: this many passes over the training examples (blocks when packed), rounded up to
+    # whole steps; the data summary line before training says how many steps that is.
+    num_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)

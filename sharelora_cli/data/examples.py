@@ -10,7 +10,7 @@ training would teach tokens the model never sees when it generates.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,17 +40,34 @@ class Example:
 
 
 @dataclass
+class DataStats:
+    """What the rows became: read, dropped or truncated for length (and how long they were), split."""
+
+    rows: int = 0
+    # Token lengths of the rows data.overlength=drop left out, and of the rows it cut to max_length.
+    dropped_lengths: list[int] = field(default_factory=list)
+    truncated_lengths: list[int] = field(default_factory=list)
+    # Rows left without a trained token (an answer that data.overlength=truncate cut off entirely).
+    no_target: int = 0
+    examples: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+
+
+@dataclass
 class Splits:
     train: list[Example]
     validation: list[Example]
+    stats: DataStats = field(default_factory=DataStats)
 
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     """Load, check, tokenize and split the data deterministically (the split depends only on seed)."""
     rows = load_rows(cfg)
-    examples = [ex for i, row in enumerate(rows) if (ex := _to_example(row, i, cfg, tokenizer)) is not None]
+    stats = DataStats(rows=len(rows))
+    examples = [ex for i, row in enumerate(rows) if (ex := _to_example(row, i, cfg, tokenizer, stats)) is not None]
     if not examples:
-        raise UserError(f"data.path {cfg.path}: no example fits data.max_length={cfg.max_length}")
+        raise UserError(f"data.path {cfg.path}: no example fits data.max_length={cfg.max_length}: {_lost(stats)}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = int(len(examples) * cfg.validation_fraction)
@@ -62,6 +79,7 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
         )
     train = [examples[i] for i in order[n_val:]]
     validation = [examples[i] for i in order[:n_val]]
+    stats.examples, stats.train_examples, stats.validation_examples = len(examples), len(train), len(validation)
     if cfg.packing:
         # Validation is packed like training, so it too stays within max_length and the positions trained on.
         train, validation = pack(train, cfg.max_length), pack(validation, cfg.max_length)
@@ -69,7 +87,23 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
             raise UserError(
                 f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length"
             )
-    return Splits(train, validation)
+    return Splits(train, validation, stats)
+
+
+def _lost(stats: DataStats) -> str:
+    """Why every row was lost, with the lengths to compare against max_length."""
+    parts = []
+    if stats.dropped_lengths:
+        lengths = stats.dropped_lengths
+        parts.append(
+            f"{len(lengths)} of {stats.rows} rows dropped as longer ({min(lengths)}-{max(lengths)} tokens); "
+            "raise data.max_length or set data.overlength=truncate"
+        )
+    if stats.no_target:
+        parts.append(
+            f"{stats.no_target} of {stats.rows} rows have no answer token left within it; raise data.max_length"
+        )
+    return "; ".join(parts)
 
 
 def load_rows(cfg: DataConfig) -> list[dict]:
@@ -104,7 +138,7 @@ def load_rows(cfg: DataConfig) -> list[dict]:
     return rows
 
 
-def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | None:
+def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataStats) -> Example | None:
     for name in REQUIRED_FIELDS[cfg.format]:
         if row.get(name) in (None, ""):
             raise UserError(
@@ -123,9 +157,12 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | 
                 f"data.max_length={cfg.max_length}; raise data.max_length or set data.overlength=truncate or drop"
             )
         if cfg.overlength == "drop":
+            stats.dropped_lengths.append(len(input_ids))
             return None
+        stats.truncated_lengths.append(len(input_ids))
         input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
     if all(label == IGNORE_INDEX for label in labels):
+        stats.no_target += 1
         return None
     return Example(input_ids, labels, index)
 

@@ -32,6 +32,7 @@ from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.data.data_summary import data_line, length_losses, resolved_steps
 from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
@@ -81,6 +82,8 @@ class RunSummary:
     final_val_loss: float | None
     output_dir: str
     is_main_process: bool
+    # Passes over the training examples (blocks when packed) the steps made.
+    epochs: float = 0.0
 
 
 @dataclass
@@ -113,7 +116,7 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
     """
     refuse_finished_run(recipe)
     run = set_up(recipe, code)
-    cfg = recipe.train
+    cfg = run.recipe.train  # max_steps resolved from train.num_epochs
     progress = Progress(cfg.max_steps, run.state.step, run.accelerator.is_local_main_process)
     record: dict = {"loss": math.nan}
     val_loss = None
@@ -147,6 +150,11 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
     splits = build_splits(recipe.data, tokenizer, cfg.seed)
+    recipe = with_resolved_steps(recipe, len(splits.train), accelerator.num_processes)
+    cfg = recipe.train
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    accelerator.print(data_line(splits.stats, recipe.data, cfg.max_steps, global_batch, len(splits.train)))
+    sampler = make_sampler(splits, recipe, accelerator)  # before the model loads: a batch larger than the data
     model = load_model(recipe.model, recipe.quantization, accelerator.device)
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
@@ -172,14 +180,6 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
         truncate_metrics(output_dir / METRICS_FILE, state.step)
-    sampler = StepSampler(
-        len(splits.train),
-        cfg.batch_size,
-        cfg.grad_accum,
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.seed,
-    )
     accelerator.print(
         f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})"
     )
@@ -198,6 +198,31 @@ def set_up(recipe: Recipe, code: CodeExecution) -> Session:
         state,
         code,
     )
+
+
+def with_resolved_steps(recipe: Recipe, train_units: int, processes: int) -> Recipe:
+    """The recipe with train.max_steps set to what train.num_epochs means for this data (unchanged without it)."""
+    steps = resolved_steps(recipe.train, train_units, processes)
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": steps})})
+
+
+def make_sampler(splits: Splits, recipe: Recipe, accelerator: Accelerator) -> StepSampler:
+    """The step sampler; a global batch larger than the data also says which rows the length limit took."""
+    cfg = recipe.train
+    try:
+        return StepSampler(
+            len(splits.train),
+            cfg.batch_size,
+            cfg.grad_accum,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.seed,
+        )
+    except UserError as err:
+        losses = length_losses(splits.stats, recipe.data.max_length)
+        if not losses:
+            raise
+        raise UserError(f"{err} (of {splits.stats.rows} rows: {'; '.join(losses)})") from None
 
 
 def run_step(run: Session) -> dict:
@@ -248,11 +273,16 @@ def refuse_finished_run(recipe: Recipe) -> None:
     summary_file = Path(recipe.output_dir) / SUMMARY_FILE
     if not recipe.resume or not summary_file.is_file():
         return
-    steps = json.loads(summary_file.read_text()).get("steps", 0)
-    if steps >= recipe.train.max_steps:
+    done = json.loads(summary_file.read_text())
+    cfg = recipe.train
+    if cfg.num_epochs is None:
+        finished, target = done.get("steps", 0) >= cfg.max_steps, f"train.max_steps={cfg.max_steps}"
+    else:  # the epochs its steps covered (summary.json's epochs), with room for the rounding of that division
+        finished, target = done.get("epochs", 0) >= cfg.num_epochs * (1 - 1e-9), f"train.num_epochs={cfg.num_epochs}"
+    if finished:
         raise AlreadyFinished(
-            f"{recipe.output_dir} already finished at step {steps} (train.max_steps={recipe.train.max_steps}); "
-            "nothing to do: raise train.max_steps to train further, or choose another output_dir"
+            f"{recipe.output_dir} already finished at step {done['steps']} ({target}); "
+            f"nothing to do: raise {target.partition('=')[0]} to train further, or choose another output_dir"
         )
 
 
@@ -292,6 +322,7 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
         val_loss,
         str(output_dir),
         accelerator.is_main_process,
+        run.sampler.epoch_of(run.state.step),
     )
     if accelerator.is_main_process:
         save_adapter(

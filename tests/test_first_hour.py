@@ -154,3 +154,49 @@ def test_overlength_messages_give_the_counts_and_token_lengths(tmp_path, tiny_mo
         f"exceeds the {fit} training examples",
         f"(of 50 rows: {len(long)} dropped: longer than data.max_length={limit}, {min(long)}-{max(long)} tokens)",
     )
+
+
+def test_an_override_typo_is_reported_against_the_override_with_the_near_key():
+    line = assert_one_line_error(run_cli("show", "quickstart", "adapter.rnak=8"))
+    assert line.startswith("error: override 'adapter.rnak=8': unknown key 'adapter.rnak'; did you mean 'adapter.rank'?")
+    assert "quickstart.yaml" not in line
+
+
+def test_a_typo_in_the_recipe_file_gets_the_near_key_too(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {name_or_path: llama-7b}\ntrain: {max_stpes: 5}\n")
+    assert_one_line_error(run_cli("show", str(path)), "unknown key 'train.max_stpes'; did you mean 'train.max_steps'?")
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": "d"\n')
+    recipe = write_recipe(tmp_path, tiny_model_dir, data={"path": str(data)})
+    assert_one_line_error(run_cli("train", str(recipe)), f"{data}:3: not valid JSON", "fix or remove that line")
+
+
+def test_alpaca_rows_read_as_gsm8k_suggest_the_format_and_count_rows_from_one(tmp_path, tiny_model_dir):
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"instruction": "Add 2 and 3.", "input": "", "output": "5"}) + "\n")
+    recipe = write_recipe(tmp_path, tiny_model_dir, data={"path": str(data)})
+    assert_one_line_error(
+        run_cli("train", str(recipe)), "row 1 has no field 'question'", "its fields fit data.format=alpaca"
+    )
+
+
+def test_an_offline_hub_id_says_what_to_do(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    result = run_cli("train", str(recipe), "model.name_or_path=no-such-org/no-such-model")
+    assert_one_line_error(
+        result, "'no-such-org/no-such-model'", "HF_HUB_OFFLINE is set", "give a local model directory"
+    )
+
+
+@pytest.mark.parametrize("inside", ["", "checkpoint-4"])
+def test_a_run_or_checkpoint_given_as_adapter_suggests_its_adapter_folder(finished_run, tmp_path, inside):
+    _, run, _ = finished_run
+    given = run / inside if inside else run
+    merge = run_cli("merge", "--adapter", str(given), "--out", str(tmp_path / "merged"))
+    assert_one_line_error(merge, f"use --adapter {given / 'adapter'}")
+    evaluate = run_cli("eval", "--model", "llama-7b", "--adapter", str(given), "--tasks", "gsm8k")
+    assert_one_line_error(evaluate, f"use --adapter {given / 'adapter'}")

@@ -4,8 +4,9 @@ The schema below is the single source of defaults. Every validation failure beco
 UserError whose message names the key and what is allowed.
 """
 
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -387,6 +388,7 @@ def _parse_overrides(overrides: list[str]):
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} must look like key=value, e.g. adapter.rank=16")
+        _check_override_key(item, key.strip())
     conf = OmegaConf.create()
     try:
         for item in overrides:
@@ -399,6 +401,38 @@ def _parse_overrides(overrides: list[str]):
     except LOADER_ERRORS as err:
         raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
     return conf
+
+
+def _check_override_key(item: str, key: str) -> None:
+    """A key the schema does not have is the override's mistake, not the recipe file's: say so, with the near miss."""
+    model: type[BaseModel] = Recipe
+    parts = [part.partition("[")[0] for part in key.split(".")]  # stages[0] -> stages
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            unknown = ".".join(parts[: depth + 1])
+            raise UserError(f"override {item!r}: unknown key {unknown!r}{_did_you_mean(unknown, model)}")
+        nested = _section_of(model.model_fields[part].annotation)
+        if nested is None:
+            return  # a value (or a list, such as stages[...]): OmegaConf and the schema check the rest
+        model = nested
+
+
+def _section_of(annotation: object) -> type[BaseModel] | None:
+    """The section class a field holds (also through `X | None`), or None for a plain value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _did_you_mean(key: str, model: type[BaseModel]) -> str:
+    """The nearest key of the section (difflib), and the section's keys; key is dotted, its section `model`."""
+    section, _, name = key.rpartition(".")
+    close = get_close_matches(name, list(model.model_fields), n=1)
+    allowed = ", ".join(model.model_fields)
+    if not close:
+        return f"; allowed keys here: {allowed}"
+    return f"; did you mean {'.'.join(filter(None, (section, close[0])))!r}? (allowed keys here: {allowed})"
 
 
 def _yaml_message(err: YAMLError) -> str:
@@ -428,8 +462,7 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "value_error" and not loc:  # a check of the whole recipe, whose message names the keys
         return str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
-        allowed = ", ".join(_section_model(loc).model_fields)
-        return f"unknown key {key!r}; allowed keys here: {allowed}"
+        return f"unknown key {key!r}{_did_you_mean(key, _section_model(loc))}"
     if error["type"] == "literal_error":
         allowed = error["ctx"]["expected"].replace("'", "")
         return f"{key} must be one of {allowed}; got {got!r}"

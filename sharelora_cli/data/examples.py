@@ -9,6 +9,7 @@ than the whole text does (SentencePiece adds a word-start marker to the answer's
 training would teach tokens the model never sees when it generates.
 """
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ def load_rows(cfg: DataConfig) -> list[dict]:
         raise UserError(f"data.path {path} not found")
     if loader and path.stat().st_size == 0:
         raise UserError(f"data.path {path} is empty")
+    if path.suffix.lower() == ".jsonl":
+        _check_json_lines(path)  # datasets would name neither the line nor the fix, and log pyarrow's message
     datasets.disable_progress_bars()
     try:
         if loader:
@@ -138,12 +141,29 @@ def load_rows(cfg: DataConfig) -> list[dict]:
     return rows
 
 
+def _check_json_lines(path: Path) -> None:
+    """Refuse a JSON Lines file at its first line that is no JSON object, naming it as file:line."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\n"))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON "
+                    "object: fix or remove that line"
+                ) from None
+            if not isinstance(value, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line must be one")
+
+
 def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataStats) -> Example | None:
     for name in REQUIRED_FIELDS[cfg.format]:
         if row.get(name) in (None, ""):
             raise UserError(
-                f"data.path {cfg.path}: row {index} has no field '{name}' "
-                f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])})"
+                f"data.path {cfg.path}: row {index + 1} has no field '{name}' "
+                f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])}){_format_hint(row)}"
             )
     input_ids, labels = _tokenize(_segments(row, cfg.format, tokenizer), tokenizer, cfg)
     if cfg.format != "chat":
@@ -153,7 +173,7 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataSt
     if len(input_ids) > cfg.max_length and not cfg.packing:
         if cfg.overlength == "error":
             raise UserError(
-                f"data.path {cfg.path}: row {index} has {len(input_ids)} tokens, more than "
+                f"data.path {cfg.path}: row {index + 1} has {len(input_ids)} tokens, more than "
                 f"data.max_length={cfg.max_length}; raise data.max_length or set data.overlength=truncate or drop"
             )
         if cfg.overlength == "drop":
@@ -165,6 +185,12 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataSt
         stats.no_target += 1
         return None
     return Example(input_ids, labels, index)
+
+
+def _format_hint(row: dict) -> str:
+    """Which data.format the row's fields fit, when it is another one."""
+    fits = [fmt for fmt, names in REQUIRED_FIELDS.items() if all(row.get(name) not in (None, "") for name in names)]
+    return f"; its fields fit data.format={fits[0]}: set that" if fits else f"; the row has {', '.join(map(str, row))}"
 
 
 def _tokenize(segments: list[tuple[str, bool]], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:

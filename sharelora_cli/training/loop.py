@@ -452,7 +452,7 @@ def handle_nonfinite(
     """Stop, or skip the update, when the loss or the gradient norm is not finite."""
     optimizer.zero_grad(set_to_none=True)
     what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) at finite loss {loss:.4f}"
-    where = f"at step {step + 1} (batch of data rows {rows})"
+    where = f"at step {step + 1} (batch of data rows {[row + 1 if row is not None else None for row in rows]})"
     if cfg.on_nonfinite == "stop":
         raise UserError(
             f"non-finite {what} {where}; stopped, the last checkpoint is kept. "

@@ -94,7 +94,7 @@ def train_command(
     from sharelora_cli.config.recipe import load_recipe
     from sharelora_cli.evaluation.runner import CodeExecution
     from sharelora_cli.training.launch import relaunch_as_workers, requested_cpu_processes
-    from sharelora_cli.training.loop import Interrupted
+    from sharelora_cli.training.loop import AlreadyFinished, Interrupted
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
     processes = requested_cpu_processes()
@@ -106,6 +106,8 @@ def train_command(
     except Interrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(stop.exit_code) from None
+    except AlreadyFinished as finished:
+        typer.echo(str(finished))
 
 
 def run_training_command(recipe, code) -> str:
@@ -128,10 +130,19 @@ def run_stages_command(recipe, code) -> str:
 
 
 def summary_line(summary) -> str:
+    """The run in one line; a loss that was never computed (no validation split) is left out, not shown as None."""
+    losses = [f"final loss {summary.final_loss:.4f}"] if summary.final_loss == summary.final_loss else []
+    if summary.final_val_loss is not None:
+        losses.append(f"validation loss {summary.final_val_loss:.4f}")
     return (
-        f"done: {summary.steps} steps, {summary.tokens} tokens, {summary.seconds:.1f} s, "
-        f"peak memory {summary.peak_memory_bytes / 2**20:.0f} MiB, {summary.trainable_parameters} trainable parameters, "
-        f"final loss {summary.final_loss:.4f}, validation loss {summary.final_val_loss}; adapter in {summary.output_dir}/adapter"
+        ", ".join(
+            [
+                f"done: {summary.steps} steps, {summary.tokens} tokens, {summary.seconds:.1f} s",
+                f"peak memory {summary.peak_memory_bytes / 2**20:.0f} MiB, {summary.trainable_parameters} trainable parameters",
+                *losses,
+            ]
+        )
+        + f"; adapter in {summary.output_dir}/adapter"
     )
 
 

@@ -157,9 +157,9 @@ def run_train_with_data(tmp_path, tiny_model_dir, data_path, *extra):
 @pytest.mark.parametrize(
     "rows, expected",
     [
-        ([{"question": "q?"}], ["row 0", "'answer'", "bad.jsonl"]),
+        ([{"question": "q?"}], ["row 1", "'answer'", "bad.jsonl"]),
         ([], ["bad.jsonl", "empty"]),
-        ([{"question": "How many? " * 100, "answer": "#### 3"}], ["bad.jsonl", "row 0", "data.max_length=64"]),
+        ([{"question": "How many? " * 100, "answer": "#### 3"}], ["bad.jsonl", "row 1", "data.max_length=64"]),
     ],
     ids=["missing-field", "empty-file", "too-long"],
 )

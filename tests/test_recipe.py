@@ -4,15 +4,23 @@ import pytest
 import yaml
 from cli_runner import assert_one_line_error, run_cli
 
-from sharelora_cli.config.recipe import AdapterConfig, Recipe, load_recipe, shipped_recipes
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, Recipe, load_recipe, shipped_recipes
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.core.paths import RECIPES_DIR
 
 
 @pytest.fixture
 def write_recipe(tmp_path):
-    def write(text: str, name: str = "recipe.yaml"):
+    """Writes a recipe; a mapping without a model gets one (every recipe must name its model) unless model=False."""
+
+    def write(text: str, name: str = "recipe.yaml", model: bool = True):
         path = tmp_path / name
+        try:
+            document = yaml.safe_load(text) if model else None
+        except yaml.YAMLError:
+            document = None
+        if isinstance(document, dict) and "model" not in document:
+            text = "model: {name_or_path: llama-7b}\n" + ("" if document == {} else text)
         path.write_text(text)
         return str(path)
 
@@ -32,7 +40,7 @@ def test_file_and_overrides_merge_over_schema_defaults(write_recipe):
     recipe = load_recipe(path, ["adapter.rank=16", "adapter.targets=[q_proj,k_proj]", "train.max_steps=7"])
     assert (recipe.adapter.method, recipe.adapter.rank, recipe.adapter.targets) == ("shareb", 16, ["q_proj", "k_proj"])
     assert (recipe.train.lr, recipe.train.max_steps) == (1e-4, 7)
-    assert recipe.adapter.alpha == AdapterConfig().alpha and recipe.model == Recipe().model
+    assert recipe.adapter.alpha == AdapterConfig().alpha and recipe.model == ModelConfig(name_or_path="llama-7b")
 
 
 def test_unknown_key_names_it_and_the_allowed_keys(write_recipe):
@@ -159,7 +167,9 @@ def test_yaml_words_are_strings_where_the_schema_wants_a_string_in_overrides(wri
 @pytest.mark.parametrize("key, text, expected", WORDS)
 def test_yaml_words_are_strings_where_the_schema_wants_a_string_in_files(write_recipe, key, text, expected):
     section, name = key.split(".")
-    assert value_at(load_recipe(write_recipe(f"{section}:\n  {name}: {text}\n")), key) == expected
+    path = write_recipe(f"{section}:\n  {name}: {text}\n", model=False)
+    model = [] if key == "model.name_or_path" else ["model.name_or_path=llama-7b"]
+    assert value_at(load_recipe(path, model), key) == expected
 
 
 def test_a_word_that_is_not_an_allowed_value_is_reported_as_typed(write_recipe):

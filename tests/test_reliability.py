@@ -412,7 +412,7 @@ def test_nonfinite_step_stops_naming_step_and_rows_and_keeps_last_good_checkpoin
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     examples = build_splits(recipe.data, tokenizer, recipe.train.seed).train
     sampler = StepSampler(len(examples), recipe.train.batch_size, 1, 1, 0, recipe.train.seed)
-    rows = [examples[i].row for i in sampler.micro_batches(1)[0]]
+    rows = [examples[i].row + 1 for i in sampler.micro_batches(1)[0]]  # numbered from 1, as a file's lines
 
     with pytest.raises(UserError) as caught:
         train(recipe)

@@ -41,6 +41,9 @@ def read_adapter_config(directory: Path) -> dict:
     """The saved JSON config, checked for the keys every loader needs."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
+        inner = Path(directory) / "adapter"
+        if (inner / CONFIG_FILE).is_file():  # a run's OUTPUT_DIR or a checkpoint-N: the adapter is inside
+            raise UserError(f"{directory} is a run or checkpoint directory, not an adapter: use --adapter {inner}")
         raise UserError(f"{path} not found: --adapter must be a directory written by sharelora (train or save)")
     try:
         config = json.loads(path.read_text())

@@ -4,8 +4,9 @@ The schema below is the single source of defaults. Every validation failure beco
 UserError whose message names the key and what is allowed.
 """
 
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -44,7 +45,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str = "artifacts/tiny-llama"
+    # Required in a recipe file (load_recipe refuses it empty): a forgotten model must not train some other one.
+    name_or_path: str = ""
     revision: str | None = None
     # auto: bfloat16 on CUDA, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -158,6 +160,9 @@ class DistributedConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0)
+    # Instead of max_steps: this many passes over the training examples (blocks when packed), rounded up to
+    # whole steps; the data summary line before training says how many steps that is.
+    num_epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0)
@@ -273,7 +278,9 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Continual fine-tuning: stages trained in order, each continuing the previous stage's adapter.
     stages: list[StageConfig] = Field(default_factory=list)
-    output_dir: str = "runs/quickstart"
+    # Empty in a recipe file: runs/<recipe name> (load_recipe), so every recipe gets its own folder and every
+    # process the same one.
+    output_dir: str = ""
     resume: bool = False
 
     @field_serializer("stages")
@@ -363,7 +370,17 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
             f"recipe {path}: cannot use it ({type(err).__name__}: {first_line(err)}); "
             "a recipe is a YAML mapping of sections (model:, adapter:, ...)"
         ) from None
-    return validate(plain, source=str(path))
+    return with_required(validate(plain, source=str(path)), path)
+
+
+def with_required(recipe: Recipe, path: Path) -> Recipe:
+    """The recipe with output_dir defaulted to runs/<recipe name>; a recipe without a model is refused."""
+    if not recipe.model.name_or_path:
+        raise UserError(
+            f"recipe {path}: model.name_or_path is required (a model directory, a recipes/models name or a hub id); "
+            "add `model: {name_or_path: ...}` to the recipe or pass model.name_or_path=..."
+        )
+    return recipe if recipe.output_dir else recipe.model_copy(update={"output_dir": f"runs/{path.stem}"})
 
 
 def validate(values: object, source: str = "recipe") -> Recipe:
@@ -382,6 +399,7 @@ def _parse_overrides(overrides: list[str]):
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} must look like key=value, e.g. adapter.rank=16")
+        _check_override_key(item, key.strip())
     conf = OmegaConf.create()
     try:
         for item in overrides:
@@ -394,6 +412,38 @@ def _parse_overrides(overrides: list[str]):
     except LOADER_ERRORS as err:
         raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
     return conf
+
+
+def _check_override_key(item: str, key: str) -> None:
+    """A key the schema does not have is the override's mistake, not the recipe file's: say so, with the near miss."""
+    model: type[BaseModel] = Recipe
+    parts = [part.partition("[")[0] for part in key.split(".")]  # stages[0] -> stages
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            unknown = ".".join(parts[: depth + 1])
+            raise UserError(f"override {item!r}: unknown key {unknown!r}{_did_you_mean(unknown, model)}")
+        nested = _section_of(model.model_fields[part].annotation)
+        if nested is None:
+            return  # a value (or a list, such as stages[...]): OmegaConf and the schema check the rest
+        model = nested
+
+
+def _section_of(annotation: object) -> type[BaseModel] | None:
+    """The section class a field holds (also through `X | None`), or None for a plain value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _did_you_mean(key: str, model: type[BaseModel]) -> str:
+    """The nearest key of the section (difflib), and the section's keys; key is dotted, its section `model`."""
+    section, _, name = key.rpartition(".")
+    close = get_close_matches(name, list(model.model_fields), n=1)
+    allowed = ", ".join(model.model_fields)
+    if not close:
+        return f"; allowed keys here: {allowed}"
+    return f"; did you mean {'.'.join(filter(None, (section, close[0])))!r}? (allowed keys here: {allowed})"
 
 
 def _yaml_message(err: YAMLError) -> str:
@@ -423,8 +473,7 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "value_error" and not loc:  # a check of the whole recipe, whose message names the keys
         return str(error["ctx"]["error"])
     if error["type"] == "extra_forbidden":
-        allowed = ", ".join(_section_model(loc).model_fields)
-        return f"unknown key {key!r}; allowed keys here: {allowed}"
+        return f"unknown key {key!r}{_did_you_mean(key, _section_model(loc))}"
     if error["type"] == "literal_error":
         allowed = error["ctx"]["expected"].replace("'", "")
         return f"{key} must be one of {allowed}; got {got!r}"

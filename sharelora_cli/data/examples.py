@@ -9,8 +9,9 @@ than the whole text does (SentencePiece adds a word-start marker to the answer's
 training would teach tokens the model never sees when it generates.
 """
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,17 +41,34 @@ class Example:
 
 
 @dataclass
+class DataStats:
+    """What the rows became: read, dropped or truncated for length (and how long they were), split."""
+
+    rows: int = 0
+    # Token lengths of the rows data.overlength=drop left out, and of the rows it cut to max_length.
+    dropped_lengths: list[int] = field(default_factory=list)
+    truncated_lengths: list[int] = field(default_factory=list)
+    # Rows left without a trained token (an answer that data.overlength=truncate cut off entirely).
+    no_target: int = 0
+    examples: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+
+
+@dataclass
 class Splits:
     train: list[Example]
     validation: list[Example]
+    stats: DataStats = field(default_factory=DataStats)
 
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     """Load, check, tokenize and split the data deterministically (the split depends only on seed)."""
     rows = load_rows(cfg)
-    examples = [ex for i, row in enumerate(rows) if (ex := _to_example(row, i, cfg, tokenizer)) is not None]
+    stats = DataStats(rows=len(rows))
+    examples = [ex for i, row in enumerate(rows) if (ex := _to_example(row, i, cfg, tokenizer, stats)) is not None]
     if not examples:
-        raise UserError(f"data.path {cfg.path}: no example fits data.max_length={cfg.max_length}")
+        raise UserError(f"data.path {cfg.path}: no example fits data.max_length={cfg.max_length}: {_lost(stats)}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = int(len(examples) * cfg.validation_fraction)
@@ -62,6 +80,7 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
         )
     train = [examples[i] for i in order[n_val:]]
     validation = [examples[i] for i in order[:n_val]]
+    stats.examples, stats.train_examples, stats.validation_examples = len(examples), len(train), len(validation)
     if cfg.packing:
         # Validation is packed like training, so it too stays within max_length and the positions trained on.
         train, validation = pack(train, cfg.max_length), pack(validation, cfg.max_length)
@@ -69,7 +88,23 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
             raise UserError(
                 f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length"
             )
-    return Splits(train, validation)
+    return Splits(train, validation, stats)
+
+
+def _lost(stats: DataStats) -> str:
+    """Why every row was lost, with the lengths to compare against max_length."""
+    parts = []
+    if stats.dropped_lengths:
+        lengths = stats.dropped_lengths
+        parts.append(
+            f"{len(lengths)} of {stats.rows} rows dropped as longer ({min(lengths)}-{max(lengths)} tokens); "
+            "raise data.max_length or set data.overlength=truncate"
+        )
+    if stats.no_target:
+        parts.append(
+            f"{stats.no_target} of {stats.rows} rows have no answer token left within it; raise data.max_length"
+        )
+    return "; ".join(parts)
 
 
 def load_rows(cfg: DataConfig) -> list[dict]:
@@ -88,6 +123,8 @@ def load_rows(cfg: DataConfig) -> list[dict]:
         raise UserError(f"data.path {path} not found")
     if loader and path.stat().st_size == 0:
         raise UserError(f"data.path {path} is empty")
+    if path.suffix.lower() == ".jsonl":
+        _check_json_lines(path)  # datasets would name neither the line nor the fix, and log pyarrow's message
     datasets.disable_progress_bars()
     try:
         if loader:
@@ -104,12 +141,29 @@ def load_rows(cfg: DataConfig) -> list[dict]:
     return rows
 
 
-def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | None:
+def _check_json_lines(path: Path) -> None:
+    """Refuse a JSON Lines file at its first line that is no JSON object, naming it as file:line."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\n"))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON "
+                    "object: fix or remove that line"
+                ) from None
+            if not isinstance(value, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; each line must be one")
+
+
+def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataStats) -> Example | None:
     for name in REQUIRED_FIELDS[cfg.format]:
         if row.get(name) in (None, ""):
             raise UserError(
-                f"data.path {cfg.path}: row {index} has no field '{name}' "
-                f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])})"
+                f"data.path {cfg.path}: row {index + 1} has no field '{name}' "
+                f"(data.format={cfg.format} needs {', '.join(REQUIRED_FIELDS[cfg.format])}){_format_hint(row)}"
             )
     input_ids, labels = _tokenize(_segments(row, cfg.format, tokenizer), tokenizer, cfg)
     if cfg.format != "chat":
@@ -119,15 +173,24 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer) -> Example | 
     if len(input_ids) > cfg.max_length and not cfg.packing:
         if cfg.overlength == "error":
             raise UserError(
-                f"data.path {cfg.path}: row {index} has {len(input_ids)} tokens, more than "
+                f"data.path {cfg.path}: row {index + 1} has {len(input_ids)} tokens, more than "
                 f"data.max_length={cfg.max_length}; raise data.max_length or set data.overlength=truncate or drop"
             )
         if cfg.overlength == "drop":
+            stats.dropped_lengths.append(len(input_ids))
             return None
+        stats.truncated_lengths.append(len(input_ids))
         input_ids, labels = input_ids[: cfg.max_length], labels[: cfg.max_length]
     if all(label == IGNORE_INDEX for label in labels):
+        stats.no_target += 1
         return None
     return Example(input_ids, labels, index)
+
+
+def _format_hint(row: dict) -> str:
+    """Which data.format the row's fields fit, when it is another one."""
+    fits = [fmt for fmt, names in REQUIRED_FIELDS.items() if all(row.get(name) not in (None, "") for name in names)]
+    return f"; its fields fit data.format={fits[0]}: set that" if fits else f"; the row has {', '.join(map(str, row))}"
 
 
 def _tokenize(segments: list[tuple[str, bool]], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:

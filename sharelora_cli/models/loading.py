@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.constants import HF_HUB_OFFLINE
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -56,12 +57,23 @@ def build_hint(name: str) -> str:
     return f"; the project builds its models there: run `bash scripts/quickstart.sh` or `python scripts/make_tiny_model.py {name}`"
 
 
+def load_failure(key: str, what: str, name_or_path: str, err: Exception) -> UserError:
+    """Why a model could not be loaded; for a hub id with the hub switched off, what to do about it."""
+    message = f"{key}: cannot load {what} from '{name_or_path}': {first_line(err)}"
+    if HF_HUB_OFFLINE and not is_local_path(name_or_path):
+        message += (
+            f"; HF_HUB_OFFLINE is set, so '{name_or_path}' must be in the hub cache: download it where the hub is "
+            "reachable (`hf download ...`) or give a local model directory"
+        )
+    return UserError(message)
+
+
 def load_config(name_or_path: str, key: str = "--model", trust_remote_code: bool = False) -> PretrainedConfig:
     path = resolve_model_path(name_or_path, key)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"{key}: cannot load a model config from '{name_or_path}': {first_line(err)}") from None
+        raise load_failure(key, "a model config", name_or_path, err) from None
 
 
 def build_on_meta(config: PretrainedConfig) -> nn.Module:
@@ -93,7 +105,7 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}': {first_line(err)}") from None
+        raise load_failure("model.name_or_path", "a model", model_cfg.name_or_path, err) from None
     if use_4bit:
         prepare_for_kbit_training(model)
     else:
@@ -110,9 +122,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
             path, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': {first_line(err)}"
-        ) from None
+        raise load_failure("model.name_or_path", "a tokenizer", name_or_path, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -31,6 +31,7 @@ from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.data.data_summary import data_line, length_losses, resolved_steps
 from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
@@ -50,7 +51,8 @@ from sharelora_cli.training.checkpoint import (
     save_checkpoint,
 )
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
-from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, trackers, truncate_metrics
+from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, strict_json, trackers, truncate_metrics
+from sharelora_cli.training.progress import Progress
 from sharelora_cli.training.run_lock import RunLock
 from sharelora_cli.training.sharding import (
     Distribution,
@@ -95,6 +97,8 @@ class RunSummary:
     # How the run was distributed: "single", "ddp" or "fsdp2", over this many processes.
     strategy: str
     processes: int
+    # Passes over the training examples (blocks when packed) the steps made.
+    epochs: float = 0.0
 
 
 @dataclass
@@ -126,6 +130,7 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
 
     code: whether HumanEval in train.eval_tasks may run model-written code (the CLI's --allow-code-execution).
     """
+    refuse_finished_run(recipe)
     lock = RunLock(Path(recipe.output_dir))
     try:
         return run_training(recipe, code, lock)
@@ -135,21 +140,15 @@ def train(recipe: Recipe, code: CodeExecution = CodeExecution()) -> RunSummary:
 
 def run_training(recipe: Recipe, code: CodeExecution, lock: RunLock) -> RunSummary:
     run = set_up(recipe, code, lock)
-    cfg = recipe.train
-    progress = tqdm(
-        total=cfg.max_steps, initial=run.state.step, disable=not run.accelerator.is_local_main_process, desc="train"
-    )
+    cfg = run.recipe.train  # max_steps resolved from train.num_epochs
+    progress = Progress(cfg.max_steps, run.state.step, run.accelerator.is_local_main_process)
     record: dict = {"loss": math.nan}
     val_loss = None
-    # Leaving the block closes the bar, so an error (disk full, non-finite loss, signal) prints on a line of its own.
     with StopSignal() as stop, progress:
         while run.state.step < cfg.max_steps:
             record = run_step(run)
             val_loss = record.get("val_loss", val_loss)
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+            progress.update(record, is_logged(record, cfg.log_every))
             if run.state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
                 checkpoint = write_checkpoint(
                     run.output_dir, run.state, run.adapter, run.optimizer, run.scheduler, run.accelerator, recipe
@@ -179,6 +178,11 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
     splits = build_splits(recipe.data, tokenizer, cfg.seed)
+    recipe = with_resolved_steps(recipe, len(splits.train), accelerator.num_processes)
+    cfg = recipe.train
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    accelerator.print(data_line(splits.stats, recipe.data, cfg.max_steps, global_batch, len(splits.train)))
+    sampler = make_sampler(splits, recipe, accelerator)  # before the model loads: a batch larger than the data
     model = load_model(recipe.model, recipe.quantization, accelerator.device)
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
@@ -212,14 +216,6 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     if accelerator.is_main_process:
         truncate_metrics(output_dir / METRICS_FILE, state.step)
-    sampler = StepSampler(
-        len(splits.train),
-        cfg.batch_size,
-        cfg.grad_accum,
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.seed,
-    )
     accelerator.print(
         f"trainable parameters: {adapter.num_trainable()} ({recipe.adapter.method}, rank {recipe.adapter.rank})"
     )
@@ -241,10 +237,37 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     )
 
 
+def with_resolved_steps(recipe: Recipe, train_units: int, processes: int) -> Recipe:
+    """The recipe with train.max_steps set to what train.num_epochs means for this data (unchanged without it)."""
+    steps = resolved_steps(recipe.train, train_units, processes)
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": steps})})
+
+
+def make_sampler(splits: Splits, recipe: Recipe, accelerator: Accelerator) -> StepSampler:
+    """The step sampler; a global batch larger than the data also says which rows the length limit took."""
+    cfg = recipe.train
+    try:
+        return StepSampler(
+            len(splits.train),
+            cfg.batch_size,
+            cfg.grad_accum,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.seed,
+        )
+    except UserError as err:
+        losses = length_losses(splits.stats, recipe.data.max_length)
+        if not losses:
+            raise
+        raise UserError(f"{err} (of {splits.stats.rows} rows: {'; '.join(losses)})") from None
+
+
 def run_step(run: Session) -> dict:
     """One optimizer step, the method's hook, validation when due, and the log; returns the step's record."""
     cfg, state = run.recipe.train, run.state
     started = time.perf_counter()
+    # The rate this step applies: the scheduler moves on to the next step's inside train_step.
+    lr = run.scheduler.get_last_lr()[0]
     micro = [[run.splits.train[i] for i in idx] for idx in run.sampler.micro_batches(state.step)]
     batches = [collate(examples, run.tokenizer.pad_token_id) for examples in micro]
     rows = [ex.row for examples in micro for ex in examples]
@@ -257,7 +280,7 @@ def run_step(run: Session) -> dict:
     record = {
         "step": state.step,
         "loss": loss,
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": grad_norm,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens / (time.perf_counter() - started),
@@ -268,9 +291,36 @@ def run_step(run: Session) -> dict:
     if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
         record["val_loss"] = validation_loss(run.model, run.splits.validation, run.tokenizer, cfg, run.accelerator)
         record.update(evaluate_during_training(run))
-    if state.step % cfg.log_every == 0 or "val_loss" in record or "trainable_parameters" in record:
+    if is_logged(record, cfg.log_every):
         run.log.write(record)
     return record
+
+
+def is_logged(record: dict, log_every: int) -> bool:
+    """Whether a step goes to metrics.jsonl: every log_every steps, and whenever it validated or merged."""
+    return record["step"] % log_every == 0 or "val_loss" in record or "trainable_parameters" in record
+
+
+class AlreadyFinished(Exception):
+    """resume=true on a run that already reached its last step: nothing is trained and no file changes."""
+
+
+def refuse_finished_run(recipe: Recipe) -> None:
+    """Stop before anything is written when resuming a run whose summary.json already counts every step."""
+    summary_file = Path(recipe.output_dir) / SUMMARY_FILE
+    if not recipe.resume or not summary_file.is_file():
+        return
+    done = json.loads(summary_file.read_text())
+    cfg = recipe.train
+    if cfg.num_epochs is None:
+        finished, target = done.get("steps", 0) >= cfg.max_steps, f"train.max_steps={cfg.max_steps}"
+    else:  # the epochs its steps covered (summary.json's epochs), with room for the rounding of that division
+        finished, target = done.get("epochs", 0) >= cfg.num_epochs * (1 - 1e-9), f"train.num_epochs={cfg.num_epochs}"
+    if finished:
+        raise AlreadyFinished(
+            f"{recipe.output_dir} already finished at step {done['steps']} ({target}); "
+            f"nothing to do: raise {target.partition('=')[0]} to train further, or choose another output_dir"
+        )
 
 
 def evaluate_during_training(run: Session) -> dict[str, Metric]:
@@ -311,6 +361,7 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
         accelerator.is_main_process,
         run.distribution.strategy,
         run.distribution.processes,
+        run.sampler.epoch_of(run.state.step),
     )
     whole = gathered(run.adapter)
     if accelerator.is_main_process:
@@ -321,7 +372,7 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
             extra=quantization_note(run.recipe),
         )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(strict_json(summary.__dict__), indent=2) + "\n")
     run.log.close()
     accelerator.wait_for_everyone()
     return summary
@@ -442,7 +493,7 @@ def handle_nonfinite(
     """Stop, or skip the update, when the loss or the gradient norm is not finite."""
     optimizer.zero_grad(set_to_none=True)
     what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) at finite loss {loss:.4f}"
-    where = f"at step {step + 1} (batch of data rows {rows})"
+    where = f"at step {step + 1} (batch of data rows {[row + 1 if row is not None else None for row in rows]})"
     if cfg.on_nonfinite == "stop":
         raise UserError(
             f"non-finite {what} {where}; stopped, the last checkpoint is kept. "

@@ -115,6 +115,12 @@ class AdaptedLayer(nn.Module):
         raise NotImplementedError
 
     @staticmethod
+    def layer_index(factor: str, layers: int, hyper: Hyper) -> list[int] | None:
+        """Which distinct tensor of `factor` each of a module type's `layers` uses, for a method with its own
+        sharing rule (Lily's A per stride of adjacent layers); None: the Method's (one per layer, or one shared)."""
+        return None
+
+    @staticmethod
     def frozen_factors(hyper: Hyper) -> frozenset[str]:
         """Factors that do not train (they still take part in ΔW and are saved)."""
         return frozenset()

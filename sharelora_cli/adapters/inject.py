@@ -154,11 +154,13 @@ def _plan_groups(model: nn.Module, config: AdapterConfig) -> dict[str, Group]:
     for module_type, _, _ in by_type:
         shapes_per_type[module_type] += 1
     method = METHODS[config.method]
+    hyper = hyper_of(config)
     groups = {}
     for (module_type, d_in, d_out), paths in by_type.items():
         name = module_type if shapes_per_type[module_type] == 1 else f"{module_type}.{d_out}x{d_in}"
         index = {
-            f: [0] * len(paths) if f in method.shared else list(range(len(paths)))
+            f: method.layer_cls.layer_index(f, len(paths), hyper)
+            or ([0] * len(paths) if f in method.shared else list(range(len(paths))))
             for f in method.layer_cls.factor_names
         }
         groups[name] = Group(name, paths, d_in, d_out, index)

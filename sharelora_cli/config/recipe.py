@@ -27,7 +27,7 @@ from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR, data_dir
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
-METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
+METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "lily")
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 # Accelerate's experiment trackers; each needs its own package.
@@ -109,6 +109,16 @@ class VBLoRAConfig(Section):
         return value
 
 
+class LilyConfig(Section):
+    """method=lily: A shared by stride_A adjacent layers, num_B B experts per module type (PEFT's names and defaults)."""
+
+    stride_A: int = Field(1, ge=1)
+    # The router learns to weigh the experts only when there are at least two (PEFT refuses fewer too).
+    num_B: int = Field(2, ge=2)
+    # A plain multiplier of the adapter's output (Lily has no alpha/r).
+    scaling: float = Field(1.0, gt=0)
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -123,6 +133,7 @@ class AdapterConfig(Section):
     vera: VeRAConfig = Field(default_factory=VeRAConfig)
     tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
+    lily: LilyConfig = Field(default_factory=LilyConfig)
     # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
     # directory. Its method, rank, alpha and targets must be these.
     init_from: str | None = None

@@ -117,6 +117,7 @@ def merge_adapter(
     if getattr(model_config, "quantization_config", None):
         raise UserError(f"--base {base_dir} holds pre-quantised weights: merge needs the full-precision base model")
     saved = load_on_meta(adapter_dir, config, model_config)
+    _check_mergeable(saved)
     entries = plan_entries(files, saved)
     quant = _trained_quantization(saved, full_precision_base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +129,16 @@ def merge_adapter(
         _write_config(staging, model_config, out_dtype, untied=any(e.out_key != e.key for e in entries))
         copy_side_files(base_dir, staging)
     return MergeResult(out, len(saved.layers()), len(entries), shards, nbytes, quant is not None)
+
+
+def _check_mergeable(saved: SavedAdapter) -> None:
+    """A method whose update depends on its input (Lily's router) has no ΔW to fold into the base."""
+    if any(layer.update_form == "input_dependent" for layer in saved.layers().values()):
+        raise UserError(
+            f"method '{saved.adapter.config.method}' cannot be merged: its update depends on the batch it is "
+            "applied to (a router mixes its B's by an average over the batch's tokens), so no single ΔW exists; "
+            "use the adapter with its base, or `sharelora export --format peft`"
+        )
 
 
 def _parse_dtype(name: str) -> torch.dtype | None:

@@ -134,6 +134,11 @@ class AdaptedLayer(nn.Module):
     def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
         """Fill the shared tensors (float32, on the CPU) in place."""
 
+    @staticmethod
+    def link_layers(layers: list["AdaptedLayer"], hyper: Hyper) -> None:
+        """Called once after injection with every adapted layer in model order, for a method whose layers hold
+        frozen state computed from all of them (UniLoRA's global index assignment)."""
+
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""
         raise NotImplementedError

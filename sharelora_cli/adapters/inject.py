@@ -35,6 +35,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
             layer = layer_cls(model.get_submodule(path), factors | shared, hyper)
             layer.fusion = fusion
             _replace_module(model, path, layer)
+    layer_cls.link_layers([m for m in model.modules() if isinstance(m, AdaptedLayer)], hyper)
     # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
     model.register_forward_pre_hook(fusion.start_forward)
     return Adapter(model, config, groups, shared, regeneration_rules(specs))

@@ -1,0 +1,80 @@
+"""UniLoRA (Li et al., 2025, arXiv 2506.00799): every LoRA entry of the model reads one trainable vector θ.
+
+The model's LoRA factors, every layer's A (r × d_in) then B (d_out × r) in model order, flattened, form
+D entries; each entry is assigned a fixed index into θ (vector_length entries) and a fixed scale, and
+ΔW = B A with A[i, j] = θ[index_A[i, j]] · scale_A[i, j] (likewise B). No α/r scaling, as in PEFT.
+
+The assignment is PEFT's (UniLoraModel.generate_index), so the same projection_seed gives PEFT's own
+indices: every index of θ appears ⌊D/length⌋ times, `D mod length` distinct ones (numpy
+default_rng(seed).choice without replacement) once more, and the whole is shuffled by the same
+generator. An entry's scale is 1/√(how many entries share its index), which keeps θ's gradient
+entries on one scale however many entries each feeds. Indices and scales are regenerated from the
+seed at every injection, never saved; θ is drawn U(−init_bound, init_bound) from the global RNG,
+trained and saved. ΔW is a low-rank product, so UniLoRA runs on the fused kernel and merges.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+
+from sharelora_cli.adapters.base import AdaptedLayer, Hyper, Method, SharedTensor
+
+
+def balanced_assignment(entries: int, length: int, seed: int) -> torch.Tensor:
+    """`entries` indices into a vector of `length`, each used ⌊entries/length⌋ or one more times, shuffled by seed."""
+    rng = np.random.default_rng(seed)
+    indices = np.repeat(np.arange(length), entries // length)
+    if entries % length:
+        indices = np.concatenate([indices, rng.choice(length, size=entries % length, replace=False)])
+    rng.shuffle(indices)
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+class UniLoraLayer(AdaptedLayer):
+    factor_names = ()
+    unilora_theta_d: torch.Tensor  # shared by every layer
+    index_A: torch.Tensor
+    index_B: torch.Tensor
+    scale_A: torch.Tensor
+    scale_B: torch.Tensor
+
+    @staticmethod
+    def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    @staticmethod
+    def shared_tensors(dims: list[tuple[int, int]], hyper: Hyper) -> dict[str, SharedTensor]:
+        return {"unilora_theta_d": SharedTensor((hyper.settings.vector_length,))}
+
+    @staticmethod
+    def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
+        bound = hyper.settings.init_bound
+        nn.init.uniform_(tensors["unilora_theta_d"], -bound, bound)
+
+    @staticmethod
+    def link_layers(layers: list[AdaptedLayer], hyper: Hyper) -> None:
+        shapes = [shape for layer in layers for shape in ((hyper.rank, layer.d_in), (layer.d_out, hyper.rank))]
+        settings = hyper.settings
+        indices = balanced_assignment(sum(r * c for r, c in shapes), settings.vector_length, settings.projection_seed)
+        counts = torch.bincount(indices, minlength=settings.vector_length).float()
+        scales = torch.where(counts > 0, counts.rsqrt(), 0.0)[indices]
+        pieces = zip(indices.split([r * c for r, c in shapes]), scales.split([r * c for r, c in shapes]), shapes)
+        for layer in layers:
+            device = layer.unilora_theta_d.device
+            for side in "AB":
+                index, scale, shape = next(pieces)
+                # Buffers, not parameters: regenerated from the seed, so neither trained nor saved.
+                layer.register_buffer(f"index_{side}", index.view(shape).to(device), persistent=False)
+                layer.register_buffer(f"scale_{side}", scale.view(shape).to(device), persistent=False)
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        theta = self.unilora_theta_d
+        return theta[self.index_A] * self.scale_A, theta[self.index_B] * self.scale_B, 1.0
+
+
+UNILORA = Method(
+    "unilora",
+    UniLoraLayer,
+    summary="one trainable vector θ for the model; every A, B entry a fixed scaled θ entry",
+    settings="unilora",
+)

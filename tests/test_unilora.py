@@ -17,10 +17,11 @@ from test_train import read_metrics, write_recipe
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from sharelora_cli.adapters.adapter_io import load_adapter
+from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
 from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
 from sharelora_cli.outputs.export import export_adapter
@@ -76,6 +77,20 @@ def test_a_different_seed_assigns_differently(tiny_model, tiny_model_dir):
     first = inject_adapter(tiny_model, unilora_config(seed=1)).layers()[0]
     second = inject_adapter(load_tiny_llama(tiny_model_dir), unilora_config(seed=2)).layers()[0]
     assert not torch.equal(first.index_A, second.index_A)
+
+
+def test_the_assignment_is_regenerated_not_saved_and_a_different_one_is_refused(tiny_model, tiny_model_dir, tmp_path):
+    save_adapter(inject_adapter(tiny_model, unilora_config()), tmp_path / "adapter")
+    assert set(load_file(tmp_path / "adapter" / WEIGHTS_FILE)) == {"unilora_theta_d"}
+    path = tmp_path / "adapter" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    record = config["regenerated"]["unilora_assignment"]
+    assert record["shape"] == [35_840] and "default_rng(7)" in record["rule"]
+    load_adapter(load_tiny_llama(tiny_model_dir), tmp_path / "adapter")  # regenerates the recorded assignment
+    record["sha256"] = "0" * 64  # what another numpy, drawing another stream from the seed, would look like
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="regenerated tensor unilora_assignment differs"):
+        load_adapter(load_tiny_llama(tiny_model_dir), tmp_path / "adapter")
 
 
 def test_count_is_the_vector_length_as_in_peft(tiny_model, tiny_model_dir):

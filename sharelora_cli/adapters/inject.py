@@ -55,8 +55,8 @@ def hyper_of(config: AdapterConfig) -> Hyper:
 
 
 def group_dims(entries) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every group of a plan."""
-    return [(entry["d_in"], entry["d_out"]) for entry in entries]
+    """(d_in, d_out) of every adapted module of a plan's groups, group by group."""
+    return [(entry["d_in"], entry["d_out"]) for entry in entries for _ in entry["modules"]]
 
 
 @dataclass(frozen=True)

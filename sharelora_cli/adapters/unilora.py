@@ -8,10 +8,17 @@ The assignment is PEFT's (UniLoraModel.generate_index), so the same projection_s
 indices: every index of θ appears ⌊D/length⌋ times, `D mod length` distinct ones (numpy
 default_rng(seed).choice without replacement) once more, and the whole is shuffled by the same
 generator. An entry's scale is 1/√(how many entries share its index), which keeps θ's gradient
-entries on one scale however many entries each feeds. Indices and scales are regenerated from the
-seed at every injection, never saved; θ is drawn U(−init_bound, init_bound) from the global RNG,
+entries on one scale however many entries each feeds.
+
+The assignment is a regenerated shared tensor (like VeRA's pair): drawn from the seed at every
+injection, never saved, its SHA-256 recorded in the adapter config so that a load under another numpy
+(whose generator streams may change between versions) refuses rather than computing another ΔW. It
+holds the indices as float32, exact below 2^24 (vector_length's limit); each layer keeps its slice as
+int64 index buffers and float32 scales. θ is drawn U(−init_bound, init_bound) from the global RNG,
 trained and saved. ΔW is a low-rank product, so UniLoRA runs on the fused kernel and merges.
 """
+
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,9 +37,17 @@ def balanced_assignment(entries: int, length: int, seed: int) -> torch.Tensor:
     return torch.as_tensor(indices, dtype=torch.long)
 
 
+def assignment_rule(seed: int) -> str:
+    return (
+        f"numpy.random.default_rng({seed}): every index vector_length-many times floor(D/vector_length), "
+        "choice(vector_length, D mod vector_length, replace=False) once more, shuffled (PEFT's UniLoRA rule)"
+    )
+
+
 class UniLoraLayer(AdaptedLayer):
     factor_names = ()
-    unilora_theta_d: torch.Tensor  # shared by every layer
+    unilora_theta_d: torch.Tensor  # the trained vector, shared by every layer
+    unilora_assignment: torch.Tensor  # every entry's index into it, frozen and shared
     index_A: torch.Tensor
     index_B: torch.Tensor
     scale_A: torch.Tensor
@@ -44,28 +59,35 @@ class UniLoraLayer(AdaptedLayer):
 
     @staticmethod
     def shared_tensors(dims: list[tuple[int, int]], hyper: Hyper) -> dict[str, SharedTensor]:
-        return {"unilora_theta_d": SharedTensor((hyper.settings.vector_length,))}
+        entries = sum(hyper.rank * (d_in + d_out) for d_in, d_out in dims)
+        return {
+            "unilora_theta_d": SharedTensor((hyper.settings.vector_length,)),
+            "unilora_assignment": SharedTensor((entries,), assignment_rule(hyper.settings.projection_seed)),
+        }
 
     @staticmethod
     def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
-        bound = hyper.settings.init_bound
+        settings = hyper.settings
+        bound = settings.init_bound
         nn.init.uniform_(tensors["unilora_theta_d"], -bound, bound)
+        assignment = tensors["unilora_assignment"]
+        assignment.copy_(balanced_assignment(assignment.numel(), settings.vector_length, settings.projection_seed))
 
     @staticmethod
     def link_layers(layers: list[AdaptedLayer], hyper: Hyper) -> None:
-        shapes = [shape for layer in layers for shape in ((hyper.rank, layer.d_in), (layer.d_out, hyper.rank))]
-        settings = hyper.settings
-        indices = balanced_assignment(sum(r * c for r, c in shapes), settings.vector_length, settings.projection_seed)
-        counts = torch.bincount(indices, minlength=settings.vector_length).float()
+        """Give each layer, in model order, its slice of the assignment (A's entries, then B's) and their scales."""
+        indices = cast(UniLoraLayer, layers[0]).unilora_assignment.detach().long()
+        counts = torch.bincount(indices, minlength=hyper.settings.vector_length).float()
         scales = torch.where(counts > 0, counts.rsqrt(), 0.0)[indices]
-        pieces = zip(indices.split([r * c for r, c in shapes]), scales.split([r * c for r, c in shapes]), shapes)
+        shapes = [shape for layer in layers for shape in ((hyper.rank, layer.d_in), (layer.d_out, hyper.rank))]
+        sizes = [rows * columns for rows, columns in shapes]
+        pieces = zip(indices.split(sizes), scales.split(sizes), shapes)
         for layer in layers:
-            device = layer.unilora_theta_d.device
             for side in "AB":
                 index, scale, shape = next(pieces)
-                # Buffers, not parameters: regenerated from the seed, so neither trained nor saved.
-                layer.register_buffer(f"index_{side}", index.view(shape).to(device), persistent=False)
-                layer.register_buffer(f"scale_{side}", scale.view(shape).to(device), persistent=False)
+                # Buffers, not parameters: regenerated with the assignment, so neither trained nor saved.
+                layer.register_buffer(f"index_{side}", index.view(shape), persistent=False)
+                layer.register_buffer(f"scale_{side}", scale.view(shape), persistent=False)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         theta = self.unilora_theta_d

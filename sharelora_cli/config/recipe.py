@@ -134,8 +134,9 @@ class LilyConfig(Section):
 class UniLoRAConfig(Section):
     """method=unilora: the one trainable vector every LoRA entry reads (PEFT's UniLoraConfig defaults)."""
 
-    # PEFT's theta_d_length: the number of trainable parameters, whatever the model and rank.
-    vector_length: int = Field(256, gt=0)
+    # PEFT's theta_d_length: the number of trainable parameters, whatever the model and rank. At most 2^24:
+    # the regenerated assignment holds indices as float32, exact up to there.
+    vector_length: int = Field(256, gt=0, le=2**24)
     # Seeds the fixed assignment of LoRA entries to the vector's indices (PEFT's proj_seed: the same seed
     # gives PEFT's own assignment).
     projection_seed: int = 42

@@ -13,6 +13,7 @@ from cli_runner import run_cli
 from peft import PeftModel, UniLoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_lily import TOKENS, assert_close_relative, assert_same_as_peft, layer_path
+from test_merge import GPT2_TARGETS, gpt2_dir
 from test_train import read_metrics, write_recipe
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 from transformers import AutoModelForCausalLM
@@ -27,6 +28,8 @@ from sharelora_cli.models.quantization import dequantized_weight
 from sharelora_cli.outputs.export import export_adapter
 from sharelora_cli.outputs.merge import merge_adapter
 from sharelora_cli.training.loop import train
+
+__all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
 
 def unilora_config(rank: int = 4, length: int = 1000, seed: int = 7) -> AdapterConfig:
@@ -203,4 +206,22 @@ def test_the_trained_adapter_exports_to_peft_s_unilora_with_the_same_logits(runs
     assert (config["peft_type"], config["theta_d_length"], config["proj_seed"]) == ("UNILORA", 256, 42)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "peft")
     with torch.no_grad():
+        assert_close_relative(peft_model.eval()(input_ids=ids).logits, expected)
+
+
+def test_gpt2_conv1d_layers_export_to_peft_with_the_same_logits(gpt2_dir, tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D): PEFT's UniLoRA assigns by (in, out) as sharelora does."""
+    config = AdapterConfig(method="unilora", rank=4, targets=GPT2_TARGETS, unilora={"vector_length": 100})
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    adapter = inject_adapter(model, config)
+    with torch.no_grad():
+        adapter.shared["unilora_theta_d"].normal_(0, 2, generator=torch.Generator().manual_seed(3))
+    save_adapter(adapter, tmp_path / "adapter", base_model=str(gpt2_dir))
+    export_adapter(tmp_path / "adapter", tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_dir), tmp_path / "peft")
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (expected - AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()(ids).logits).abs().max() > 1e-3
         assert_close_relative(peft_model.eval()(input_ids=ids).logits, expected)

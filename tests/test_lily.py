@@ -12,7 +12,6 @@ than 1e-3 (asserted, so no comparison can pass vacuously).
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,16 @@ from peft import LilyConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_merge import assert_one_line_error
 from test_merge import run_cli as run_cli_in_process
-from test_train import read_metrics, write_recipe
+from test_train import read_metrics, train_and_resume, write_recipe
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
-from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
 from sharelora_cli.outputs.export import export_adapter
-from sharelora_cli.training.loop import train
 
 DEPTH = 5  # blocks and head an error passes through
 LOGIT_TERMS, GRADIENT_TERMS = 320, 32 * 320
@@ -201,14 +199,7 @@ def runs(request, tmp_path_factory, tiny_model_dir) -> dict:
         train={"max_steps": 8, "lr": 1e-2, "eval_every": 4, "checkpoint_every": 5},
         **sections,
     )
-    full = tmp / "full"
-    summary = train(load_recipe(str(recipe), [f"output_dir={full}"]))
-    resumed = tmp / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "adapter")
-    (resumed / "summary.json").unlink()
-    train(load_recipe(str(recipe), [f"output_dir={resumed}", "resume=true"]))
-    return {"full": full, "resumed": resumed, "trainable": summary.trainable_parameters}
+    return train_and_resume(recipe, tmp)
 
 
 def test_training_lowers_the_validation_loss(runs):

@@ -4,7 +4,6 @@ Parity tolerances are test_lily's (derived there): DEPTH·γ_n of the compared t
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,19 @@ from peft import PeftModel, UniLoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_lily import TOKENS, assert_close_relative, assert_same_as_peft, layer_path
 from test_merge import GPT2_TARGETS, gpt2_dir
-from test_train import read_metrics, write_recipe
+from test_train import read_metrics, train_and_resume, write_recipe
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
-from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
 from sharelora_cli.outputs.export import export_adapter
 from sharelora_cli.outputs.merge import merge_adapter
-from sharelora_cli.training.loop import train
 
 __all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
@@ -152,14 +150,7 @@ def runs(request, tmp_path_factory, tiny_model_dir) -> dict:
         train={"max_steps": 8, "lr": 3e-2, "eval_every": 4, "checkpoint_every": 5},
         **sections,
     )
-    full = tmp / "full"
-    summary = train(load_recipe(str(recipe), [f"output_dir={full}"]))
-    resumed = tmp / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "adapter")
-    (resumed / "summary.json").unlink()
-    train(load_recipe(str(recipe), [f"output_dir={resumed}", "resume=true"]))
-    return {"full": full, "resumed": resumed, "trainable": summary.trainable_parameters}
+    return train_and_resume(recipe, tmp)
 
 
 def test_training_lowers_the_validation_loss(runs):

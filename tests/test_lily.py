@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
-from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, validate
+from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
 from sharelora_cli.outputs.export import export_adapter
@@ -231,3 +232,11 @@ def test_the_trained_adapter_exports_to_peft_s_lily_with_the_same_logits(runs, t
         assert (expected - base).abs().max() > 1e-3
         got = peft_model.eval()(input_ids=ids).logits
     assert_close_relative(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"), [("num_B", 1, "greater than or equal to 2"), ("stride_A", 0, "1")]
+)
+def test_settings_outside_peft_s_range_are_one_line_recipe_errors(key, value, message):
+    with pytest.raises(UserError, match=rf"adapter\.lily\.{key}: .*{message}"):
+        validate({"adapter": {"method": "lily", "lily": {key: value}}})

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter, planned_trainable
-from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.config.recipe import AdapterConfig, ModelConfig, QuantizationConfig, validate
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
@@ -216,3 +216,9 @@ def test_gpt2_conv1d_layers_export_to_peft_with_the_same_logits(gpt2_dir, tmp_pa
         expected = model(ids).logits
         assert (expected - AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()(ids).logits).abs().max() > 1e-3
         assert_close_relative(peft_model.eval()(input_ids=ids).logits, expected)
+
+
+def test_a_vector_longer_than_float32_counts_exactly_is_a_one_line_recipe_error():
+    """The regenerated assignment holds indices as float32, exact up to 2^24."""
+    with pytest.raises(UserError, match=r"adapter\.unilora\.vector_length: .*16777216"):
+        validate({"adapter": {"method": "unilora", "unilora": {"vector_length": 2**24 + 1}}})

@@ -59,9 +59,10 @@ def test_the_assignment_and_scales_are_peft_s_for_the_same_seed(tiny_model, tiny
     for layer in adapter.layers():
         theirs = peft_model.base_model.model.get_submodule(layer_path(tiny_model, layer))
         for side in "AB":
-            assert torch.equal(getattr(layer, f"index_{side}"), getattr(theirs, f"unilora_indices_{side}")["default"])
-            assert torch.equal(getattr(layer, f"scale_{side}"), getattr(theirs, f"unilora_scales_{side}")["default"])
-            indices.append(getattr(layer, f"index_{side}").flatten())
+            index = layer.indices(side)
+            assert torch.equal(index, getattr(theirs, f"unilora_indices_{side}")["default"])
+            assert torch.equal(layer.inverse_sqrt_uses[index], getattr(theirs, f"unilora_scales_{side}")["default"])
+            indices.append(index.flatten())
     counts = torch.bincount(torch.cat(indices), minlength=1000)
     assert counts.sum() == 35_840 and (counts == 36).sum() == 840 and (counts == 35).sum() == 160
     layer = adapter.layers()[0]
@@ -69,7 +70,7 @@ def test_the_assignment_and_scales_are_peft_s_for_the_same_seed(tiny_model, tiny
     theta = adapter.shared["unilora_theta_d"].detach()
     assert scaling == 1.0 and lora_A.shape == (4, 128) and lora_B.shape == (128, 4)
     # A[i, j] = θ[index] / √(uses of that index): a product and a reciprocal square root, 2 roundings apart.
-    for factor, index in ((lora_A, layer.index_A), (lora_B, layer.index_B)):
+    for factor, index in ((lora_A, layer.indices("A")), (lora_B, layer.indices("B"))):
         expected = theta[index] / counts[index].double().sqrt().float()
         torch.testing.assert_close(factor.detach(), expected, atol=0, rtol=2 * torch.finfo(torch.float32).eps)
 
@@ -77,7 +78,7 @@ def test_the_assignment_and_scales_are_peft_s_for_the_same_seed(tiny_model, tiny
 def test_a_different_seed_assigns_differently(tiny_model, tiny_model_dir):
     first = inject_adapter(tiny_model, unilora_config(seed=1)).layers()[0]
     second = inject_adapter(load_tiny_llama(tiny_model_dir), unilora_config(seed=2)).layers()[0]
-    assert not torch.equal(first.index_A, second.index_A)
+    assert not torch.equal(first.indices("A"), second.indices("A"))
 
 
 def test_the_assignment_is_regenerated_not_saved_and_a_different_one_is_refused(tiny_model, tiny_model_dir, tmp_path):

@@ -13,9 +13,10 @@ entries on one scale however many entries each feeds.
 The assignment is a regenerated shared tensor (like VeRA's pair): drawn from the seed at every
 injection, never saved, its SHA-256 recorded in the adapter config so that a load under another numpy
 (whose generator streams may change between versions) refuses rather than computing another ΔW. It
-holds the indices as float32, exact below 2^24 (vector_length's limit); each layer keeps its slice as
-int64 index buffers and float32 scales. θ is drawn U(−init_bound, init_bound) from the global RNG,
-trained and saved. ΔW is a low-rank product, so UniLoRA runs on the fused kernel and merges.
+holds the indices as float32, exact below 2^24 (vector_length's limit): 4 bytes per LoRA entry, and the
+only copy, since each layer reads its A's and B's slices of it (at an offset) at every call and looks
+their scales up in a table of vector_length entries. θ is drawn U(−init_bound, init_bound) from the
+global RNG, trained and saved. ΔW is a low-rank product, so UniLoRA runs on the fused kernel and merges.
 """
 
 from typing import cast
@@ -48,10 +49,8 @@ class UniLoraLayer(AdaptedLayer):
     factor_names = ()
     unilora_theta_d: torch.Tensor  # the trained vector, shared by every layer
     unilora_assignment: torch.Tensor  # every entry's index into it, frozen and shared
-    index_A: torch.Tensor
-    index_B: torch.Tensor
-    scale_A: torch.Tensor
-    scale_B: torch.Tensor
+    inverse_sqrt_uses: torch.Tensor  # per index of θ: 1/√(entries assigned to it)
+    offset: int  # where this layer's A entries start in the assignment; its B's follow
 
     @staticmethod
     def factor_shapes(d_in: int, d_out: int, hyper: Hyper) -> dict[str, tuple[int, ...]]:
@@ -75,23 +74,29 @@ class UniLoraLayer(AdaptedLayer):
 
     @staticmethod
     def link_layers(layers: list[AdaptedLayer], hyper: Hyper) -> None:
-        """Give each layer, in model order, its slice of the assignment (A's entries, then B's) and their scales."""
+        """Give each layer, in model order, its offset into the assignment (A's entries, then B's) and the scales."""
         indices = cast(UniLoraLayer, layers[0]).unilora_assignment.detach().long()
-        counts = torch.bincount(indices, minlength=hyper.settings.vector_length).float()
-        scales = torch.where(counts > 0, counts.rsqrt(), 0.0)[indices]
-        shapes = [shape for layer in layers for shape in ((hyper.rank, layer.d_in), (layer.d_out, hyper.rank))]
-        sizes = [rows * columns for rows, columns in shapes]
-        pieces = zip(indices.split(sizes), scales.split(sizes), shapes)
-        for layer in layers:
-            for side in "AB":
-                index, scale, shape = next(pieces)
-                # Buffers, not parameters: regenerated with the assignment, so neither trained nor saved.
-                layer.register_buffer(f"index_{side}", index.view(shape), persistent=False)
-                layer.register_buffer(f"scale_{side}", scale.view(shape), persistent=False)
+        uses = torch.bincount(indices, minlength=hyper.settings.vector_length).float()
+        inverse_sqrt_uses = torch.where(uses > 0, uses.rsqrt(), 0.0)
+        offset = 0
+        for layer in cast(list[UniLoraLayer], layers):
+            # A buffer so that it follows the model's device and dtype; not saved: regenerated with the assignment.
+            layer.register_buffer("inverse_sqrt_uses", inverse_sqrt_uses, persistent=False)
+            layer.offset = offset
+            offset += hyper.rank * (layer.d_in + layer.d_out)
+
+    def indices(self, side: str) -> torch.Tensor:
+        """This layer's indices into θ for A (r × d_in) or B (d_out × r)."""
+        rank = self.hyper.rank
+        start, shape = (
+            (self.offset, (rank, self.d_in)) if side == "A" else (self.offset + rank * self.d_in, (self.d_out, rank))
+        )
+        return self.unilora_assignment[start : start + shape[0] * shape[1]].long().view(shape)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        theta = self.unilora_theta_d
-        return theta[self.index_A] * self.scale_A, theta[self.index_B] * self.scale_B, 1.0
+        theta, scales = self.unilora_theta_d, self.inverse_sqrt_uses
+        index_A, index_B = self.indices("A"), self.indices("B")
+        return theta[index_A] * scales[index_A], theta[index_B] * scales[index_B], 1.0
 
 
 UNILORA = Method(

@@ -3,10 +3,11 @@
 One run of this script compares, on the same random-weight Llama, batch and seed:
 floor (the frozen base alone; its input embeddings require grad so backward still runs through
 every layer), peft-lora, lora, sharea, shareb, shareab, miss, peft-miss, aslora, vera, peft-vera,
-tied-lora, vblora and peft-vblora (sharelora's rows when the registry has the method), all adapters
-on the seven projections with the same rank. VeRA and VB-LoRA keep PEFT's defaults otherwise (VB-LoRA:
-256 vectors, top-2, vector length 256 or the largest divisor of every width below it); PEFT's VB-LoRA
-cannot wrap 4-bit layers, so peft-vblora is left out of the nf4 presets.
+tied-lora, vblora, peft-vblora, lily, peft-lily, unilora and peft-unilora (sharelora's rows when the
+registry has the method), all adapters on the seven projections with the same rank. VeRA, VB-LoRA, Lily
+and UniLoRA keep PEFT's defaults otherwise (VB-LoRA: 256 vectors, top-2, vector length 256 or the largest
+divisor of every width below it); PEFT's VB-LoRA, Lily and UniLoRA cannot wrap 4-bit layers, so their
+rows are left out of the nf4 presets.
 
 Timing: every configuration lives in this process at once (they share the frozen base weights;
 only module trees and adapters are separate) and is timed round-robin: each round runs
@@ -44,7 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, MissConfig, VBLoRAConfig, VeraConfig, get_peft_model
+from peft import LilyConfig, LoraConfig, MissConfig, UniLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -73,7 +74,13 @@ ALL_NAMES = [
     "tied-lora",
     "vblora",
     "peft-vblora",
+    "lily",
+    "peft-lily",
+    "unilora",
+    "peft-unilora",
 ]
+# PEFT configurations that cannot wrap a 4-bit layer, left out of the nf4 presets.
+NOT_ON_4BIT = {"peft-vblora": "VB-LoRA", "peft-lily": "Lily", "peft-unilora": "UniLoRA"}
 NAMES = [name for name in ALL_NAMES if name == "floor" or name.startswith("peft-") or name in METHODS]
 # A ~30M-parameter Llama (GQA, 8 layers): a step takes about a second on two CPU cores.
 CPU_MODEL = {
@@ -199,6 +206,10 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
         return get_peft_model(model, VeraConfig(r=rank, target_modules=TARGETS))
     if name == "peft-vblora":
         return get_peft_model(model, VBLoRAConfig(r=rank, target_modules=TARGETS, **bank))
+    if name == "peft-lily":
+        return get_peft_model(model, LilyConfig(r=rank, target_modules=TARGETS))
+    if name == "peft-unilora":
+        return get_peft_model(model, UniLoraConfig(r=rank, target_modules=TARGETS))
     inject_adapter(
         model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS, vblora=bank)
     )
@@ -466,14 +477,14 @@ def chosen_names(args: argparse.Namespace, preset: Preset) -> list[str]:
     """The configurations asked for that can run on the preset."""
     names = [name for name in NAMES if name in args.configs.split(",")]
     for name in [name for name in names if not runs_on(name, preset)]:
-        print(f"note: {name} left out: PEFT's VB-LoRA cannot adapt 4-bit layers", file=sys.stderr)
+        print(f"note: {name} left out: PEFT's {NOT_ON_4BIT[name]} cannot adapt 4-bit layers", file=sys.stderr)
         names.remove(name)
     return names
 
 
 def runs_on(name: str, preset: Preset) -> bool:
-    """Whether configuration `name` can run on the preset's base (PEFT's VB-LoRA wraps no 4-bit layer)."""
-    return not (preset.nf4 and name == "peft-vblora")
+    """Whether configuration `name` can run on the preset's base (NOT_ON_4BIT wrap no 4-bit layer)."""
+    return not (preset.nf4 and name in NOT_ON_4BIT)
 
 
 def chosen_preset(args: argparse.Namespace) -> Preset:

@@ -32,6 +32,10 @@ NAMES = [
     "tied-lora",
     "vblora",
     "peft-vblora",
+    "lily",
+    "peft-lily",
+    "unilora",
+    "peft-unilora",
 ]
 
 
@@ -65,6 +69,8 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
     assert rows["miss"]["trainable_params"] == rows["peft-miss"]["trainable_params"]
     assert rows["vera"]["trainable_params"] == rows["peft-vera"]["trainable_params"]
     assert rows["vblora"]["trainable_params"] == rows["peft-vblora"]["trainable_params"]
+    assert rows["lily"]["trainable_params"] == rows["peft-lily"]["trainable_params"]
+    assert rows["unilora"]["trainable_params"] == rows["peft-unilora"]["trainable_params"] == 256
     assert rows["vera"]["trainable_params"] < rows["tied-lora"]["trainable_params"] < rows["lora"]["trainable_params"]
     assert rows["shareab"]["trainable_params"] < rows["sharea"]["trainable_params"] < rows["lora"]["trainable_params"]
     # AdamW keeps two float32 moments per trainable parameter (plus a step counter per tensor).

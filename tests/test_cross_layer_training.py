@@ -3,7 +3,6 @@ from a checkpoint ends with exactly the uninterrupted run's adapter, and the tra
 PEFT has the method, exports) to the same logits."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,12 @@ import torch
 from peft import PeftModel
 from reference import METHOD_OPTIONS
 from safetensors.torch import load_file
-from test_train import read_metrics, write_recipe
+from test_train import read_metrics, train_and_resume, write_recipe
 from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import load_adapter
-from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.outputs.export import export_adapter
 from sharelora_cli.outputs.merge import merge_adapter
-from sharelora_cli.training.loop import train
 
 METHODS = ["vera", "tied-lora", "vblora"]
 # VeRA trains only scaling vectors and, as in its paper, needs a larger learning rate than LoRA-like methods.
@@ -37,14 +34,7 @@ def runs(request, tmp_path_factory, tiny_model_dir) -> dict:
         adapter=adapter,
         train={"max_steps": 8, "lr": LEARNING_RATES.get(method, 1e-2), "eval_every": 4, "checkpoint_every": 5},
     )
-    full = tmp / "full"
-    summary = train(load_recipe(str(recipe), [f"output_dir={full}"]))
-    resumed = tmp / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "adapter")
-    (resumed / "summary.json").unlink()
-    train(load_recipe(str(recipe), [f"output_dir={resumed}", "resume=true"]))
-    return {"method": method, "full": full, "resumed": resumed, "trainable": summary.trainable_parameters}
+    return {"method": method, **train_and_resume(recipe, tmp)}
 
 
 def test_validation_loss_falls(runs):

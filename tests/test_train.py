@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def write_recipe(tmp_path: Path, model_dir: Path, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
     return path
+
+
+def train_and_resume(recipe: Path, tmp: Path) -> dict:
+    """Train the recipe to tmp/full, then again from its checkpoint as if killed right after writing it (tmp/resumed)."""
+    full = tmp / "full"
+    summary = train(load_recipe(str(recipe), [f"output_dir={full}"]))
+    resumed = tmp / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "summary.json").unlink()
+    train(load_recipe(str(recipe), [f"output_dir={resumed}", "resume=true"]))
+    return {"full": full, "resumed": resumed, "trainable": summary.trainable_parameters}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

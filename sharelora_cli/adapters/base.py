@@ -115,6 +115,12 @@ class AdaptedLayer(nn.Module):
         raise NotImplementedError
 
     @staticmethod
+    def layer_index(factor: str, layers: int, hyper: Hyper) -> list[int] | None:
+        """Which distinct tensor of `factor` each of a module type's `layers` uses, for a method with its own
+        sharing rule (Lily's A per stride of adjacent layers); None: the Method's (one per layer, or one shared)."""
+        return None
+
+    @staticmethod
     def frozen_factors(hyper: Hyper) -> frozenset[str]:
         """Factors that do not train (they still take part in ΔW and are saved)."""
         return frozenset()
@@ -127,6 +133,11 @@ class AdaptedLayer(nn.Module):
     @staticmethod
     def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
         """Fill the shared tensors (float32, on the CPU) in place."""
+
+    @staticmethod
+    def link_layers(layers: list["AdaptedLayer"], hyper: Hyper) -> None:
+        """Called once after injection with every adapted layer in model order, for a method whose layers hold
+        frozen state computed from all of them (UniLoRA's global index assignment)."""
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""

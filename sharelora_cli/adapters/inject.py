@@ -35,6 +35,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
             layer = layer_cls(model.get_submodule(path), factors | shared, hyper)
             layer.fusion = fusion
             _replace_module(model, path, layer)
+    layer_cls.link_layers([m for m in model.modules() if isinstance(m, AdaptedLayer)], hyper)
     # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
     model.register_forward_pre_hook(fusion.start_forward)
     return Adapter(model, config, groups, shared, regeneration_rules(specs))
@@ -54,8 +55,8 @@ def hyper_of(config: AdapterConfig) -> Hyper:
 
 
 def group_dims(entries) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every group of a plan."""
-    return [(entry["d_in"], entry["d_out"]) for entry in entries]
+    """(d_in, d_out) of every adapted module of a plan's groups, group by group."""
+    return [(entry["d_in"], entry["d_out"]) for entry in entries for _ in entry["modules"]]
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,13 @@ def _plan_groups(model: nn.Module, config: AdapterConfig) -> dict[str, Group]:
     for module_type, _, _ in by_type:
         shapes_per_type[module_type] += 1
     method = METHODS[config.method]
+    hyper = hyper_of(config)
     groups = {}
     for (module_type, d_in, d_out), paths in by_type.items():
         name = module_type if shapes_per_type[module_type] == 1 else f"{module_type}.{d_out}x{d_in}"
         index = {
-            f: [0] * len(paths) if f in method.shared else list(range(len(paths)))
+            f: method.layer_cls.layer_index(f, len(paths), hyper)
+            or ([0] * len(paths) if f in method.shared else list(range(len(paths))))
             for f in method.layer_cls.factor_names
         }
         groups[name] = Group(name, paths, d_in, d_out, index)

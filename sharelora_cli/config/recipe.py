@@ -28,7 +28,19 @@ from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR, data_dir
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
-METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
+METHOD_NAMES = (
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "aslora",
+    "miss",
+    "vera",
+    "tied-lora",
+    "vblora",
+    "lily",
+    "unilora",
+)
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 # Accelerate's experiment trackers; each needs its own package.
@@ -111,6 +123,29 @@ class VBLoRAConfig(Section):
         return value
 
 
+class LilyConfig(Section):
+    """method=lily: A shared by stride_A adjacent layers, num_B B experts per module type (PEFT's names and defaults)."""
+
+    stride_A: int = Field(1, ge=1)
+    # The router learns to weigh the experts only when there are at least two (PEFT refuses fewer too).
+    num_B: int = Field(2, ge=2)
+    # A plain multiplier of the adapter's output (Lily has no alpha/r).
+    scaling: float = Field(1.0, gt=0)
+
+
+class UniLoRAConfig(Section):
+    """method=unilora: the one trainable vector every LoRA entry reads (PEFT's UniLoraConfig defaults)."""
+
+    # PEFT's theta_d_length: the number of trainable parameters, whatever the model and rank. At most 2^24:
+    # the regenerated assignment holds indices as float32, exact up to there.
+    vector_length: int = Field(256, gt=0, le=2**24)
+    # Seeds the fixed assignment of LoRA entries to the vector's indices (PEFT's proj_seed: the same seed
+    # gives PEFT's own assignment).
+    projection_seed: int = 42
+    # The vector starts U(-init_bound, init_bound) (PEFT's init_theta_d_bound).
+    init_bound: float = Field(0.02, gt=0)
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -125,6 +160,8 @@ class AdapterConfig(Section):
     vera: VeRAConfig = Field(default_factory=VeRAConfig)
     tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
+    lily: LilyConfig = Field(default_factory=LilyConfig)
+    unilora: UniLoRAConfig = Field(default_factory=UniLoRAConfig)
     # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
     # directory. Its method, rank, alpha and targets must be these.
     init_from: str | None = None

@@ -11,7 +11,9 @@ rank-sized chunks summed, times D); PEFT's MiSS adapts nn.Linear only, with rank
 so other MiSS adapters are refused with a pointer to `sharelora merge`.
 VeRA maps onto PEFT's VeRA (same names; the shared pair written once, as PEFT's save_projection
 does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once). Tied-LoRA has no PEFT
-format: it is refused with a pointer to `sharelora merge`.
+format: it is refused with a pointer to `sharelora merge`. Lily maps onto PEFT's Lily, whose shared A
+and experts are one module in many layers and so saved under every layer's name, as here. UniLoRA maps
+onto PEFT's UniLoRA: the vector alone, PEFT regenerating the same assignment from proj_seed.
 """
 
 import json
@@ -23,8 +25,10 @@ from safetensors.torch import save_file
 
 from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
+from sharelora_cli.adapters.lily import LilyLayer
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
+from sharelora_cli.adapters.unilora import UniLoraLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
 from sharelora_cli.core.atomic import atomic_directory
@@ -183,12 +187,57 @@ def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[s
     return tensors, config
 
 
+def _lily(saved: SavedAdapter, layers: dict[str, LilyLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    for path, layer in layers.items():
+        if is_conv1d(layer.base_layer):
+            raise UserError(f"PEFT's Lily adapts nn.Linear only, not the Conv1D '{path}': it has no PEFT format")
+    tensors = {}
+    for path, layer in layers.items():
+        # PEFT's experts are one nn.Linear(d_out, num_B·r) weight, read as (num_B, r, d_out).
+        tensors[f"{KEY_PREFIX}{path}.lily_A.weight"] = layer.lily_A.detach().clone()
+        tensors[f"{KEY_PREFIX}{path}.lily_B.weight"] = layer.lily_B.detach().reshape(-1, layer.d_out).clone()
+        tensors[f"{KEY_PREFIX}{path}.lily_router.weight"] = layer.lily_router.detach().clone()
+    adapter = saved.adapter.config
+    config = _common_config("LILY", layers) | {
+        "r": adapter.rank,
+        "stride_A": adapter.lily.stride_A,
+        "num_B": adapter.lily.num_B,
+        "scaling": adapter.lily.scaling,
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _unilora(saved: SavedAdapter, layers: dict[str, UniLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"base_model.unilora_theta_d": saved.adapter.shared["unilora_theta_d"].detach().clone()}
+    adapter = saved.adapter.config
+    config = _common_config("UNILORA", layers) | {
+        "r": adapter.rank,
+        "theta_d_length": adapter.unilora.vector_length,
+        # PEFT assigns the indices in model order over the adapted modules, as sharelora does: the same ones.
+        "proj_seed": adapter.unilora.projection_seed,
+        "save_indices": False,
+        "init_theta_d_bound": adapter.unilora.init_bound,
+        "unilora_dropout": adapter.dropout,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
 def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:
     return any(is_conv1d(layer.base_layer) for layer in layers.values())
 
 
 # Layer type -> its PEFT writer; every adapted layer must be of one type.
-WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora}
+WRITERS = {
+    LoraLayer: _lora,
+    MissLayer: _miss,
+    VeraLayer: _vera,
+    VBLoraLayer: _vblora,
+    LilyLayer: _lily,
+    UniLoraLayer: _unilora,
+}
 
 
 def _common_config(peft_type: str, layers: Mapping[str, AdaptedLayer]) -> dict:

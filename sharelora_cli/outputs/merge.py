@@ -123,7 +123,7 @@ def merge_adapter(
     if getattr(model_config, "quantization_config", None):
         raise UserError(f"--base {base_dir} holds pre-quantised weights: merge needs the full-precision base model")
     saved = load_on_meta(adapter_dir, config, model_config)
-    _check_single_delta(saved)
+    _check_mergeable(saved)
     entries = plan_entries(files, saved)
     quant = _trained_quantization(saved, full_precision_base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +136,16 @@ def merge_adapter(
         _write_config(staging, model_config, out_dtype, untied=any(e.out_key != e.key for e in entries))
         copy_side_files(base_dir, staging)
     return MergeResult(out, len(saved.layers()), len(entries), shards, nbytes, quant is not None)
+
+
+def _check_mergeable(saved: SavedAdapter) -> None:
+    """A method whose update depends on its input (AdaptedLayer.update_form; Lily's router) has no ΔW to fold in."""
+    if any(layer.update_form == "input_dependent" for layer in saved.layers().values()):
+        raise UserError(
+            f"method '{saved.adapter.config.method}' cannot be merged: its update is input-dependent (it depends on "
+            "the batch it is applied to), so no single ΔW exists; "
+            "use the adapter with its base, or `sharelora export --format peft`"
+        )
 
 
 def _parse_dtype(name: str) -> torch.dtype | None:
@@ -160,16 +170,6 @@ def release_freed_tensors() -> None:
         return
     m_mmap_threshold = -3  # <malloc.h>; setting it also turns the dynamic adjustment off
     libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-def _check_single_delta(saved: SavedAdapter) -> None:
-    """A merge adds one ΔW per weight; an input-dependent update has none (AdaptedLayer.update_form)."""
-    for path, layer in saved.layers().items():
-        if type(layer).update_form == "input_dependent":
-            raise UserError(
-                f"'{path}' has an input-dependent update (no single ΔW): it cannot be merged into the base; "
-                "serve the adapter with sharelora instead"
-            )
 
 
 def parse_shard_size(size: int | str | None) -> int:

@@ -20,6 +20,7 @@ SHARED_FACTORS = {
     "vera": set(),
     "tied-lora": {"tied_A", "tied_B"},
     "vblora": set(),
+    "randlora": set(),
 }
 METHODS = tuple(SHARED_FACTORS)
 # Settings the tiny test models need: VB-LoRA's default vector length (256) divides none of their widths
@@ -76,6 +77,18 @@ def vblora_delta(logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Ten
     return B @ A
 
 
+def randlora_delta(A, B, lam, gamma, d_in: int, d_out: int, scaling: float) -> torch.Tensor:
+    """ΔW entry by entry from PEFT's layout: term m pairs λ's and A's (rank m // n, basis m % n), γ's basis m % n,
+    with B's basis m // r, rank m % r; the scaled side is the layer's smaller one."""
+    rank, bases = lam.shape
+    small, large = min(d_in, d_out), max(d_in, d_out)
+    terms = torch.arange(rank * bases)
+    scaled = lam[terms // bases, terms % bases, None] * A[terms // bases, 0, :small] * gamma[terms % bases]
+    wide = B[:large, terms // rank, terms % rank]  # (large, r·n)
+    delta = scaling * (scaled.t() @ wide.t())  # (small, large)
+    return delta.t() if d_in <= d_out else delta
+
+
 def expected_delta(adapter, group, position: int) -> torch.Tensor:
     """ΔW of the position-th module of a group, using the factors the method's formula says that layer uses."""
     config = adapter.config
@@ -95,13 +108,19 @@ def expected_delta(adapter, group, position: int) -> torch.Tensor:
     if config.method == "vblora":
         bank = adapter.shared["vblora_vector_bank"]
         return vblora_delta(factor("vblora_logits_A"), factor("vblora_logits_B"), bank, config.vblora.topk)
+    if config.method == "randlora":
+        A, B = adapter.shared["randlora_A"], adapter.shared["randlora_B"]
+        scaling = config.alpha / config.rank
+        lam, gamma = factor("randlora_lambda"), factor("randlora_gamma")
+        return randlora_delta(A, B, lam, gamma, group.d_in, group.d_out, scaling)
     return lora_delta(factor("lora_A"), factor("lora_B"), config.alpha, config.rank, config.rslora)
 
 
 def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, int]], bank=(256, 256)) -> int:
     """Trainable parameters for module types given as (d_in, d_out, number of layers).
 
-    bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained.
+    bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained; RandLoRA with
+    n = ⌈min(d_in, d_out)/r⌉ bases per module, λ (r × n) and γ (n × min(d_in, d_out)).
     """
     num_vectors, length = bank
     total = num_vectors * length if method == "vblora" else 0
@@ -115,6 +134,7 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
             "vera": layers * (rank + d_out),
             "tied-lora": rank * (d_in + d_out) + layers * (rank + d_out),
             "vblora": layers * num_vectors * rank * (d_in + d_out) // length,
+            "randlora": layers * -(-min(d_in, d_out) // rank) * (rank + min(d_in, d_out)),
         }[method]
     return total
 

@@ -8,7 +8,7 @@ from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import build_on_meta, load_config
 
-COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora")
+COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora", "randlora")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR, data_dir
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
-METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
+METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "randlora")
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 # Accelerate's experiment trackers; each needs its own package.
@@ -109,6 +109,13 @@ class VBLoRAConfig(Section):
         return value
 
 
+class RandLoRAConfig(Section):
+    """method=randlora: the frozen random bases (basis rank = adapter.rank), regenerated from projection_seed."""
+
+    # Seeds the generator that draws the bases (PEFT's projection_prng_key: the same seed gives PEFT's tensors).
+    projection_seed: int = 0
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -123,6 +130,7 @@ class AdapterConfig(Section):
     vera: VeRAConfig = Field(default_factory=VeRAConfig)
     tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
+    randlora: RandLoRAConfig = Field(default_factory=RandLoRAConfig)
     # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
     # directory. Its method, rank, alpha and targets must be these.
     init_from: str | None = None

@@ -7,7 +7,8 @@ MiSS maps onto PEFT's MiSS (`MissConfig`, `miss_block` = our D, same forward: th
 rank-sized chunks summed, times D); PEFT's MiSS adapts nn.Linear only, with rank <= d_in,
 so other MiSS adapters are refused with a pointer to `sharelora merge`.
 VeRA maps onto PEFT's VeRA (same names; the shared pair written once, as PEFT's save_projection
-does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once). Tied-LoRA has no PEFT
+does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once), RandLoRA onto PEFT's
+RandLoRA (same names; the bases written once, and α such that PEFT's α/r is our scaling). Tied-LoRA has no PEFT
 format: it is refused with a pointer to `sharelora merge`.
 """
 
@@ -22,6 +23,7 @@ from sharelora_cli.adapters.adapter_io import read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
+from sharelora_cli.adapters.randlora import BASES, RandLoraLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
 from sharelora_cli.core.atomic import atomic_directory
@@ -143,12 +145,36 @@ def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[s
     return tensors, config
 
 
+def _randlora(saved: SavedAdapter, layers: dict[str, RandLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in RandLoraLayer.factor_names
+    }
+    tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in BASES}
+    adapter = saved.adapter.config
+    scaling = next(iter(layers.values())).scaling
+    config = _common_config("RANDLORA", layers) | {
+        "r": adapter.rank,
+        "projection_prng_key": adapter.randlora.projection_seed,
+        "save_projection": True,
+        "sparse": False,
+        "very_sparse": False,
+        "randlora_dropout": adapter.dropout,
+        # PEFT scales by randlora_alpha / r, also where our scaling is rsLoRA's α/√r.
+        "randlora_alpha": scaling * adapter.rank,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
 def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:
     return any(is_conv1d(layer.base_layer) for layer in layers.values())
 
 
 # Layer type -> its PEFT writer; every adapted layer must be of one type.
-WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora}
+WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora, RandLoraLayer: _randlora}
 
 
 def _common_config(peft_type: str, layers: Mapping[str, AdaptedLayer]) -> dict:

@@ -21,6 +21,7 @@ SHARED_FACTORS = {
     "tied-lora": {"tied_A", "tied_B"},
     "vblora": set(),
     "randlora": set(),
+    "tinylora": set(),
 }
 METHODS = tuple(SHARED_FACTORS)
 # Settings the tiny test models need: VB-LoRA's default vector length (256) divides none of their widths
@@ -89,6 +90,20 @@ def randlora_delta(A, B, lam, gamma, d_in: int, d_out: int, scaling: float) -> t
     return delta.t() if d_in <= d_out else delta
 
 
+def tinylora_delta(adapter, path: str) -> torch.Tensor:
+    """ΔW = B (Σᵢ vᵢ Pᵢ) A, v the row of the module's tie group: the model's adapted modules in model order, cut into
+    max(1, round(N·(1 − weight_tying))) runs of N // runs (PEFT's rule), the remainder joining the last run."""
+    settings = adapter.config.tinylora
+    order = {name: i for i, (name, _) in enumerate(adapter.model.named_modules())}
+    paths = sorted((p for g in adapter.groups.values() for p in g.modules), key=order.__getitem__)
+    runs = max(1, round(len(paths) * (1 - settings.weight_tying)))
+    run = min(paths.index(path) // max(1, len(paths) // runs), runs - 1)
+    layer = adapter.model.get_submodule(path)
+    v = adapter.shared["tinylora_v"][run]
+    mixture = sum(v[i] * layer.tinylora_P[i] for i in range(v.shape[0]))
+    return layer.tinylora_B @ mixture @ layer.tinylora_A
+
+
 def expected_delta(adapter, group, position: int) -> torch.Tensor:
     """ΔW of the position-th module of a group, using the factors the method's formula says that layer uses."""
     config = adapter.config
@@ -108,6 +123,8 @@ def expected_delta(adapter, group, position: int) -> torch.Tensor:
     if config.method == "vblora":
         bank = adapter.shared["vblora_vector_bank"]
         return vblora_delta(factor("vblora_logits_A"), factor("vblora_logits_B"), bank, config.vblora.topk)
+    if config.method == "tinylora":
+        return tinylora_delta(adapter, group.modules[position])
     if config.method == "randlora":
         A, B = adapter.shared["randlora_A"], adapter.shared["randlora_B"]
         scaling = config.alpha / config.rank
@@ -120,7 +137,7 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
     """Trainable parameters for module types given as (d_in, d_out, number of layers).
 
     bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained; RandLoRA with
-    n = ⌈min(d_in, d_out)/r⌉ bases per module, λ (r × n) and γ (n × min(d_in, d_out)).
+    n = ⌈min(d_in, d_out)/r⌉ bases per module, λ (r × n) and γ (n × min(d_in, d_out)); TinyLoRA untied, u = 64.
     """
     num_vectors, length = bank
     total = num_vectors * length if method == "vblora" else 0
@@ -135,6 +152,7 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
             "tied-lora": rank * (d_in + d_out) + layers * (rank + d_out),
             "vblora": layers * num_vectors * rank * (d_in + d_out) // length,
             "randlora": layers * -(-min(d_in, d_out) // rank) * (rank + min(d_in, d_out)),
+            "tinylora": layers * 64,  # one v of u = 64 per module: PEFT's defaults, no weight tying
         }[method]
     return total
 

@@ -38,6 +38,10 @@ def delta_bound(layer) -> torch.Tensor:
     mixture: exp, sum, divide, two products, one add; VeRA and Tied-LoRA one scaling product, RandLoRA two)
     and one more for s: r + 13 steps on terms |s|·|B_ik|·|A_kj|."""
     lora_A, lora_B, scaling = (t.detach() if isinstance(t, torch.Tensor) else t for t in layer.low_rank())
+    if hasattr(layer, "tinylora_P"):  # TinyLoRA's A = (Σ_l v_l P_l) A_svd is itself a sum of u·r products per entry
+        v, P, A = layer.tinylora_v[layer.tie_group].detach(), layer.tinylora_P, layer.tinylora_A
+        magnitude = lora_B.abs() @ torch.einsum("l,ljk->jk", v.abs(), P.abs()) @ A.abs()
+        return reordering_bound(v.shape[0] + 2 * A.shape[0] + 13, magnitude)
     return reordering_bound(lora_A.shape[0] + 13, abs(scaling) * (lora_B.abs() @ lora_A.abs()))
 
 

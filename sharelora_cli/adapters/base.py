@@ -128,6 +128,13 @@ class AdaptedLayer(nn.Module):
     def init_shared_tensors(tensors: dict[str, torch.Tensor], hyper: Hyper) -> None:
         """Fill the shared tensors (float32, on the CPU) in place."""
 
+    def place(self, index: int, count: int) -> None:
+        """Called once by inject_adapter: this layer is the index-th of the model's `count` adapted layers (model order).
+
+        For methods whose frozen factors come from the base weight or the layer's position (TinyLoRA's SVD and
+        per-layer seeds); a loaded adapter's saved tensors then replace what this computed.
+        """
+
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""
         raise NotImplementedError

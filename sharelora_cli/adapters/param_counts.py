@@ -8,7 +8,18 @@ from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import build_on_meta, load_config
 
-COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora", "randlora")
+COMPARED_METHODS = (
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "miss",
+    "vera",
+    "tied-lora",
+    "vblora",
+    "randlora",
+    "tinylora",
+)
 
 
 @dataclass(frozen=True)

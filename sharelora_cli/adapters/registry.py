@@ -7,9 +7,10 @@ from sharelora_cli.adapters.miss import MISS
 from sharelora_cli.adapters.randlora import RANDLORA
 from sharelora_cli.adapters.sharelora import SHAREA, SHAREAB, SHAREB
 from sharelora_cli.adapters.tied_lora import TIED_LORA
+from sharelora_cli.adapters.tinylora import TINYLORA
 from sharelora_cli.adapters.vblora import VBLORA
 from sharelora_cli.adapters.vera import VERA
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS, VERA, TIED_LORA, VBLORA, RANDLORA)
+    m.name: m for m in (LORA, SHAREA, SHAREB, SHAREAB, ASLORA, MISS, VERA, TIED_LORA, VBLORA, RANDLORA, TINYLORA)
 }

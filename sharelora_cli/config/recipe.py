@@ -27,7 +27,19 @@ from sharelora_cli.core.errors import UserError, first_line
 from sharelora_cli.core.paths import RECIPES_DIR, data_dir
 
 # The adapter methods by name; adapters/registry.py maps each to its implementation.
-METHOD_NAMES = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora", "randlora")
+METHOD_NAMES = (
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "aslora",
+    "miss",
+    "vera",
+    "tied-lora",
+    "vblora",
+    "randlora",
+    "tinylora",
+)
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 # Accelerate's experiment trackers; each needs its own package.
@@ -116,6 +128,16 @@ class RandLoRAConfig(Section):
     projection_seed: int = 0
 
 
+class TinyLoRAConfig(Section):
+    """method=tinylora: the trained vector's length u, how far it is tied across modules, the seed of the P's (PEFT's defaults)."""
+
+    u: int = Field(64, gt=0)
+    # 0: one v per adapted module; 1: one v for the whole model; between: runs of consecutive modules share one.
+    weight_tying: float = Field(0.0, ge=0, le=1)
+    # Layer k's fixed random matrices P come from a generator seeded with projection_seed + k (PEFT's rule).
+    projection_seed: int = 42
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -131,6 +153,7 @@ class AdapterConfig(Section):
     tied_lora: TiedLoRAConfig = Field(default_factory=TiedLoRAConfig)
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
     randlora: RandLoRAConfig = Field(default_factory=RandLoRAConfig)
+    tinylora: TinyLoRAConfig = Field(default_factory=TinyLoRAConfig)
     # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
     # directory. Its method, rank, alpha and targets must be these.
     init_from: str | None = None

@@ -8,7 +8,8 @@ rank-sized chunks summed, times D); PEFT's MiSS adapts nn.Linear only, with rank
 so other MiSS adapters are refused with a pointer to `sharelora merge`.
 VeRA maps onto PEFT's VeRA (same names; the shared pair written once, as PEFT's save_projection
 does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once), RandLoRA onto PEFT's
-RandLoRA (same names; the bases written once, and α such that PEFT's α/r is our scaling). Tied-LoRA has no PEFT
+RandLoRA (same names; the bases written once, and α such that PEFT's α/r is our scaling), TinyLoRA onto
+PEFT's TinyLoRA (same names; A, B, P per layer, each tie group's v once). Tied-LoRA has no PEFT
 format: it is refused with a pointer to `sharelora merge`.
 """
 
@@ -24,6 +25,7 @@ from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
 from sharelora_cli.adapters.randlora import BASES, RandLoraLayer
+from sharelora_cli.adapters.tinylora import TinyLoraLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
 from sharelora_cli.core.atomic import atomic_directory
@@ -169,12 +171,43 @@ def _randlora(saved: SavedAdapter, layers: dict[str, RandLoraLayer]) -> tuple[di
     return tensors, config
 
 
+def _tinylora(saved: SavedAdapter, layers: dict[str, TinyLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in TinyLoraLayer.factor_names
+    }
+    # PEFT keeps one v per tie group on its TinyLoraModel, keyed by the group's number.
+    tensors |= {
+        f"base_model.tinylora_v.{k}": v.detach().clone() for k, v in enumerate(saved.adapter.shared["tinylora_v"])
+    }
+    adapter = saved.adapter.config
+    config = _common_config("TINYLORA", layers) | {
+        "r": adapter.rank,
+        "u": adapter.tinylora.u,
+        "weight_tying": adapter.tinylora.weight_tying,
+        "projection_seed": adapter.tinylora.projection_seed,
+        "save_projection": True,
+        "tinylora_dropout": adapter.dropout,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
 def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:
     return any(is_conv1d(layer.base_layer) for layer in layers.values())
 
 
 # Layer type -> its PEFT writer; every adapted layer must be of one type.
-WRITERS = {LoraLayer: _lora, MissLayer: _miss, VeraLayer: _vera, VBLoraLayer: _vblora, RandLoraLayer: _randlora}
+WRITERS = {
+    LoraLayer: _lora,
+    MissLayer: _miss,
+    VeraLayer: _vera,
+    VBLoraLayer: _vblora,
+    RandLoraLayer: _randlora,
+    TinyLoraLayer: _tinylora,
+}
 
 
 def _common_config(peft_type: str, layers: Mapping[str, AdaptedLayer]) -> dict:

@@ -16,19 +16,15 @@ from reference import adapter_config, randomize_factors
 from safetensors.torch import load_file
 from test_peft_parity import fused_groups, peft_layers
 from test_qlora_cpu import NF4
-from test_randlora import TOLERANCE, assert_matches_peft
-from test_train import read_metrics, write_recipe
+from test_randlora import TOLERANCE, assert_matches_peft, train_4bit_and_merge
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
-from transformers import AutoModelForCausalLM
 
 from sharelora_cli.adapters.adapter_io import WEIGHTS_FILE, load_adapter, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.config.recipe import ModelConfig, load_recipe
+from sharelora_cli.config.recipe import ModelConfig
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
-from sharelora_cli.outputs.merge import merge_adapter
-from sharelora_cli.training.loop import train
 
 FROZEN = ("tinylora_A", "tinylora_B", "tinylora_P")
 
@@ -136,24 +132,5 @@ def test_saved_factors_load_into_a_fresh_base_with_the_same_outputs(tiny_model, 
 
 
 def test_trains_on_a_4bit_base_and_merges_into_it(tmp_path, tiny_model_dir):
-    """`sharelora train` on an NF4 base: validation loss falls; the merged checkpoint (dequantised base + ΔW, float32)
-    gives the 4-bit adapted model's logits."""
-    adapter = {"method": "tinylora", "targets": LLAMA_TARGETS}
-    train_section = {"max_steps": 8, "lr": 3e-2, "eval_every": 4, "checkpoint_every": 100}
-    quantization = NF4["float32"].model_dump()
-    path = write_recipe(tmp_path, tiny_model_dir, adapter=adapter, quantization=quantization, train=train_section)
-    recipe = load_recipe(str(path), [])
-    summary = train(recipe)
-    val = [m["val_loss"] for m in read_metrics(Path(recipe.output_dir)) if "val_loss" in m]
-    assert len(val) == 2 and val[1] < val[0]
-    adapter_dir = Path(recipe.output_dir) / "adapter"
-    assert summary.trainable_parameters == 28 * 64  # one v of PEFT's default u = 64 per module
-    quantized = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), NF4["float32"], torch.device("cpu"))
-    load_adapter(quantized, adapter_dir)
-    merge_adapter(adapter_dir, tmp_path / "merged", dtype="fp32")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    tokens = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            merged(tokens).logits, quantized.eval()(tokens).logits, atol=TOLERANCE, rtol=TOLERANCE
-        )
+    # One v of PEFT's default u = 64 per module: 7 projections × 4 layers.
+    assert train_4bit_and_merge(tmp_path, tiny_model_dir, "tinylora", lr=3e-2) == 28 * 64

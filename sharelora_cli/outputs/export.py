@@ -105,11 +105,7 @@ def _miss(saved: SavedAdapter, layers: dict[str, MissLayer]) -> tuple[dict[str, 
 
 
 def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in VeraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     # PeftModel keeps the pair on its VeraModel ("base_model"), once for all layers.
     tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in ("vera_A", "vera_B")}
     adapter = saved.adapter.config
@@ -126,11 +122,7 @@ def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, 
 
 
 def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in VBLoraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     tensors["base_model.vblora_vector_bank"] = saved.adapter.shared["vblora_vector_bank"].detach().clone()
     adapter = saved.adapter.config
     config = _common_config("VBLORA", layers) | {
@@ -148,11 +140,7 @@ def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[s
 
 
 def _randlora(saved: SavedAdapter, layers: dict[str, RandLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in RandLoraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in BASES}
     adapter = saved.adapter.config
     scaling = next(iter(layers.values())).scaling
@@ -172,11 +160,7 @@ def _randlora(saved: SavedAdapter, layers: dict[str, RandLoraLayer]) -> tuple[di
 
 
 def _tinylora(saved: SavedAdapter, layers: dict[str, TinyLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in TinyLoraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     # PEFT keeps one v per tie group on its TinyLoraModel, keyed by the group's number.
     tensors |= {
         f"base_model.tinylora_v.{k}": v.detach().clone() for k, v in enumerate(saved.adapter.shared["tinylora_v"])
@@ -193,6 +177,15 @@ def _tinylora(saved: SavedAdapter, layers: dict[str, TinyLoraLayer]) -> tuple[di
         "init_weights": True,
     }
     return tensors, config
+
+
+def _layer_factors(layers: Mapping[str, AdaptedLayer]) -> dict[str, torch.Tensor]:
+    """Every layer's own factors under PEFT's key for them (the same attribute names)."""
+    return {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in layer.factor_names
+    }
 
 
 def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:

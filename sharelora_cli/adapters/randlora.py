@@ -45,7 +45,8 @@ def basis_rule(seed: int) -> str:
 
 
 def draw_basis(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    # PEFT draws in bfloat16 (where it is available): drawing in float32 would give other numbers.
+    # PEFT draws in bfloat16 wherever accelerate reports bf16 support (every CPU; CUDA GPUs from Ampere on), float16
+    # elsewhere; sharelora always draws in bfloat16, so its bases are PEFT's on those machines, and the same everywhere.
     tensor = torch.empty(shape, dtype=torch.bfloat16)
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 

@@ -17,13 +17,15 @@ from numerics import reordering_bound
 from peft import RandLoraConfig, get_peft_model
 from reference import adapter_config, llama_module_types, randomize_factors, trainable_count
 from safetensors.torch import load_file
+from test_export import export, exported_tensors, peft_logits
+from test_merge import GPT2_TARGETS, gpt2_dir, make_adapter
 from test_peft_parity import fused_groups, peft_layers
 from test_qlora_cpu import NF4
 from test_train import read_metrics, write_recipe
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from sharelora_cli.adapters.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import ModelConfig, load_recipe
@@ -33,6 +35,8 @@ from sharelora_cli.training.loop import train
 
 FACTORS = ("randlora_lambda", "randlora_gamma")
 TOLERANCE = reordering_bound(320, 1.0)  # module docstring
+
+__all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
 
 def assert_matches_peft(ours, theirs, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -179,3 +183,22 @@ def test_trains_on_a_4bit_base_and_merges_into_it(tmp_path, tiny_model_dir):
     # on a smaller side of 128, k v (128→64) 8 bases on 64.
     per_layer = 5 * 16 * (8 + 128) + 2 * 8 * (8 + 64)
     assert trainable == 4 * per_layer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_loads_in_peft_with_the_adapted_logits(arch, tiny_model_dir, gpt2_dir, tmp_path, monkeypatch, capsys):
+    """With rsLoRA too: PEFT scales by randlora_alpha / r, so the export writes α·√r for our α/√r."""
+    base_dir, targets = (tiny_model_dir, LLAMA_TARGETS) if arch == "llama" else (gpt2_dir, GPT2_TARGETS)
+    settings = {"projection_seed": 3}
+    config = adapter_config("randlora", rank=8, alpha=4.0, rslora=True, targets=targets, randlora=settings)
+    adapter_dir, ids, before, adapted = make_adapter(base_dir, tmp_path / "adapter", config)
+    peft_config = export(monkeypatch, capsys, adapter_dir, tmp_path / "peft")
+    assert (peft_config["peft_type"], peft_config["r"], peft_config["projection_prng_key"]) == ("RANDLORA", 8, 3)
+    assert peft_config["randlora_alpha"] == pytest.approx(4.0 * 8**0.5, rel=1e-15)
+    modules = [p for g in read_adapter_config(adapter_dir)["plan"].values() for p in g["modules"]]
+    assert set(exported_tensors(tmp_path / "peft")) == {"base_model.randlora_A", "base_model.randlora_B"} | {
+        f"base_model.model.{path}.randlora_{name}" for path in modules for name in ("lambda", "gamma")
+    }
+    assert (adapted - before).abs().max() > 0.01
+    exported = peft_logits(base_dir, tmp_path / "peft", ids)
+    torch.testing.assert_close(exported, adapted, atol=TOLERANCE, rtol=TOLERANCE)

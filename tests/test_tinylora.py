@@ -14,12 +14,14 @@ from cli_runner import run_cli
 from peft import TinyLoraConfig, get_peft_model
 from reference import adapter_config, randomize_factors
 from safetensors.torch import load_file
+from test_export import export, exported_tensors, peft_logits
+from test_merge import GPT2_TARGETS, gpt2_dir, make_adapter
 from test_peft_parity import fused_groups, peft_layers
 from test_qlora_cpu import NF4
 from test_randlora import TOLERANCE, assert_matches_peft, train_4bit_and_merge
 from tiny_architectures import LLAMA_TARGETS, load_tiny_llama
 
-from sharelora_cli.adapters.adapter_io import WEIGHTS_FILE, load_adapter, save_adapter
+from sharelora_cli.adapters.adapter_io import WEIGHTS_FILE, load_adapter, read_adapter_config, save_adapter
 from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.config.recipe import ModelConfig
@@ -27,6 +29,8 @@ from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import dequantized_weight
 
 FROZEN = ("tinylora_A", "tinylora_B", "tinylora_P")
+
+__all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
 
 def tinylora(model, rank: int = 4, u: int = 8, tying: float = 0.0, seed: int = 42):
@@ -134,3 +138,22 @@ def test_saved_factors_load_into_a_fresh_base_with_the_same_outputs(tiny_model, 
 def test_trains_on_a_4bit_base_and_merges_into_it(tmp_path, tiny_model_dir):
     # One v of PEFT's default u = 64 per module: 7 projections × 4 layers.
     assert train_4bit_and_merge(tmp_path, tiny_model_dir, "tinylora", lr=3e-2) == 28 * 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_loads_in_peft_with_the_adapted_logits(arch, tiny_model_dir, gpt2_dir, tmp_path, monkeypatch, capsys):
+    base_dir, targets = (tiny_model_dir, LLAMA_TARGETS) if arch == "llama" else (gpt2_dir, GPT2_TARGETS)
+    settings = {"u": 8, "weight_tying": 0.5, "projection_seed": 3}
+    config = adapter_config("tinylora", rank=4, targets=targets, tinylora=settings)
+    adapter_dir, ids, before, adapted = make_adapter(base_dir, tmp_path / "adapter", config)
+    peft_config = export(monkeypatch, capsys, adapter_dir, tmp_path / "peft")
+    assert (peft_config["peft_type"], peft_config["r"], peft_config["u"]) == ("TINYLORA", 4, 8)
+    assert peft_config["weight_tying"] == 0.5 and peft_config["fan_in_fan_out"] is (arch == "gpt2")
+    modules = [p for g in read_adapter_config(adapter_dir)["plan"].values() for p in g["modules"]]
+    groups = max(1, round(len(modules) * 0.5))
+    assert set(exported_tensors(tmp_path / "peft")) == {f"base_model.tinylora_v.{k}" for k in range(groups)} | {
+        f"base_model.model.{path}.tinylora_{name}" for path in modules for name in "ABP"
+    }
+    assert (adapted - before).abs().max() > 0.01
+    exported = peft_logits(base_dir, tmp_path / "peft", ids)
+    torch.testing.assert_close(exported, adapted, atol=TOLERANCE, rtol=TOLERANCE)

@@ -20,6 +20,8 @@ SHARED_FACTORS = {
     "vera": set(),
     "tied-lora": {"tied_A", "tied_B"},
     "vblora": set(),
+    "randlora": set(),
+    "tinylora": set(),
 }
 METHODS = tuple(SHARED_FACTORS)
 # Settings the tiny test models need: VB-LoRA's default vector length (256) divides none of their widths
@@ -76,6 +78,32 @@ def vblora_delta(logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Ten
     return B @ A
 
 
+def randlora_delta(A, B, lam, gamma, d_in: int, d_out: int, scaling: float) -> torch.Tensor:
+    """ΔW entry by entry from PEFT's layout: term m pairs λ's and A's (rank m // n, basis m % n), γ's basis m % n,
+    with B's basis m // r, rank m % r; the scaled side is the layer's smaller one."""
+    rank, bases = lam.shape
+    small, large = min(d_in, d_out), max(d_in, d_out)
+    terms = torch.arange(rank * bases)
+    scaled = lam[terms // bases, terms % bases, None] * A[terms // bases, 0, :small] * gamma[terms % bases]
+    wide = B[:large, terms // rank, terms % rank]  # (large, r·n)
+    delta = scaling * (scaled.t() @ wide.t())  # (small, large)
+    return delta.t() if d_in <= d_out else delta
+
+
+def tinylora_delta(adapter, path: str) -> torch.Tensor:
+    """ΔW = B (Σᵢ vᵢ Pᵢ) A, v the row of the module's tie group: the model's adapted modules in model order, cut into
+    max(1, round(N·(1 − weight_tying))) runs of N // runs (PEFT's rule), the remainder joining the last run."""
+    settings = adapter.config.tinylora
+    order = {name: i for i, (name, _) in enumerate(adapter.model.named_modules())}
+    paths = sorted((p for g in adapter.groups.values() for p in g.modules), key=order.__getitem__)
+    runs = max(1, round(len(paths) * (1 - settings.weight_tying)))
+    run = min(paths.index(path) // max(1, len(paths) // runs), runs - 1)
+    layer = adapter.model.get_submodule(path)
+    v = adapter.shared["tinylora_v"][run]
+    mixture = sum(v[i] * layer.tinylora_P[i] for i in range(v.shape[0]))
+    return layer.tinylora_B @ mixture @ layer.tinylora_A
+
+
 def expected_delta(adapter, group, position: int) -> torch.Tensor:
     """ΔW of the position-th module of a group, using the factors the method's formula says that layer uses."""
     config = adapter.config
@@ -95,13 +123,21 @@ def expected_delta(adapter, group, position: int) -> torch.Tensor:
     if config.method == "vblora":
         bank = adapter.shared["vblora_vector_bank"]
         return vblora_delta(factor("vblora_logits_A"), factor("vblora_logits_B"), bank, config.vblora.topk)
+    if config.method == "tinylora":
+        return tinylora_delta(adapter, group.modules[position])
+    if config.method == "randlora":
+        A, B = adapter.shared["randlora_A"], adapter.shared["randlora_B"]
+        scaling = config.alpha / config.rank
+        lam, gamma = factor("randlora_lambda"), factor("randlora_gamma")
+        return randlora_delta(A, B, lam, gamma, group.d_in, group.d_out, scaling)
     return lora_delta(factor("lora_A"), factor("lora_B"), config.alpha, config.rank, config.rslora)
 
 
 def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, int]], bank=(256, 256)) -> int:
     """Trainable parameters for module types given as (d_in, d_out, number of layers).
 
-    bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained.
+    bank: VB-LoRA's (num_vectors, vector_length); Tied-LoRA with all of A, B, u, v trained; RandLoRA with
+    n = ⌈min(d_in, d_out)/r⌉ bases per module, λ (r × n) and γ (n × min(d_in, d_out)); TinyLoRA untied, u = 64.
     """
     num_vectors, length = bank
     total = num_vectors * length if method == "vblora" else 0
@@ -115,6 +151,8 @@ def trainable_count(method: str, rank: int, module_types: list[tuple[int, int, i
             "vera": layers * (rank + d_out),
             "tied-lora": rank * (d_in + d_out) + layers * (rank + d_out),
             "vblora": layers * num_vectors * rank * (d_in + d_out) // length,
+            "randlora": layers * -(-min(d_in, d_out) // rank) * (rank + min(d_in, d_out)),
+            "tinylora": layers * 64,  # one v of u = 64 per module: PEFT's defaults, no weight tying
         }[method]
     return total
 

@@ -1,4 +1,4 @@
-"""VeRA, Tied-LoRA and VB-LoRA through `sharelora train` on the tiny model and GSM8K: the loss falls, a run resumed
+"""VeRA, Tied-LoRA, VB-LoRA, RandLoRA and TinyLoRA through `sharelora train` on the tiny model and GSM8K: the loss falls, a run resumed
 from a checkpoint ends with exactly the uninterrupted run's adapter, and the trained adapter merges (and, where
 PEFT has the method, exports) to the same logits."""
 
@@ -17,9 +17,10 @@ from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.outputs.export import export_adapter
 from sharelora_cli.outputs.merge import merge_adapter
 
-METHODS = ["vera", "tied-lora", "vblora"]
-# VeRA trains only scaling vectors and, as in its paper, needs a larger learning rate than LoRA-like methods.
-LEARNING_RATES = {"vera": 3e-2}
+METHODS = ["vera", "tied-lora", "vblora", "randlora", "tinylora"]
+# VeRA trains only scaling vectors and, as in its paper, needs a larger learning rate than LoRA-like methods;
+# TinyLoRA trains u = 64 mixture weights per module.
+LEARNING_RATES = {"vera": 3e-2, "tinylora": 3e-2}
 
 
 @pytest.fixture(scope="module", params=METHODS)

@@ -21,7 +21,7 @@ from sharelora_cli.outputs import merge
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
-METHODS = ["lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora"]
+METHODS = ["lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora", "randlora", "tinylora"]
 # MiSS at rank 6 does not divide d_in (128, 320, 64, 256): the zero-padding path is exercised too.
 RANKS = {"miss": 6}
 # VeRA's and Tied-LoRA's ΔW multiplies four factors: at the 0.05 noise the others get, it would move the logits

@@ -139,6 +139,13 @@ class AdaptedLayer(nn.Module):
         """Called once after injection with every adapted layer in model order, for a method whose layers hold
         frozen state computed from all of them (UniLoRA's global index assignment)."""
 
+    def place(self, index: int, count: int) -> None:
+        """Called once by inject_adapter: this layer is the index-th of the model's `count` adapted layers (model order).
+
+        For methods whose frozen factors come from the base weight or the layer's position (TinyLoRA's SVD and
+        per-layer seeds); a loaded adapter's saved tensors then replace what this computed.
+        """
+
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ΔW = s · B A: A is (r × d_in), B is (d_out × r); a method may fix either."""
         raise NotImplementedError

@@ -28,12 +28,14 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, plan: dict | None = 
         param.requires_grad_(False)
     shared = _create_shared(model, groups, layer_cls, specs, hyper)
     fusion = Fusion()
+    order = model_order(model, [path for group in groups.values() for path in group.modules])
     for group in groups.values():
         _create_factors(model, group, layer_cls, hyper)
         for position, path in enumerate(group.modules):
             factors = {f: group.tensors[f][group.index[f][position]] for f in layer_cls.factor_names}
             layer = layer_cls(model.get_submodule(path), factors | shared, hyper)
             layer.fusion = fusion
+            layer.place(order[path], len(order))
             _replace_module(model, path, layer)
     layer_cls.link_layers([m for m in model.modules() if isinstance(m, AdaptedLayer)], hyper)
     # Each forward of the whole model starts a pass of the fusion (adapters/fusion.py).
@@ -55,8 +57,14 @@ def hyper_of(config: AdapterConfig) -> Hyper:
 
 
 def group_dims(entries) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every adapted module of a plan's groups, group by group."""
+    """(d_in, d_out) of every adapted module of a plan, group by group."""
     return [(entry["d_in"], entry["d_out"]) for entry in entries for _ in entry["modules"]]
+
+
+def model_order(model: nn.Module, paths: list[str]) -> dict[str, int]:
+    """Path -> its position among `paths` in the model's module order (PEFT's order of target modules)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return {path: i for i, path in enumerate(sorted(paths, key=order.__getitem__))}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,20 @@ from sharelora_cli.config.recipe import AdapterConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import build_on_meta, load_config
 
-COMPARED_METHODS = ("lora", "sharea", "shareb", "shareab", "miss", "vera", "tied-lora", "vblora", "lily", "unilora")
+COMPARED_METHODS = (
+    "lora",
+    "sharea",
+    "shareb",
+    "shareab",
+    "miss",
+    "vera",
+    "tied-lora",
+    "vblora",
+    "lily",
+    "unilora",
+    "randlora",
+    "tinylora",
+)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ METHOD_NAMES = (
     "vblora",
     "lily",
     "unilora",
+    "randlora",
+    "tinylora",
 )
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
@@ -146,6 +148,23 @@ class UniLoRAConfig(Section):
     init_bound: float = Field(0.02, gt=0)
 
 
+class RandLoRAConfig(Section):
+    """method=randlora: the frozen random bases (basis rank = adapter.rank), regenerated from projection_seed."""
+
+    # Seeds the generator that draws the bases (PEFT's projection_prng_key: the same seed gives PEFT's tensors).
+    projection_seed: int = 0
+
+
+class TinyLoRAConfig(Section):
+    """method=tinylora: the trained vector's length u, how far it is tied across modules, the seed of the P's (PEFT's defaults)."""
+
+    u: int = Field(64, gt=0)
+    # 0: one v per adapted module; 1: one v for the whole model; between: runs of consecutive modules share one.
+    weight_tying: float = Field(0.0, ge=0, le=1)
+    # Layer k's fixed random matrices P come from a generator seeded with projection_seed + k (PEFT's rule).
+    projection_seed: int = 42
+
+
 class AdapterConfig(Section):
     method: Method = "lora"
     rank: int = Field(8, gt=0)
@@ -162,6 +181,8 @@ class AdapterConfig(Section):
     vblora: VBLoRAConfig = Field(default_factory=VBLoRAConfig)
     lily: LilyConfig = Field(default_factory=LilyConfig)
     unilora: UniLoRAConfig = Field(default_factory=UniLoRAConfig)
+    randlora: RandLoRAConfig = Field(default_factory=RandLoRAConfig)
+    tinylora: TinyLoRAConfig = Field(default_factory=TinyLoRAConfig)
     # A saved sharelora adapter to start from instead of a fresh one: OUTPUT_DIR/adapter or a checkpoint-N
     # directory. Its method, rank, alpha and targets must be these.
     init_from: str | None = None

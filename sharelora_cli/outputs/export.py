@@ -10,7 +10,9 @@ MiSS maps onto PEFT's MiSS (`MissConfig`, `miss_block` = our D, same forward: th
 rank-sized chunks summed, times D); PEFT's MiSS adapts nn.Linear only, with rank <= d_in,
 so other MiSS adapters are refused with a pointer to `sharelora merge`.
 VeRA maps onto PEFT's VeRA (same names; the shared pair written once, as PEFT's save_projection
-does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once). Tied-LoRA has no PEFT
+does) and VB-LoRA onto PEFT's VB-LoRA (same names; the bank written once), RandLoRA onto PEFT's
+RandLoRA (same names; the bases written once, and α such that PEFT's α/r is our scaling), TinyLoRA onto
+PEFT's TinyLoRA (same names; A, B, P per layer, each tie group's v once). Tied-LoRA has no PEFT
 format: it is refused with a pointer to `sharelora merge`. Lily maps onto PEFT's Lily, whose shared A
 and experts are one module in many layers and so saved under every layer's name, as here. UniLoRA maps
 onto PEFT's UniLoRA: the vector alone, PEFT regenerating the same assignment from proj_seed.
@@ -28,6 +30,8 @@ from sharelora_cli.adapters.base import AdaptedLayer, is_conv1d
 from sharelora_cli.adapters.lily import LilyLayer
 from sharelora_cli.adapters.lora import LoraLayer
 from sharelora_cli.adapters.miss import MissLayer
+from sharelora_cli.adapters.randlora import BASES, RandLoraLayer
+from sharelora_cli.adapters.tinylora import TinyLoraLayer
 from sharelora_cli.adapters.unilora import UniLoraLayer
 from sharelora_cli.adapters.vblora import VBLoraLayer
 from sharelora_cli.adapters.vera import VeraLayer
@@ -145,11 +149,7 @@ def _miss(saved: SavedAdapter, layers: dict[str, MissLayer]) -> tuple[dict[str, 
 
 
 def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in VeraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     # PeftModel keeps the pair on its VeraModel ("base_model"), once for all layers.
     tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in ("vera_A", "vera_B")}
     adapter = saved.adapter.config
@@ -166,11 +166,7 @@ def _vera(saved: SavedAdapter, layers: dict[str, VeraLayer]) -> tuple[dict[str, 
 
 
 def _vblora(saved: SavedAdapter, layers: dict[str, VBLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {
-        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
-        for path, layer in layers.items()
-        for name in VBLoraLayer.factor_names
-    }
+    tensors = _layer_factors(layers)
     tensors["base_model.vblora_vector_bank"] = saved.adapter.shared["vblora_vector_bank"].detach().clone()
     adapter = saved.adapter.config
     config = _common_config("VBLORA", layers) | {
@@ -225,6 +221,55 @@ def _unilora(saved: SavedAdapter, layers: dict[str, UniLoraLayer]) -> tuple[dict
     return tensors, config
 
 
+def _randlora(saved: SavedAdapter, layers: dict[str, RandLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = _layer_factors(layers)
+    tensors |= {f"base_model.{name}": saved.adapter.shared[name].detach().clone() for name in BASES}
+    adapter = saved.adapter.config
+    scaling = next(iter(layers.values())).scaling
+    config = _common_config("RANDLORA", layers) | {
+        "r": adapter.rank,
+        "projection_prng_key": adapter.randlora.projection_seed,
+        "save_projection": True,
+        "sparse": False,
+        "very_sparse": False,
+        "randlora_dropout": adapter.dropout,
+        # PEFT scales by randlora_alpha / r, also where our scaling is rsLoRA's α/√r.
+        "randlora_alpha": scaling * adapter.rank,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _tinylora(saved: SavedAdapter, layers: dict[str, TinyLoraLayer]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = _layer_factors(layers)
+    # PEFT keeps one v per tie group on its TinyLoraModel, keyed by the group's number.
+    tensors |= {
+        f"base_model.tinylora_v.{k}": v.detach().clone() for k, v in enumerate(saved.adapter.shared["tinylora_v"])
+    }
+    adapter = saved.adapter.config
+    config = _common_config("TINYLORA", layers) | {
+        "r": adapter.rank,
+        "u": adapter.tinylora.u,
+        "weight_tying": adapter.tinylora.weight_tying,
+        "projection_seed": adapter.tinylora.projection_seed,
+        "save_projection": True,
+        "tinylora_dropout": adapter.dropout,
+        "fan_in_fan_out": _has_conv1d(layers),
+        "init_weights": True,
+    }
+    return tensors, config
+
+
+def _layer_factors(layers: Mapping[str, AdaptedLayer]) -> dict[str, torch.Tensor]:
+    """Every layer's own factors under PEFT's key for them (the same attribute names)."""
+    return {
+        f"{KEY_PREFIX}{path}.{name}": getattr(layer, name).detach().clone()
+        for path, layer in layers.items()
+        for name in layer.factor_names
+    }
+
+
 def _has_conv1d(layers: Mapping[str, AdaptedLayer]) -> bool:
     return any(is_conv1d(layer.base_layer) for layer in layers.values())
 
@@ -237,6 +282,8 @@ WRITERS = {
     VBLoraLayer: _vblora,
     LilyLayer: _lily,
     UniLoraLayer: _unilora,
+    RandLoraLayer: _randlora,
+    TinyLoraLayer: _tinylora,
 }
 
 

@@ -614,7 +614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LoRA ranks whose trainable counts every method is held to",
     )
     depth.add_argument(
-        "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2", help="the grid every method is swept over"
+        "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2,1e-1", help="the grid every method is swept over"
     )
     depth.add_argument(
         "--validation-size", type=int, default=200, help="training problems held out to choose the lr on"

@@ -31,8 +31,6 @@ current RSS through /proc/self/clear_refs after glibc's malloc_trim returned fre
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import math
 import multiprocessing
@@ -53,6 +51,7 @@ from sharelora_cli.adapters.fusion import find_shared_inputs
 from sharelora_cli.adapters.inject import inject_adapter
 from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.config.recipe import AdapterConfig
+from sharelora_cli.core.peak_memory import PeakMeter
 from sharelora_cli.models.loading import load_config, prepare_for_kbit_training
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.training.loop import adamw
@@ -295,36 +294,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
 
 
 # ---------------------------------------------------------------- peak memory, one child process each
-
-
-class PeakMeter:
-    """Peak memory above a baseline: RSS high-water mark on CPU, max_memory_allocated on CUDA."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.baseline = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            # Freed heap that glibc keeps would be reused unseen; hand it back before the baseline.
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
-            self.baseline = proc_status_bytes("VmRSS")
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return proc_status_bytes("VmHWM") - self.baseline
-
-
-def proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def child_peak(name: str, preset: Preset, seed: int, threads: int) -> int:

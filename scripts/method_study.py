@@ -14,6 +14,18 @@ peft-lora is Hugging Face PEFT's LoRA trained by the same step function on the s
 reference for sharelora's LoRA. Add a method by adding an entry to TRAINERS; every method in sharelora's
 registry is already one.
 
+--depth-study is the study where depth matters, on the 12-layer base of
+`scripts/make_tiny_model.py --pretrain artifacts/tiny-llama-arith-deep --layers 12 --hidden 64`:
+
+    .venv/bin/python scripts/method_study.py --depth-study --json docs/method_study_deep.json
+
+Every method of sharelora's registry is held to LoRA's trainable count at each --budgets rank by turning its
+size knob (adapters/size_knobs.py) to the value nearest it; a method more than 10% off says so in the table.
+Each (method, budget) sweeps --lrs on the first seed, scored on the last --validation-size training problems
+(which no run trains on), keeps the lr with the best validation accuracy, and runs every seed at it, scored on
+the test problems. Step time and peak memory (RSS high-water mark over training above the process's RSS
+before it; on CUDA the allocator's peak) come from the runs at the chosen lr.
+
 A finished run leaves row.json in its folder under --out and is reused when the study is run again, so an
 interrupted study continues where it stopped. Writes --json (one row per run), the Markdown tables between
 the study markers of --markdown, and --plot (needs matplotlib: pip install -e .[plots]).
@@ -38,11 +50,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from transformers import set_seed
 
-from sharelora_cli.adapters.aslora import target_plan
-from sharelora_cli.adapters.inject import plan_trainable, planned_plan
+from sharelora_cli.adapters.registry import METHODS
+from sharelora_cli.adapters.size_knobs import final_trainable, knob_of, nearest_value, with_knob
 from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, validate
 from sharelora_cli.core.doc_sections import replace_section
 from sharelora_cli.core.lr_schedule import make_scheduler
+from sharelora_cli.core.peak_memory import PeakMeter
 from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers
 from sharelora_cli.data.examples import StepSampler, build_splits, collate
 from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL
@@ -60,6 +73,7 @@ VBLORA_VECTOR_LENGTH = 256
 # The study's accuracy: strict match, the number after "#### " equals the reference's.
 ACCURACY_METRIC = "strict-match"
 SECTION = "method-study"
+BASE, DEEP_BASE = "artifacts/tiny-llama-arith", "artifacts/tiny-llama-arith-deep"
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,8 @@ class Settings:
     lr: float
     out: Path
     vblora_vector_length: int
+    # What every run fine-tunes on: the skill's train.jsonl, or (depth study) its part left after the validation rows.
+    train_file: str
 
 
 @dataclass(frozen=True)
@@ -98,17 +114,22 @@ class Row:
 
 def recipe(run: Run, settings: Settings) -> Recipe:
     """The run as a sharelora recipe (peft-lora reads the same one as LoRA)."""
+    adapter = adapter_settings(run.method, run.rank, settings.vblora_vector_length)
+    return study_recipe(settings, adapter, settings.lr, run.seed, run.name)
+
+
+def study_recipe(settings: Settings, adapter: dict, lr: float, seed: int, name: str) -> Recipe:
+    """A run of either study: everything but the adapter, the learning rate and the seed is the study's."""
     return validate({
         "model": {"name_or_path": settings.base},
-        "adapter": adapter_settings(run.method, run.rank, settings.vblora_vector_length),
-        "data": {"path": f"{settings.tasks}/{FINE_TUNING_SKILL}/train.jsonl", "max_length": 128,
-                 "validation_fraction": 0.0},
-        "train": {"max_steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr,
-                  "warmup_steps": settings.steps // 15, "scheduler": "cosine", "seed": run.seed,
+        "adapter": adapter,
+        "data": {"path": settings.train_file, "max_length": 128, "validation_fraction": 0.0},
+        "train": {"max_steps": settings.steps, "batch_size": settings.batch_size, "lr": lr,
+                  "warmup_steps": settings.steps // 15, "scheduler": "cosine", "seed": seed,
                   "log_every": settings.steps, "eval_every": settings.steps, "checkpoint_every": settings.steps},
         "eval": {"tasks": ["gsm8k"], "batch_size": 64,
                  "gsm8k": {"path": f"{settings.tasks}/{FINE_TUNING_SKILL}", "num_fewshot": 0, "max_new_tokens": 48}},
-        "output_dir": str(settings.out / run.name),
+        "output_dir": str(settings.out / name),
     })  # fmt: skip
 
 
@@ -189,9 +210,7 @@ TRAINERS: dict[str, Callable[[Run, Recipe], Row]] = {
 
 def trainable_count(model, method: str, rank: int, vector_length: int) -> int:
     """Trainable parameters at the end of training (ASLoRA: after its merges), counted on the meta device."""
-    config = AdapterConfig(**adapter_settings(method, rank, vector_length))
-    plan = planned_plan(model, config)
-    return plan_trainable(config, target_plan(plan, config.aslora) if method == "aslora" else plan)
+    return final_trainable(model, AdapterConfig(**adapter_settings(method, rank, vector_length)))
 
 
 def matched_rank(model, method: str, lora_rank: int, vector_length: int) -> int:
@@ -234,7 +253,8 @@ def summarise(rows: list[Row]) -> list[dict]:
     for row in rows:
         groups.setdefault((row.method, row.rank), []).append(row)
     return [{
-        "method": method, "rank": rank, "seeds": len(group), "trainable_params": group[0].trainable_params,
+        "method": method, "rank": rank, "label": f"r{rank}", "seeds": len(group),
+        "trainable_params": group[0].trainable_params,
         "mean": statistics.mean(r.accuracy for r in group),
         "std": statistics.stdev(r.accuracy for r in group) if len(group) > 1 else 0.0,
         "step_time_s": statistics.mean(r.step_time_s for r in group),
@@ -280,15 +300,15 @@ def markdown(summary: list[dict], lora_ranks: list[int], base: float, command: s
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, section: str, plot: Path | None) -> None:
-    """Replace the study section of path (between the markers), keeping the text around it."""
+def write_markdown(path: Path, name: str, section: str, plot: Path | None) -> None:
+    """Replace the study's section of path (between name's markers), keeping the text around it."""
     if plot is not None:
         section += f"\n\n![held-out accuracy against trainable parameters]({os.path.relpath(plot, path.parent)})"
-    replace_section(path, SECTION, section, "Method study")
+    replace_section(path, name, section, "Method study")
 
 
 def write_plot(path: Path, summary: list[dict], base: float) -> bool:
-    """Accuracy against trainable parameters (log x), one line per method through its ranks, std as error bars."""
+    """Accuracy against trainable parameters (log x), one line per method through its sizes, std as error bars."""
     try:
         import matplotlib
 
@@ -303,7 +323,7 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
         y, spread = [100 * s["mean"] for s in points], [100 * s["std"] for s in points]
         ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
         for s, xy in zip(points, zip(x, y)):
-            ax.annotate(f"r{s['rank']}", xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(s["label"], xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
     # The base scores far below every adapter; drawing it would squeeze the differences into a sliver.
     lowest = min(100 * (s["mean"] - s["std"]) for s in summary)
     title = f"Word problems after fine-tuning, mean ± std over seeds (base without adapter: {100 * base:.1f}%)"
@@ -318,29 +338,263 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
 
 
 def describe_setup(settings: Settings, seeds: list[int], timing: str, load: tuple[float, float]) -> str:
-    pretraining = json.loads((Path(settings.base) / "pretraining.json").read_text())
-    steps, seed = pretraining["config"]["steps"], pretraining["config"]["seed"]
     return (
-        f"Base: `{settings.base}` ({pretraining['parameters']:,} parameters, pretrained {steps} steps, seed {seed}). "
+        f"{describe_base(settings.base)} "
         f"Each run: {settings.steps} steps of batch {settings.batch_size}, lr {settings.lr}, cosine schedule, "
-        f"alpha = 2 x rank, all seven projections, seeds {', '.join(map(str, seeds))}. {timing} "
-        f"on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); "
-        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (the cores were shared, so step times "
-        "are indicative only)."
+        f"alpha = 2 x rank, all seven projections, seeds {', '.join(map(str, seeds))}. {describe_machine(timing, load)}"
     )
+
+
+def describe_base(base: str) -> str:
+    pretraining = json.loads((Path(base) / "pretraining.json").read_text())
+    config = pretraining["config"]
+    return (
+        f"Base: `{base}` ({pretraining['parameters']:,} parameters, {config['layers']} layers of hidden "
+        f"{config['hidden']}, pretrained {config['steps']} steps, seed {config['seed']})."
+    )
+
+
+def describe_machine(timing: str, load: tuple[float, float]) -> str:
+    return (
+        f"{timing} on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
+        f"thread(s); load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (the cores were shared, so "
+        "step times are indicative only)."
+    )
+
+
+# ---------------------------------------------------------------- the depth study (--depth-study)
+
+DEPTH_SECTION = "method-study-deep"
+# A method's count within this share of LoRA's is "at LoRA's budget" (the 3-layer study's equal-budget rule).
+NEAR_BUDGET = 0.1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method held to LoRA's trainable count at one rank, by its size knob."""
+
+    method: str
+    lora_rank: int
+    knob: str
+    value: int
+    trainable_params: int
+    budget: int
+
+    @property
+    def near(self) -> bool:
+        return abs(self.trainable_params - self.budget) <= NEAR_BUDGET * self.budget
+
+
+@dataclass(frozen=True)
+class DepthRun:
+    cell: Cell
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        knob = self.cell.knob.rsplit(".", 1)[-1]
+        return f"{self.cell.method}-lora{self.cell.lora_rank}-{knob}{self.cell.value}-lr{self.lr:g}-s{self.seed}"
+
+
+@dataclass
+class DepthRow:
+    """A trained run; validation_accuracy for the lr sweep (first seed), accuracy (test) once the lr is chosen."""
+
+    method: str
+    lora_rank: int
+    knob: str
+    value: int
+    lr: float
+    seed: int
+    trainable_params: int
+    step_time_s: float
+    peak_memory_bytes: int
+    validation_accuracy: float | None = None
+    accuracy: float | None = None
+
+
+def depth_adapter(method: str, lora_rank: int, value: int, vector_length: int) -> dict:
+    """The adapter section with the method's size knob at value; a method sized by a knob of its own keeps LoRA's rank."""
+    knob = knob_of(method)
+    if knob.path == "rank":
+        return adapter_settings(method, value, vector_length)
+    return with_knob(adapter_settings(method, lora_rank, vector_length), knob, value)
+
+
+def plan_cells(model, vector_length: int, methods: list[str], lora_ranks: list[int]) -> list[Cell]:
+    """Every method at the knob value whose trainable count is nearest LoRA's at each rank."""
+    budgets = {rank: trainable_count(model, "lora", rank, vector_length) for rank in lora_ranks}
+    return [plan_cell(model, vector_length, m, rank, budgets[rank]) for rank in lora_ranks for m in methods]
+
+
+def plan_cell(model, vector_length: int, method: str, lora_rank: int, budget: int) -> Cell:
+    def count(value: int) -> int:
+        return final_trainable(model, AdapterConfig(**depth_adapter(method, lora_rank, value, vector_length)))
+
+    value = nearest_value(count, knob_of(method), budget)
+    return Cell(method, lora_rank, knob_of(method).path, value, count(value), budget)
+
+
+def write_validation_split(tasks: str, out: Path, size: int) -> Path:
+    """out/validation/{train,test}.jsonl: the skill's training rows less their last size, which are the test here.
+
+    The learning rate is chosen on these rows; the held-out test problems are never seen before the choice.
+    """
+    rows = (Path(tasks) / FINE_TUNING_SKILL / "train.jsonl").read_text().splitlines(keepends=True)
+    if size >= len(rows):
+        raise SystemExit(f"error: --validation-size {size} leaves no training rows of the {len(rows)} in {tasks}")
+    folder = out / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(rows[:-size]))
+    (folder / "test.jsonl").write_text("".join(rows[-size:]))
+    return folder
+
+
+def depth_recipe(run: DepthRun, settings: Settings) -> Recipe:
+    cell = run.cell
+    adapter = depth_adapter(cell.method, cell.lora_rank, cell.value, settings.vblora_vector_length)
+    return study_recipe(settings, adapter, run.lr, run.seed, run.name)
+
+
+def train_depth_run(run: DepthRun, settings: Settings, validation: Path | None) -> DepthRow:
+    """Fine-tune, measuring peak memory over training; score the validation rows when given (the lr sweep)."""
+    cell, cfg = run.cell, depth_recipe(run, settings)
+    meter = PeakMeter("cuda" if torch.cuda.is_available() else "cpu")
+    summary = train(cfg)
+    peak = meter.peak()
+    row = DepthRow(
+        cell.method, cell.lora_rank, cell.knob, cell.value, run.lr, run.seed, summary.trainable_parameters,
+        summary.seconds / summary.steps, peak,
+    )  # fmt: skip
+    if validation is not None:
+        row.validation_accuracy = score(cfg, str(validation))
+    return row
+
+
+def score(cfg: Recipe, path: str) -> float:
+    """The saved adapter's strict-match accuracy on path's test.jsonl."""
+    task = cfg.eval.gsm8k.model_copy(update={"path": path})
+    return accuracy(gsm8k.evaluate(build_engine(cfg, Path(cfg.output_dir) / "adapter"), task, None))
+
+
+def swept(run: DepthRun, settings: Settings, validation: Path) -> tuple[DepthRow, bool]:
+    """A run of the lr sweep: trained and scored on the validation rows only."""
+    row, reused = finished_or_run(settings.out / run.name, lambda: asdict(train_depth_run(run, settings, validation)))
+    return DepthRow(**row), reused
+
+
+def tested(run: DepthRun, settings: Settings, swept_row: DepthRow | None) -> tuple[DepthRow, bool]:
+    """A run at its cell's chosen lr, scored on the test problems; the first seed's is the sweep's own run."""
+    trained_before = True
+    if swept_row is None:
+        row, trained_before = finished_or_run(
+            settings.out / run.name, lambda: asdict(train_depth_run(run, settings, None))
+        )
+        swept_row = DepthRow(**row)
+    cfg = depth_recipe(run, settings)
+    test, scored_before = finished_or_run(
+        settings.out / run.name / "test", lambda: {"accuracy": score(cfg, f"{settings.tasks}/{FINE_TUNING_SKILL}")}
+    )
+    return DepthRow(**{**asdict(swept_row), **test}), trained_before and scored_before
+
+
+def chosen_lr(sweep: list[DepthRow]) -> float:
+    """The lr with the best validation accuracy (the smaller lr on a tie)."""
+    return max(sweep, key=lambda row: (row.validation_accuracy, -row.lr)).lr
+
+
+def run_depth_study(cells: list[Cell], settings: Settings, lrs: list[float], seeds: list[int], validation: Path):
+    """The lr sweep of every cell on the first seed, then every seed at each cell's chosen lr."""
+
+    def describe(row: DepthRow) -> str:
+        scores = f"validation {row.validation_accuracy:.3f}" if row.accuracy is None else f"test {row.accuracy:.3f}"
+        return f"{scores}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step"
+
+    sweep_runs = [DepthRun(cell, lr, seeds[0]) for cell in cells for lr in lrs]
+    sweep, sweep_timing = run_all(sweep_runs, lambda run: swept(run, settings, validation), describe)
+    by_run = dict(zip(sweep_runs, sweep))
+    lr_of = {cell: chosen_lr([by_run[DepthRun(cell, lr, seeds[0])] for lr in lrs]) for cell in cells}
+    final_runs = [DepthRun(cell, lr_of[cell], seed) for cell in cells for seed in seeds]
+    final, final_timing = run_all(final_runs, lambda run: tested(run, settings, by_run.get(run)), describe)
+    chosen = set(final_runs)
+    rows = [row for run, row in zip(sweep_runs, sweep) if run not in chosen] + final
+    return rows, f"lr sweep: {sweep_timing}; chosen lr: {final_timing}"
+
+
+def summarise_depth(rows: list[DepthRow], cells: list[Cell], seeds: list[int]) -> list[dict]:
+    """One entry per cell: the lr sweep's validation accuracies, and test accuracy, time and memory at the chosen lr."""
+    summary = []
+    for cell in cells:
+        mine = [r for r in rows if (r.method, r.lora_rank) == (cell.method, cell.lora_rank)]
+        final = [r for r in mine if r.accuracy is not None]
+        tested_scores = [r.accuracy for r in final if r.accuracy is not None]
+        summary.append({
+            **asdict(cell), "near": cell.near, "label": f"{cell.knob.rsplit('.', 1)[-1]} {cell.value}",
+            "validation": {r.lr: r.validation_accuracy for r in mine if r.seed == seeds[0]},
+            "lr": final[0].lr, "seeds": len(final), "mean": statistics.mean(tested_scores),
+            "std": statistics.stdev(tested_scores) if len(final) > 1 else 0.0,
+            "step_time_s": statistics.mean(r.step_time_s for r in final),
+            "peak_memory_bytes": max(r.peak_memory_bytes for r in final),
+        })  # fmt: skip
+    return summary
+
+
+def verdict(entry: dict, lora: dict | None) -> str:
+    """Against LoRA at the same budget: a win or a loss only where the means differ by more than both stds together."""
+    if not entry["near"]:
+        return f"not at the budget ({entry['trainable_params'] / entry['budget'] - 1:+.0%})"
+    if lora is None or entry["method"] == "lora":
+        return "–"
+    gap, spread = entry["mean"] - lora["mean"], entry["std"] + lora["std"]
+    return "beats LoRA" if gap > spread else "loses to LoRA" if -gap > spread else "within the seed spread"
+
+
+def depth_markdown(summary: list[dict], base: float, command: str, setup: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        setup,
+        "",
+        f"Base model without an adapter: {100 * base:.1f}% on the test problems.",
+    ]
+    for lora_rank in sorted({s["lora_rank"] for s in summary}):
+        cell = [s for s in summary if s["lora_rank"] == lora_rank]
+        lora = next((s for s in cell if s["method"] == "lora"), None)
+        lines += [
+            "",
+            f"LoRA r={lora_rank}'s budget: {cell[0]['budget']:,} trainable parameters.",
+            "",
+            "| method | size knob | trainable params | lr chosen (validation accuracy per lr) | test accuracy (mean ± std) "
+            "| against LoRA | step time (s) | peak memory (MiB) |",
+            "| --- | --- | ---: | --- | ---: | --- | ---: | ---: |",
+        ]
+        for s in cell:
+            sweep = ", ".join(f"{lr:g}: {100 * acc:.1f}%" for lr, acc in s["validation"].items())
+            lines.append(
+                f"| {s['method']} | {s['label']} | {s['trainable_params']:,} | **{s['lr']:g}** ({sweep}) | {percent(s)} "
+                f"| {verdict(s, lora)} | {s['step_time_s']:.3f} | {s['peak_memory_bytes'] / 2**20:.0f} |"
+            )
+        for outcome in ("beats LoRA", "loses to LoRA"):
+            names = [s["method"] for s in cell if verdict(s, lora) == outcome]
+            lines += ["", f"{outcome.capitalize()} by more than the seed spread: {', '.join(names) or 'none'}."]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/method-study"), help="one folder per run; finished runs are reused"
+        "--depth-study",
+        action="store_true",
+        help="every registered method at LoRA's budgets on the deep base, lr chosen per method on validation rows",
     )
     parser.add_argument(
-        "--json", type=Path, help="write the rows {method, rank, seed, accuracy, trainable_params, step_time_s}"
+        "--out", type=Path, help="one folder per run; finished runs are reused [runs/method-study(-deep)]"
     )
+    parser.add_argument("--json", type=Path, help="write one row per run")
     parser.add_argument("--markdown", type=Path, default=Path("docs/method_study.md"), help="update its study section")
-    parser.add_argument("--plot", type=Path, default=Path("docs/method_study.png"))
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(TRAINERS)}")
+    parser.add_argument("--plot", type=Path, help="[docs/method_study(_deep).png]")
+    parser.add_argument("--methods", help=f"from: {', '.join(TRAINERS)} [depth study: every registered method]")
     parser.add_argument("--ranks", type=whole_numbers, default="2,8,32", help="comma-separated")
     parser.add_argument(
         "--match-lora-ranks",
@@ -352,28 +606,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument(
-        "--base", default="artifacts/tiny-llama-arith", help="built by scripts/make_tiny_model.py --pretrain"
+    depth = parser.add_argument_group("depth study")
+    depth.add_argument(
+        "--budgets",
+        type=whole_numbers,
+        default="1,2,8",
+        help="LoRA ranks whose trainable counts every method is held to",
     )
+    depth.add_argument(
+        "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2,1e-1", help="the grid every method is swept over"
+    )
+    depth.add_argument(
+        "--validation-size", type=int, default=200, help="training problems held out to choose the lr on"
+    )
+    parser.add_argument("--base", help=f"built by scripts/make_tiny_model.py --pretrain [{BASE} or {DEEP_BASE}]")
     parser.add_argument(
         "--tasks", default="artifacts/synthetic-tasks", help=f"folder holding {FINE_TUNING_SKILL}/{{train,test}}.jsonl"
     )
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in TRAINERS]
+    fill_defaults(args)
+    check_args(parser, args)
+    return args
+
+
+def learning_rates(text: str) -> list[float]:
+    """--lrs: "1e-3,3e-3" -> [0.001, 0.003] (sorted, without repeats), every one positive."""
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not values or values[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive learning rates, got {text!r}")
+    return values
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that differ between the 3-layer study and the depth study."""
+    deep = args.depth_study
+    args.out = args.out or Path("runs/method-study-deep" if deep else "runs/method-study")
+    args.plot = args.plot or Path("docs/method_study_deep.png" if deep else "docs/method_study.png")
+    args.base = args.base or (DEEP_BASE if deep else BASE)
+    methods = args.methods or ",".join(METHODS if deep else DEFAULT_METHODS)
+    args.methods = [m.strip() for m in methods.split(",") if m.strip()]
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    known = METHODS if args.depth_study else TRAINERS
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(TRAINERS)}")
-    if 0 in args.ranks:
-        parser.error("--ranks: a rank must be positive")
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if 0 in args.ranks or 0 in args.budgets:
+        parser.error(f"--{'budgets' if 0 in args.budgets else 'ranks'}: a rank must be positive")
+    if args.validation_size <= 0:
+        parser.error(f"--validation-size must be a positive integer, got {args.validation_size}")
     args.match_lora_ranks = [r for r in args.match_lora_ranks if r > 0]
+    layers = "" if args.base != DEEP_BASE else f" {DEEP_BASE} --layers 12 --hidden 64"
     if not (Path(args.base) / "pretraining.json").is_file():
-        parser.error(f"--base {args.base} is not a pretrained base: run python scripts/make_tiny_model.py --pretrain")
+        parser.error(
+            f"--base {args.base} is not a pretrained base: run python scripts/make_tiny_model.py --pretrain{layers}"
+        )
     if not (Path(args.tasks) / FINE_TUNING_SKILL / "test.jsonl").is_file():
         parser.error(
             f"--tasks {args.tasks} has no {FINE_TUNING_SKILL}/test.jsonl: "
             "run python scripts/make_tiny_model.py --pretrain"
         )
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,26 +677,77 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     model = build_on_meta(load_config(args.base))
     vector_length = vblora_vector_length(model)
-    settings = Settings(args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length)
+    command = "python scripts/method_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.depth_study:
+        depth_main(args, model, vector_length, command, load_start)
+        return
+    train_file = f"{args.tasks}/{FINE_TUNING_SKILL}/train.jsonl"
+    settings = Settings(
+        args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length, train_file
+    )
     runs = plan_runs(model, vector_length, args.methods, args.ranks, args.match_lora_ranks, args.seeds)
     rows, timing = run_all(
         runs,
         lambda run: run_once(run, settings),
         lambda row: f"accuracy {row.accuracy:.3f}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step",
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+    write_json(args.json, [asdict(row) for row in rows])
     summary = summarise(rows)
     base = base_accuracy(settings)
     setup = describe_setup(settings, args.seeds, timing, (load_start, os.getloadavg()[0]))
-    command = "python scripts/method_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     plotted = write_plot(args.plot, summary, base)
-    section = markdown(summary, args.match_lora_ranks, base, command, setup)
-    write_markdown(args.markdown, section, args.plot if plotted else None)
+    write_markdown(
+        args.markdown,
+        SECTION,
+        markdown(summary, args.match_lora_ranks, base, command, setup),
+        args.plot if plotted else None,
+    )
+    report_written(args.markdown, args.plot, plotted)
+
+
+def depth_main(args: argparse.Namespace, model, vector_length: int, command: str, load_start: float) -> None:
+    """The depth study: cells planned on the meta model, the lr sweep on validation rows, then the seeds on test."""
+    validation = write_validation_split(args.tasks, args.out, args.validation_size)
+    train_file = str(validation / "train.jsonl")
+    # Each run takes its lr from the sweep; settings.lr only fills the recipe that scores the base alone.
+    settings = Settings(
+        args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length, train_file
+    )
+    cells = plan_cells(model, vector_length, args.methods, args.budgets)
+    rows, timing = run_depth_study(cells, settings, args.lrs, args.seeds, validation)
+    write_json(args.json, [asdict(row) for row in rows])
+    summary = summarise_depth(rows, cells, args.seeds)
+    base = base_accuracy(settings)
+    setup = describe_depth_setup(settings, args, timing, (load_start, os.getloadavg()[0]))
+    plotted = write_plot(args.plot, summary, base)
+    write_markdown(
+        args.markdown, DEPTH_SECTION, depth_markdown(summary, base, command, setup), args.plot if plotted else None
+    )
+    report_written(args.markdown, args.plot, plotted)
+
+
+def describe_depth_setup(settings: Settings, args: argparse.Namespace, timing: str, load: tuple[float, float]) -> str:
+    seeds = ", ".join(map(str, args.seeds))
+    return (
+        f"{describe_base(settings.base)} Each run: {settings.steps} steps of batch {settings.batch_size}, cosine "
+        f"schedule, alpha = 2 x rank, all seven projections, on the skill's training problems less the last "
+        f"{args.validation_size}. The lr of each method at each budget: the best accuracy on those "
+        f"{args.validation_size} held-out training problems over lrs {', '.join(f'{lr:g}' for lr in args.lrs)} "
+        f"(seed {args.seeds[0]}); then seeds {seeds} at that lr, scored on the test problems. "
+        f"{describe_machine(timing, load)}"
+    )
+
+
+def write_json(path: Path | None, rows: list[dict]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def report_written(markdown_path: Path, plot: Path, plotted: bool) -> None:
     print(
-        f"tables written to {args.markdown}"
-        + (f", plot to {args.plot}" if plotted else "; no plot: matplotlib is missing (pip install -e .[plots])")
+        f"tables written to {markdown_path}"
+        + (f", plot to {plot}" if plotted else "; no plot: matplotlib is missing (pip install -e .[plots])")
     )
 
 

@@ -68,3 +68,54 @@ def test_bad_arguments_are_one_line_errors(method_study, args, named, capsys):
         method_study.main(args)
     errors = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and "error:" in errors[-1] and named in errors[-1]
+
+
+DEPTH_FIELDS = {
+    "method", "lora_rank", "knob", "value", "lr", "seed", "trainable_params", "step_time_s", "peak_memory_bytes",
+    "validation_accuracy", "accuracy",
+}  # fmt: skip
+
+
+def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seeds_on_test(
+    method_study, tmp_path, capsys
+):
+    """Three layers of width 32, two steps a run: LoRA, ShareAB and VB-LoRA held to LoRA r=1's count."""
+    base = pretrain(
+        tmp_path / "base", PretrainConfig(steps=2, batch_size=8, hidden=32, layers=3, vocab_size=300, warmup_steps=1)
+    )
+    tasks = write_tasks(tmp_path / "tasks", seed=0, train_size=30, test_size=6)
+    args = [
+        "--depth-study", "--base", str(base), "--tasks", str(tasks), "--methods", "lora,shareab,vblora",
+        "--budgets", "1", "--lrs", "1e-3,1e-2", "--seeds", "0,1", "--steps", "2", "--batch-size", "4",
+        "--validation-size", "5", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "rows.json"),
+        "--markdown", str(tmp_path / "study.md"), "--plot", str(tmp_path / "deep.png"),
+    ]  # fmt: skip
+    with single_thread():
+        method_study.main(args)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert all(set(row) == DEPTH_FIELDS for row in rows)
+    validation = tmp_path / "runs" / "validation"
+    val_questions = {json.loads(line)["question"] for line in (validation / "test.jsonl").read_text().splitlines()}
+    train_questions = [json.loads(line)["question"] for line in (validation / "train.jsonl").read_text().splitlines()]
+    assert len(val_questions) == 5 and len(train_questions) == 25 and not val_questions & set(train_questions)
+    for method in ("lora", "shareab", "vblora"):
+        mine = [row for row in rows if row["method"] == method]
+        sweep = {row["lr"]: row["validation_accuracy"] for row in mine if row["seed"] == 0}
+        chosen = max(sorted(sweep), key=lambda lr: sweep[lr])  # the best validation score, the smaller lr on a tie
+        tested = [row for row in mine if row["accuracy"] is not None]
+        assert sorted(sweep) == [1e-3, 1e-2] and all(0 <= v <= 1 for v in sweep.values())
+        assert sorted(row["seed"] for row in tested) == [0, 1] and {row["lr"] for row in tested} == {chosen}
+        assert len(mine) == 3 and all(row["peak_memory_bytes"] > 0 for row in mine)
+    counts = {row["method"]: (row["knob"], row["value"], row["trainable_params"]) for row in rows}
+    # On 3 layers ShareAB at rank 3 trains exactly LoRA r=1's count, 3 · 560. VB-LoRA keeps rank 1 and turns its
+    # bank: n vectors of 16 (the widths' common divisor) and a logit for each per sub-vector, 3 · 560 / 16 of them,
+    # 121n in all; 1,680 / 121 = 13.9, so 14 vectors.
+    assert counts["lora"][2] == 3 * 560 and counts["shareab"] == ("rank", 3, 3 * 560)
+    assert counts["vblora"] == ("vblora.num_vectors", 14, 121 * 14)
+    markdown = (tmp_path / "study.md").read_text()
+    assert "<!-- method-study-deep:begin -->" in markdown and "| shareab | rank 3 |" in markdown
+    assert ("pip install -e .[plots]" in capsys.readouterr().out) != (tmp_path / "deep.png").is_file()
+
+    with single_thread():
+        method_study.main([*args[:-6], "--json", str(tmp_path / "again.json"), *args[-4:]])
+    assert json.loads((tmp_path / "again.json").read_text()) == rows  # every run and score reused

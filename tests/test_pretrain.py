@@ -120,11 +120,30 @@ def test_short_fine_tune_teaches_the_held_back_skill(compare_base, tmp_path, mon
     assert after[ACCURACY] >= before[ACCURACY] + 0.25
 
 
-def test_script_refuses_a_bad_step_count(tmp_path, monkeypatch, capsys):
+def run_script(monkeypatch, *args: str) -> None:
     script = Path(__file__).parents[1] / "scripts" / "make_tiny_model.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--pretrain", str(tmp_path / "m"), "--steps", "0"])
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    runpy.run_path(str(script), run_name="__main__")
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--layers", "0"), ("--hidden", "-8"), ("--hidden", "36")])
+def test_script_refuses_a_bad_size(tmp_path, monkeypatch, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
+        run_script(monkeypatch, "--pretrain", str(tmp_path / "m"), flag, value)
     errors = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and "--steps" in errors[-1] and errors[-1].startswith(f"{script.name}: error:")
+    assert exit_info.value.code == 2 and flag in errors[-1] and errors[-1].startswith("make_tiny_model.py: error:")
     assert not (tmp_path / "m").exists()
+
+
+def test_script_builds_a_deeper_base_with_layers(tmp_path, monkeypatch):
+    """--layers and --hidden reach the saved model; the default depth stays the 3 layers of the quickstart's base."""
+    with single_thread():
+        run_script(
+            monkeypatch, "--pretrain", str(tmp_path / "deep"), "--tasks", str(tmp_path / "tasks"),
+            "--steps", "1", "--layers", "5", "--hidden", "32",
+        )  # fmt: skip
+    config = json.loads((tmp_path / "deep" / "config.json").read_text())
+    summary = json.loads((tmp_path / "deep" / SUMMARY_FILE).read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (5, 32)
+    assert (summary["config"]["layers"], summary["config"]["hidden"]) == (5, 32)
+    assert PretrainConfig().layers == 3

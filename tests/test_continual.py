@@ -22,6 +22,7 @@ from sharelora_cli.evaluation.runner import CodeExecution
 from sharelora_cli.training.continual_metrics import ContinualTask, summarize
 from sharelora_cli.training.loop import set_up, token_loss_sum, train
 from sharelora_cli.training.metrics_log import PIP_NAMES
+from sharelora_cli.training.run_lock import RunLock
 
 # A few greedy tokens on three GSM8K test questions: enough to exercise generation, cheap on CPU.
 SMALL_EVAL = {"tasks": ["gsm8k"], "limit": 3, "gsm8k": {"num_fewshot": 0, "max_new_tokens": 8}}
@@ -92,7 +93,11 @@ def test_the_optimizer_state_is_fresh_unless_asked_for(tmp_path, tiny_model_dir)
                 f"adapter.init_optimizer={str(carry).lower()}",
             ],
         )
-        state = set_up(recipe, CodeExecution()).optimizer.state_dict()["state"]
+        lock = RunLock(Path(recipe.output_dir))
+        try:
+            state = set_up(recipe, CodeExecution(), lock).optimizer.state_dict()["state"]
+        finally:
+            lock.release()
         assert (len(state) == len(saved)) == carry
         if carry:
             assert all(torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) for k in saved)

@@ -36,9 +36,13 @@ def test_all_164_canonical_solutions_pass_through_the_cli(problems, tmp_path):
     samples.write_text(
         "".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n" for t, p in problems.items())
     )
-    # A generous timeout: a correct solution must not fail because other jobs share the CPU.
+    # A generous timeout: a correct solution must not fail because other jobs share the CPU. A recipe names its
+    # model (never loaded here: the samples are given).
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "eval": {"humaneval": {"timeout": 10.0}}}))
+    settings = {"humaneval": {"timeout": 10.0}}
+    recipe.write_text(
+        json.dumps({"model": {"name_or_path": "llama-7b"}, "output_dir": str(tmp_path / "run"), "eval": settings})
+    )
     results = tmp_path / "results.json"
     args = [
         "eval",

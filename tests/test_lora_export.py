@@ -24,11 +24,15 @@ from transformers import AutoModelForCausalLM
 from sharelora_cli.adapters.adapter_io import load_adapter, read_adapter_config
 from sharelora_cli.adapters.base import AdaptedLayer
 from sharelora_cli.adapters.lora import LoraLayer
+from sharelora_cli.adapters.registry import METHODS as REGISTRY
 from sharelora_cli.outputs.lora_export import REPORT_FILE
 
 __all__ = ["gpt2_dir"]  # a fixture shared with test_merge
 
 EVERY_METHOD = [*METHODS, "aslora"]
+# Exact exports: the methods whose ΔW is a product of low-rank factors; full-rank ones are truncated (below).
+EXACT_METHODS = [m for m in EVERY_METHOD if REGISTRY[m].layer_cls.update_form == "low_rank"]
+FULL_RANK_METHODS = [m for m, method in REGISTRY.items() if method.layer_cls.update_form == "full_rank"]
 # Logits of two fp32 evaluations of one model that differ only in the order of their sums (fused or plain
 # adapter path, r padded with zeros) are what every merge/export test in this suite compares at 1e-5; the
 # exactness of the export itself is checked per module against derived bounds (assert_same_delta on ΔW,
@@ -106,7 +110,7 @@ def adapted_modules(adapter_dir) -> list[str]:
     return [p for g in read_adapter_config(adapter_dir)["plan"].values() for p in g["modules"]]
 
 
-@pytest.mark.parametrize("method", EVERY_METHOD)
+@pytest.mark.parametrize("method", EXACT_METHODS)
 def test_lora_export_of_every_method_equals_the_adapter(method, tiny_model_dir, tmp_path, monkeypatch, capsys):
     config = adapter_config(method, rank=RANKS.get(method, 4), targets=LLAMA_TARGETS)
     adapter_dir, ids, before, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
@@ -145,10 +149,15 @@ def force_full_rank(monkeypatch) -> None:
     monkeypatch.setattr(LoraLayer, "update_form", "full_rank")
 
 
-def test_full_rank_update_is_truncated_by_svd_with_its_error_reported(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    config = adapter_config("lora", rank=8, targets=LLAMA_TARGETS)
+@pytest.mark.parametrize("method", ["lora (forced full-rank)", *FULL_RANK_METHODS])
+def test_full_rank_update_is_truncated_by_svd_with_its_error_reported(
+    method, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    name = method.split()[0]
+    config = adapter_config(name, rank=8, targets=LLAMA_TARGETS)
     adapter_dir, ids, _, adapted = make_adapter(tiny_model_dir, tmp_path / "adapter", config)
-    force_full_rank(monkeypatch)
+    if name == "lora":
+        force_full_rank(monkeypatch)
     peft_config, output = export_lora(monkeypatch, capsys, adapter_dir, tmp_path / "lora", "--rank", "3")
     assert peft_config["r"] == 3 and "truncated SVD at rank 3" in output and REPORT_FILE in output
     report = json.loads((tmp_path / "lora" / REPORT_FILE).read_text())

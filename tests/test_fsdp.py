@@ -15,6 +15,7 @@ from script_module import load_script
 
 from sharelora_cli.config.recipe import DistributedConfig
 from sharelora_cli.core.errors import UserError
+from sharelora_cli.training.launch import worker_command
 from sharelora_cli.training.run_lock import LOCK_FILE, RunLock
 from sharelora_cli.training.sharding import resolve, take_launch_request
 
@@ -40,18 +41,7 @@ def test_fsdp2_with_two_processes_trains_like_one_process(check, method):
 
 
 def launch(recipe: Path, *overrides: str, processes: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "sharelora_cli",
-        "train",
-        str(recipe),
-        *overrides,
-    ]
+    return worker_command(processes, ["train", str(recipe), *overrides])
 
 
 def test_killed_fsdp2_run_resumes_to_the_uninterrupted_adapter(check, tmp_path):

@@ -35,9 +35,9 @@ def _num_processes(argv: list[str]) -> int:
     return 1
 
 
-def relaunch_as_workers(processes: int, argv: list[str]) -> int:
-    """Run this same command as `processes` gloo workers on this machine; return their exit code."""
-    command = [
+def worker_command(processes: int, argv: list[str]) -> list[str]:
+    """`sharelora ARGV` as `processes` workers on this machine (torchrun, standalone rendezvous)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -47,5 +47,10 @@ def relaunch_as_workers(processes: int, argv: list[str]) -> int:
         "sharelora_cli",
         *argv,
     ]
+
+
+def relaunch_as_workers(processes: int, argv: list[str]) -> int:
+    """Run this same command as `processes` gloo workers on this machine; return their exit code."""
+    command = worker_command(processes, argv)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     return subprocess.call(command, env=env)

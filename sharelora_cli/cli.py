@@ -13,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it from the group
 )
 
 OverridesArg = typer.Argument(None, help="key=value recipe overrides, e.g. adapter.rank=16 train.max_steps=50")
@@ -22,6 +23,34 @@ AllowWeakSandbox = typer.Option(
     help="where Linux namespaces are unavailable (no root, no user namespaces), run humaneval anyway with only"
     " rlimits and an in-process guard that hostile code can switch off (docs/sandbox.md)",
 )  # fmt: skip
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"sharelora {version('sharelora')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def top_level(
+    _version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True, help="print the installed version and exit"
+    ),
+) -> None:
+    """Fine-tune causal LMs with shared low-rank adapters, driven by YAML recipes."""
+
+
+@app.command("methods")
+def methods_command(
+    as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
+) -> None:
+    """List the adapter methods, one line each: what it shares or trains, and the recipe key that sizes it."""
+    from sharelora_cli.adapters.catalog import format_methods, method_entries, methods_json
+
+    entries = method_entries()
+    typer.echo(json.dumps(methods_json(entries), ensure_ascii=False) if as_json else format_methods(entries))
 
 
 @app.command("recipes")
@@ -86,6 +115,12 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in output_dir"),
     allow_code_execution: bool = AllowCodeExecution,
     allow_weak_sandbox: bool = AllowWeakSandbox,
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="print the resolved recipe, the data summary line and the first training example (trained tokens "
+        "marked [[ ]]) and stop: loads only the tokenizer, writes nothing",
+    ),
 ) -> None:
     """Train an adapter from a recipe; writes OUTPUT_DIR/adapter, metrics.jsonl, recipe.yaml, checkpoint-N/.
 
@@ -98,6 +133,10 @@ def train_command(
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["resume=true"] if resume else [])])
     processes = requested_cpu_processes()
+    if dry_run:
+        from sharelora_cli.training.dry_run import dry_run as print_dry_run
+
+        return print_dry_run(loaded, processes, typer.echo)
     if processes > 1:
         raise typer.Exit(relaunch_as_workers(processes, sys.argv[1:]))
     code = CodeExecution(allow_code_execution, allow_weak_sandbox)
@@ -247,6 +286,37 @@ def eval_command(
     )  # fmt: skip
     typer.echo(format_table(report.results))
     typer.echo(f"results written to {report.results_file}")
+
+
+@app.command("generate")
+def generate_command(
+    prompt: str = typer.Option(..., "--prompt", help="the prompt, rendered in the adapter's training format"),
+    adapter: str | None = typer.Option(None, "--adapter", help="adapter directory: RUN_DIR/adapter"),
+    model: str | None = typer.Option(
+        None, "--model", help="base model directory or hub id [default: the adapter's base_model]"
+    ),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="most tokens to generate"),
+    no_adapter: bool = typer.Option(
+        False, "--no-adapter", help="the base alone (its name and the prompt format still come from --adapter)"
+    ),
+    raw: bool = typer.Option(False, "--raw", help="send the prompt as it is, without the training format"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above 0: sample"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sampling: nucleus probability mass"),
+    seed: int = typer.Option(0, "--seed", help="sampling: random seed"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print {prompt, prompt_ids, completion, completion_ids}: the prompt as the model saw it"
+    ),
+) -> None:
+    """Print a trained model's completion of a prompt, rendered in its training format (gsm8k, alpaca, chat)."""
+    from dataclasses import asdict
+
+    from sharelora_cli.evaluation.generation import GenerateRequest, generate
+
+    request = GenerateRequest(
+        prompt, Path(adapter) if adapter else None, model, max_new_tokens, no_adapter, raw, temperature, top_p, seed
+    )
+    completion = generate(request)
+    typer.echo(json.dumps(asdict(completion), ensure_ascii=False) if as_json else completion.completion)
 
 
 def main() -> None:

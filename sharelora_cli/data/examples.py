@@ -196,8 +196,9 @@ def _format_hint(row: dict) -> str:
 def _tokenize(segments: list[tuple[str, bool]], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of the whole text; with data.mask_prompt, only tokens overlapping a trained piece are labelled."""
     text = "".join(piece for piece, _ in segments)
-    # Chat templates write their own bos; the other formats get the tokenizer's.
-    encoded = tokenizer(text, add_special_tokens=cfg.format != "chat", return_offsets_mapping=cfg.mask_prompt)
+    encoded = tokenizer(
+        text, add_special_tokens=adds_special_tokens(cfg.format), return_offsets_mapping=cfg.mask_prompt
+    )
     input_ids = list(encoded["input_ids"])
     if not cfg.mask_prompt:
         return input_ids, list(input_ids)
@@ -218,25 +219,54 @@ def _tokenize(segments: list[tuple[str, bool]], tokenizer, cfg: DataConfig) -> t
     ]
 
 
+def adds_special_tokens(fmt: str) -> bool:
+    """Whether the tokenizer adds its special tokens (bos): chat templates write their own, the other formats get them."""
+    return fmt != "chat"
+
+
 def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
     """(text, is_trained_on) pieces of one example; prompts are not trained on."""
     if fmt == "gsm8k":
-        # The same "Question: ...\nAnswer:" format as lm-evaluation-harness's gsm8k task.
-        return [(f"Question: {row['question']}\nAnswer:", False), (f" {row['answer']}", True)]
+        return [(gsm8k_prompt(row["question"]), False), (f" {row['answer']}", True)]
     if fmt == "alpaca":
-        extra = row.get("input") or ""
-        input_block = f"### Input:\n{extra}\n\n" if extra else ""
-        prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=input_block)
-        return [(prompt, False), (str(row["output"]), True)]
+        return [(alpaca_prompt(row["instruction"], row.get("input") or ""), False), (str(row["output"]), True)]
     if fmt == "chat":
         return _chat_segments(row["messages"], tokenizer)
     return [(str(row["text"]), True)]
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """Render with the tokenizer's chat template; only assistant turns are trained on."""
+def gsm8k_prompt(question: str) -> str:
+    """The same "Question: ...\nAnswer:" format as lm-evaluation-harness's gsm8k task."""
+    return f"Question: {question}\nAnswer:"
+
+
+def alpaca_prompt(instruction: str, extra: str = "") -> str:
+    input_block = f"### Input:\n{extra}\n\n" if extra else ""
+    return ALPACA_PROMPT.format(instruction=instruction, input_block=input_block)
+
+
+def prompt_in_format(prompt: str, fmt: str, tokenizer) -> str:
+    """A user's prompt rendered as the prompt of a training example of data.format `fmt` (chat: one user turn)."""
+    if fmt == "gsm8k":
+        return gsm8k_prompt(prompt)
+    if fmt == "alpaca":
+        return alpaca_prompt(prompt)
+    if fmt == "chat":
+        _require_chat_template(tokenizer)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def _require_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("data.format=chat needs a tokenizer with a chat template (model.name_or_path has none)")
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Render with the tokenizer's chat template; only assistant turns are trained on."""
+    _require_chat_template(tokenizer)
     segments, rendered = [], ""
     for i, message in enumerate(messages):
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)

@@ -31,13 +31,12 @@ from sharelora_cli.adapters.registry import METHODS
 from sharelora_cli.config.recipe import Recipe, TrainConfig, to_yaml
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.core.lr_schedule import make_scheduler
-from sharelora_cli.data.data_summary import data_line, length_losses, resolved_steps
-from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, build_splits, collate
+from sharelora_cli.data.examples import IGNORE_INDEX, Example, Splits, StepSampler, collate
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.humaneval_task import require_permission
 from sharelora_cli.evaluation.results import Metric
 from sharelora_cli.evaluation.runner import CodeExecution, run_task
-from sharelora_cli.models.loading import load_model, load_tokenizer
+from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import bitsandbytes
 from sharelora_cli.training.checkpoint import (
     TrainerState,
@@ -50,6 +49,7 @@ from sharelora_cli.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from sharelora_cli.training.data_plan import plan_data
 from sharelora_cli.training.liger import apply_liger_kernel, require_liger_kernel
 from sharelora_cli.training.metrics_log import METRICS_FILE, MetricsLog, strict_json, trackers, truncate_metrics
 from sharelora_cli.training.progress import Progress
@@ -176,13 +176,10 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     start = read_starting_point(recipe.adapter) if recipe.adapter.init_from and resume_from is None else None
     set_seed(cfg.seed)
 
-    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
-    splits = build_splits(recipe.data, tokenizer, cfg.seed)
-    recipe = with_resolved_steps(recipe, len(splits.train), accelerator.num_processes)
+    # Before the model loads: bad data or a batch larger than the data stops the run in seconds.
+    data = plan_data(recipe, accelerator.num_processes, accelerator.process_index, accelerator.print)
+    recipe, tokenizer, splits, sampler = data.recipe, data.tokenizer, data.splits, data.sampler
     cfg = recipe.train
-    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    accelerator.print(data_line(splits.stats, recipe.data, cfg.max_steps, global_batch, len(splits.train)))
-    sampler = make_sampler(splits, recipe, accelerator)  # before the model loads: a batch larger than the data
     model = load_model(recipe.model, recipe.quantization, accelerator.device)
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
@@ -235,31 +232,6 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
         code,
         distribution,
     )
-
-
-def with_resolved_steps(recipe: Recipe, train_units: int, processes: int) -> Recipe:
-    """The recipe with train.max_steps set to what train.num_epochs means for this data (unchanged without it)."""
-    steps = resolved_steps(recipe.train, train_units, processes)
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": steps})})
-
-
-def make_sampler(splits: Splits, recipe: Recipe, accelerator: Accelerator) -> StepSampler:
-    """The step sampler; a global batch larger than the data also says which rows the length limit took."""
-    cfg = recipe.train
-    try:
-        return StepSampler(
-            len(splits.train),
-            cfg.batch_size,
-            cfg.grad_accum,
-            accelerator.num_processes,
-            accelerator.process_index,
-            cfg.seed,
-        )
-    except UserError as err:
-        losses = length_losses(splits.stats, recipe.data.max_length)
-        if not losses:
-            raise
-        raise UserError(f"{err} (of {splits.stats.rows} rows: {'; '.join(losses)})") from None
 
 
 def run_step(run: Session) -> dict:
@@ -369,7 +341,7 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
             whole,
             output_dir / "adapter",
             base_model=run.recipe.model.name_or_path,
-            extra=quantization_note(run.recipe),
+            extra=adapter_note(run.recipe),
         )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / SUMMARY_FILE).write_text(json.dumps(strict_json(summary.__dict__), indent=2) + "\n")
@@ -407,13 +379,7 @@ def dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin:
 def prepare_output_dir(recipe: Recipe, accelerator: Accelerator, lock: RunLock) -> Path | None:
     """Check the output directory is writable, lock it for this run, decide what to resume from; write recipe.yaml."""
     output_dir = Path(recipe.output_dir)
-    latest = latest_checkpoint(output_dir) if output_dir.is_dir() else None
-    if latest is not None and not recipe.resume:
-        raise UserError(
-            f"output_dir {output_dir} already holds {latest.name}; pass resume=true to continue it, or choose another output_dir"
-        )
-    if (output_dir / "adapter").is_dir() and latest is None and not recipe.resume:
-        raise UserError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
+    latest = check_output_dir(recipe)
     if accelerator.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -428,6 +394,19 @@ def prepare_output_dir(recipe: Recipe, accelerator: Accelerator, lock: RunLock) 
             ) from None
     accelerator.wait_for_everyone()
     return latest if recipe.resume else None
+
+
+def check_output_dir(recipe: Recipe) -> Path | None:
+    """Refuse an output_dir holding another run unless resuming it; returns its newest checkpoint. Reads only."""
+    output_dir = Path(recipe.output_dir)
+    latest = latest_checkpoint(output_dir) if output_dir.is_dir() else None
+    if latest is not None and not recipe.resume:
+        raise UserError(
+            f"output_dir {output_dir} already holds {latest.name}; pass resume=true to continue it, or choose another output_dir"
+        )
+    if (output_dir / "adapter").is_dir() and latest is None and not recipe.resume:
+        raise UserError(f"output_dir {output_dir} already holds a finished run; choose another output_dir")
+    return latest
 
 
 def make_optimizer(adapter: Adapter, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -571,16 +550,20 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
             optimizer_state,
             scheduler,
             rng_states,
-            extra={"base_model": recipe.model.name_or_path},
+            extra={"base_model": recipe.model.name_or_path, **adapter_note(recipe)},
         )
         prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return target
 
 
-def quantization_note(recipe: Recipe) -> dict:
-    """Recorded with the adapter so merge knows the base it was trained on."""
-    return {"quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None}
+def adapter_note(recipe: Recipe) -> dict:
+    """Recorded with the adapter: the base's quantization, so merge knows the base it was trained on, and the
+    data format, so generate renders a prompt as the training examples were."""
+    return {
+        "quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None,
+        "data_format": recipe.data.format,
+    }
 
 
 def peak_memory(device: torch.device) -> int:

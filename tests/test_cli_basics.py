@@ -144,6 +144,19 @@ def test_dry_run_refuses_an_output_dir_holding_a_run_as_train_does(tmp_path, tok
     assert assert_one_line_error(run_cli("train", str(recipe)), "already holds a finished run") == line
 
 
+def test_dry_run_of_a_staged_recipe_shows_each_stage_data_and_example(tmp_path, tokenizer_only_model):
+    stages = [{"name": "first", "data": {"max_examples": 40}}, {"data": {"max_examples": 20}}]
+    recipe = write_recipe(tmp_path, tokenizer_only_model, stages=stages)
+    result = run_cli("train", str(recipe), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    tail = result.stdout.splitlines()
+    starts = [tail.index("first:"), tail.index("stage-2:")]
+    for start, rows in zip(starts, (40, 20)):
+        assert tail[start + 1].startswith(f"data: {rows} rows from ")
+        assert tail[start + 2].startswith("example (data row ")
+    assert not (tmp_path / "run").exists()
+
+
 def write_rows(path: Path, fmt: str, shared_data: Path, count: int) -> Path:
     """GSM8K training rows rewritten in data.format `fmt`."""
     rows = [gsm8k_row(shared_data, n) for n in range(1, count + 1)]
@@ -243,3 +256,23 @@ def test_generate_refuses_bad_numbers_in_one_line(tmp_path):
         run_cli("generate", "--model", "x", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens", "got 0"
     )
     assert_one_line_error(run_cli("generate", "--model", "x", "--prompt", "hi", "--top-p", "1.5"), "--top-p")
+
+
+@pytest.mark.parametrize("trained_run", ["alpaca"], indirect=True)
+def test_generate_reads_an_older_adapter_format_from_its_run_recipe(trained_run, tiny_model_dir, tmp_path):
+    _, adapter = trained_run
+    run = tmp_path / "older-run"
+    shutil.copytree(adapter.parent, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config_file = run / "adapter" / "sharelora_config.json"
+    config = json.loads(config_file.read_text())
+    assert config.pop("data_format") == "alpaca"
+    config_file.write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    older = generate_json("--adapter", str(run / "adapter"))
+    assert older["prompt_ids"] == expected_prompt_ids(tokenizer, "alpaca")
+    (run / "recipe.yaml").unlink()
+    assert_one_line_error(
+        run_cli("generate", "--adapter", str(run / "adapter"), "--prompt", "hi"),
+        "records no training data format",
+        "--raw",
+    )

@@ -8,6 +8,7 @@ from sharelora_cli.config.recipe import Recipe, stage_name, to_yaml
 from sharelora_cli.data.example_view import example_view
 from sharelora_cli.training.data_plan import plan_data
 from sharelora_cli.training.loop import check_output_dir, dynamo_plugin
+from sharelora_cli.training.stages import check_output_dir as check_stages_output_dir
 from sharelora_cli.training.stages import stage_run
 
 
@@ -20,6 +21,7 @@ def dry_run(recipe: Recipe, processes: int, say: Callable[[str], Any]) -> None:
     if not recipe.stages:
         check_output_dir(recipe)
         return show_data(recipe, processes, say)
+    check_stages_output_dir(recipe)
     for index in range(len(recipe.stages)):
         say(f"{stage_name(recipe, index)}:")
         show_data(stage_run(recipe, index), processes, say)

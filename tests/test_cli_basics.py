@@ -249,6 +249,9 @@ def test_generate_refuses_a_run_directory_and_a_missing_adapter_in_one_line(tmp_
     missing = tmp_path / "nowhere"
     assert_one_line_error(run_cli("generate", "--adapter", str(missing), "--prompt", "hi"), str(missing), "not found")
     assert_one_line_error(run_cli("generate", "--prompt", "hi"), "--adapter", "--model")
+    assert_one_line_error(
+        run_cli("generate", "--model", str(missing), "--prompt", "hi"), f"--model: directory '{missing}' does not exist"
+    )
 
 
 def test_generate_refuses_bad_numbers_in_one_line(tmp_path):

@@ -74,7 +74,8 @@ def prepare(request: GenerateRequest) -> Prepared:
     base = request.model or (config or {}).get("base_model")
     if not base:
         raise UserError(f"{request.adapter} records no base model: pass --model PATH_OR_ID")
-    tokenizer = load_tokenizer(base)
+    source = "--model" if request.model else f"the base_model recorded in {request.adapter} (or pass --model)"
+    tokenizer = load_tokenizer(base, key=source)
     fmt = RAW_FORMAT if request.raw or request.adapter is None else training_format(request.adapter, config or {})
     text = prompt_in_format(request.prompt, fmt, tokenizer)
     input_ids = tokenizer(text, add_special_tokens=adds_special_tokens(fmt))["input_ids"]

@@ -114,15 +114,17 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
     return model
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer with a pad token (eos when the model has none)."""
-    path = resolve_model_path(name_or_path)
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, key: str = "model.name_or_path"
+):
+    """The tokenizer with a pad token (eos when the model has none); key: what errors name as the source of name_or_path."""
+    path = resolve_model_path(name_or_path, key)
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise load_failure("model.name_or_path", "a tokenizer", name_or_path, err) from None
+        raise load_failure(key, "a tokenizer", name_or_path, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -6,7 +6,7 @@ UserError whose message names the key and what is allowed.
 
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -302,13 +302,24 @@ class EvalConfig(Section):
     max_length: int | None = Field(None, gt=0)
     # Adapter directory; None: OUTPUT_DIR/adapter when a recipe is evaluated, no adapter otherwise.
     adapter: str | None = None
-    # None: OUTPUT_DIR/eval.json when a recipe is evaluated, eval_results.json otherwise.
+    # None: named by what was evaluated (README, Evaluation): eval.json with an adapter, eval-base.json without,
+    # in OUTPUT_DIR (or the folder holding --adapter); eval-<model>.json for a bare --model.
     results_file: str | None = None
+    # harness: lm-evaluation-harness's prompts ("Question: ...\nAnswer:"); train: GSM8K questions in the prompt
+    # format the adapter was trained on (its data.format: alpaca, chat or gsm8k), shots as earlier turns.
+    prompt_format: Literal["harness", "train"] = "harness"
     seed: int = 1234
     gsm8k: GSM8KTaskConfig = Field(default_factory=GSM8KTaskConfig)
     mmlu: MMLUTaskConfig = Field(default_factory=MMLUTaskConfig)
     humaneval: HumanEvalTaskConfig = Field(default_factory=HumanEvalTaskConfig)
     perplexity: PerplexityTaskConfig = Field(default_factory=PerplexityTaskConfig)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be auto or a positive integer")
+        return value
 
 
 class StageConfig(Section):
@@ -439,6 +450,18 @@ def with_required(recipe: Recipe, path: Path) -> Recipe:
             "add `model: {name_or_path: ...}` to the recipe or pass model.name_or_path=..."
         )
     return recipe if recipe.output_dir else recipe.model_copy(update={"output_dir": f"runs/{path.stem}"})
+
+
+def defaults_with(overrides: list[str]) -> dict:
+    """The schema's defaults with key=value overrides applied and resolved, for a command run without a recipe."""
+    from_overrides = _parse_overrides(overrides)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe().model_dump()), from_overrides)
+        return cast(dict, OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as err:
+        raise UserError(f"overrides: {_omegaconf_message(err)}") from None
+    except LOADER_ERRORS as err:
+        raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
 
 
 def validate(values: object, source: str = "recipe") -> Recipe:

@@ -336,7 +336,7 @@ def evaluate_during_training(run: Session) -> dict[str, Metric]:
         engine = Engine(model, run.tokenizer, cfg.batch_size, context_window(model, cfg.max_length))
         with preserved_rng():
             for task in tasks:
-                scores = run_task(task, engine, cfg, run.code).metrics
+                scores = run_task(task, engine, cfg, run.code, data_format=run.recipe.data.format).metrics
                 metrics.update(
                     {f"{task}/{name}": value for name, value in scores.items() if not name.startswith("subject/")}
                 )
@@ -365,11 +365,12 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
     )
     whole = gathered(run.adapter)
     if accelerator.is_main_process:
+        # data_format: `eval` (eval.prompt_format=train) puts questions to the adapter in the format it learnt.
         save_adapter(
             whole,
             output_dir / "adapter",
             base_model=run.recipe.model.name_or_path,
-            extra=quantization_note(run.recipe),
+            extra={**quantization_note(run.recipe), "data_format": run.recipe.data.format},
         )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / SUMMARY_FILE).write_text(json.dumps(strict_json(summary.__dict__), indent=2) + "\n")
@@ -571,7 +572,7 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
             optimizer_state,
             scheduler,
             rng_states,
-            extra={"base_model": recipe.model.name_or_path},
+            extra={"base_model": recipe.model.name_or_path, "data_format": recipe.data.format},
         )
         prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()

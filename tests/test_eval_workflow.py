@@ -200,6 +200,7 @@ def test_prompt_format_train_asks_in_the_alpaca_format_the_adapter_learnt(
     test_row = gsm8k_rows(shared_data, "test", 1)[0]
     args = ["eval", "--adapter", str(alpaca_run / "adapter"), "--tasks", "gsm8k", "--limit", "1",
             "--max-new-tokens", "12", "--prompt-format", "train"]  # fmt: skip
+    assert json.loads((alpaca_run / "adapter" / CONFIG_FILE).read_text())["data_format"] == "alpaca"
     code, _, stderr = run_main(monkeypatch, capsys, *args, "--num-fewshot", "0", "--json", str(tmp_path / "0.json"))
     assert code == 0, stderr
     record = json.loads((tmp_path / "0.json").read_text())["records"]["gsm8k"][0]

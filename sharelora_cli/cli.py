@@ -214,9 +214,15 @@ def eval_command(
     recipe_option: str | None = typer.Option(None, "--recipe", help="the recipe, as an option"),
     model: str | None = typer.Option(None, "--model", help="model directory or hub id"),
     adapter: str | None = typer.Option(None, "--adapter", help="adapter directory written by sharelora"),
-    no_adapter: bool = typer.Option(False, "--no-adapter", help="evaluate the recipe's base model without its adapter"),
+    no_adapter: bool = typer.Option(
+        False,
+        "--no-adapter",
+        help="evaluate the base model alone: the recipe's, or the one --adapter was trained on",
+    ),
     tasks: str | None = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
-    limit: int | None = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
+    limit: str | None = typer.Option(
+        None, "--limit", metavar="N", help="first N examples per task (per subject for MMLU)"
+    ),
     batch_size: str | None = typer.Option(None, "--batch-size", help="auto or a number"),
     gsm8k_path: str | None = typer.Option(
         None,
@@ -231,18 +237,20 @@ def eval_command(
     results_file: str | None = typer.Option(
         None,
         "--json",
-        help="results file [default: eval.json with an adapter, eval-base.json without, in the recipe's OUTPUT_DIR "
-        "or else beside the --adapter directory; with neither, ./eval-MODEL.json]",
+        help="results file (default: eval.json with an adapter, eval-base.json without, in the recipe's OUTPUT_DIR "
+        "or else beside the --adapter directory; with neither, ./eval-MODEL.json)",
     ),
-    num_fewshot: int | None = typer.Option(
-        None, "--num-fewshot", help="gsm8k and mmlu: examples shown before each question"
+    num_fewshot: str | None = typer.Option(
+        None, "--num-fewshot", metavar="N", help="gsm8k and mmlu: examples shown before each question"
     ),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="gsm8k and humaneval: generation length"),
+    max_new_tokens: str | None = typer.Option(
+        None, "--max-new-tokens", metavar="N", help="gsm8k and humaneval: tokens generated at most"
+    ),
     prompt_format: str | None = typer.Option(
         None,
         "--prompt-format",
         help="gsm8k: harness (lm-eval's Question/Answer prompt) or train (the adapter's training data format, "
-        "alpaca or chat) [default: eval.prompt_format, harness]",
+        "alpaca or chat); default: eval.prompt_format, harness",
     ),
     allow_code_execution: bool = AllowCodeExecution,
     allow_weak_sandbox: bool = AllowWeakSandbox,

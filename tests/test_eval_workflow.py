@@ -75,6 +75,16 @@ def test_adapter_without_model_uses_its_recorded_base_and_the_base_run_keeps_its
     assert all(a != b for a, b in zip(adapted, before))
 
 
+def test_help_says_where_results_go_by_default():
+    result = run_cli("eval", "--help")
+    words = " ".join(word for word in result.stdout.split() if word not in "│╭╮╰╯─")
+    assert result.returncode == 0
+    assert (
+        "results file (default: eval.json with an adapter, eval-base.json without, in the recipe's OUTPUT_DIR or "
+        "else beside the --adapter directory; with neither, ./eval-MODEL.json)"
+    ) in words
+
+
 def test_a_bare_model_writes_a_file_named_after_it(tiny_model_dir, documents, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["eval", "--model", str(tiny_model_dir), "--tasks", "perplexity", "--data", str(documents)]
@@ -166,9 +176,11 @@ def test_more_shots_than_the_train_split_holds_is_one_line_not_a_silent_fewer(
         (["--batch-size", "0"], "--batch-size must be auto or a positive integer, got '0'"),
         (["--batch-size", "-2"], "--batch-size must be auto or a positive integer, got '-2'"),
         (["--batch-size", "many"], "--batch-size must be auto or a positive integer, got 'many'"),
-        (["--limit", "0"], "--limit must be a positive integer, got 0"),
-        (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more, got -1"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+        (["--limit", "0"], "--limit must be a positive integer, got '0'"),
+        (["--limit", "ten"], "--limit must be a positive integer, got 'ten'"),
+        (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more, got '-1'"),
+        (["--num-fewshot", "2.5"], "--num-fewshot must be 0 or more, got '2.5'"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got '0'"),
         (["eval.batch_size=0"], "eval.batch_size: value error, must be auto or a positive integer"),
     ],
 )

@@ -34,15 +34,16 @@ class EvalRequest:
     adapter: str | None = None
     no_adapter: bool = False
     tasks: str | None = None
-    limit: int | None = None
+    # Numeric flags as typed (as --batch-size), so that a bad value is one line naming the flag.
+    limit: str | None = None
     batch_size: str | None = None
     gsm8k_path: str | None = None
     data: str | None = None
     text_field: str | None = None
     samples: str | None = None
     results_file: str | None = None
-    num_fewshot: int | None = None
-    max_new_tokens: int | None = None
+    num_fewshot: str | None = None
+    max_new_tokens: str | None = None
     prompt_format: str | None = None
     allow_code_execution: bool = False
     allow_weak_sandbox: bool = False
@@ -69,7 +70,6 @@ def recipe_and_overrides(
 
 def resolve_recipe(request: EvalRequest) -> Recipe:
     """The recipe (or the defaults) with the overrides and command-line flags applied, validated."""
-    check_numbers(request)
     if request.recipe:
         values = load_recipe(request.recipe, request.overrides).model_dump()
     else:
@@ -77,7 +77,7 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
     flags = {
         ("model", "name_or_path"): request.model or recorded_base(request),
         ("eval", "tasks"): [t.strip() for t in request.tasks.split(",") if t.strip()] if request.tasks else None,
-        ("eval", "limit"): request.limit,
+        ("eval", "limit"): _number("--limit", request.limit, least=1),
         ("eval", "batch_size"): _batch_size(request.batch_size),
         ("eval", "adapter"): request.adapter,
         ("eval", "results_file"): request.results_file,
@@ -90,7 +90,7 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
         if value is not None:
             _set(values, keys, value)
     for key, tasks in PER_TASK_FLAGS.items():
-        value = getattr(request, key)
+        value = _number(f"--{key.replace('_', '-')}", getattr(request, key), least=1 if key == "max_new_tokens" else 0)
         for task in set(tasks) & set(values["eval"]["tasks"]) if value is not None else ():
             _set(values, ("eval", task, key), value)
     return validate(values, source="eval")
@@ -102,23 +102,25 @@ def _set(values: dict, keys: tuple[str, ...], value: object) -> None:
     values[keys[-1]] = value
 
 
-def check_numbers(request: EvalRequest) -> None:
-    """Numeric flags out of range, named as the user typed them (the schema would name the recipe key)."""
-    for flag, value, least in (
-        ("--limit", request.limit, 1),
-        ("--num-fewshot", request.num_fewshot, 0),
-        ("--max-new-tokens", request.max_new_tokens, 1),
-    ):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be {'0 or more' if least == 0 else 'a positive integer'}, got {value}")
+def _number(flag: str, text: str | None, least: int) -> int | None:
+    """A whole-number flag, refused in one line that names the flag (the schema would name the recipe key)."""
+    if text is None:
+        return None
+    if not _is_whole(text) or int(text) < least:
+        raise UserError(f"{flag} must be {'0 or more' if least == 0 else 'a positive integer'}, got {text!r}")
+    return int(text)
 
 
 def _batch_size(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return text
-    if not text.isdigit() or int(text) == 0:
+    if not _is_whole(text) or int(text) == 0:
         raise UserError(f"--batch-size must be auto or a positive integer, got {text!r}")
     return int(text)
+
+
+def _is_whole(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # "²" is a digit to str.isdigit, and no int
 
 
 def recorded_base(request: EvalRequest) -> str | None:

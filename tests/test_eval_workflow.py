@@ -170,6 +170,26 @@ def test_more_shots_than_the_train_split_holds_is_one_line_not_a_silent_fewer(
     assert not (tmp_path / "out.json").exists()
 
 
+def test_mmlu_shots_are_never_fewer_than_asked_and_zero_shots_need_no_dev_split(
+    tiny_model_dir, shared_data, tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "mmlu"
+    (folder / "test").mkdir(parents=True)
+    shutil.copy(shared_data / "mmlu" / "test" / "anatomy_test.csv", folder / "test")
+    args = ["eval", "--model", str(tiny_model_dir), "--tasks", "mmlu", "--limit", "2", f"eval.mmlu.path={folder}",
+            "eval.mmlu.subjects=[anatomy]", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    code, _, stderr = run_main(monkeypatch, capsys, *args, "--num-fewshot", "0")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "out.json").read_text())["mmlu"]["num_samples"] == 2
+
+    (folder / "dev").mkdir()
+    header, *rows = (shared_data / "mmlu" / "dev" / "anatomy_dev.csv").read_text().splitlines()
+    (folder / "dev" / "anatomy_dev.csv").write_text("\n".join([header, *rows[:2]]) + "\n")
+    code, _, stderr = run_main(monkeypatch, capsys, *args, "--num-fewshot", "3")
+    line = f"eval.mmlu.num_fewshot=3 but {folder / 'dev' / 'anatomy_dev.csv'} has only 2 rows: pass --num-fewshot 2"
+    assert_single_error(code, stderr, line)
+
+
 @pytest.mark.parametrize(
     "args, named",
     [

@@ -90,8 +90,8 @@ def evaluate(engine: Engine, cfg: MMLUTaskConfig, limit: int | None) -> TaskResu
         for subject in subjects:
             scored = evaluate_subject(engine, cfg, subject, limit)
             records.extend(scored)
-            hits = sum(record["correct"] for record in scored)
-            progress.update(subject, f"acc {_mean([r['correct'] for r in scored]):.4f} ({hits}/{len(scored)})")
+            verdicts = [record["correct"] for record in scored]
+            progress.update(subject, f"acc {_mean(verdicts):.4f} ({sum(verdicts)}/{len(verdicts)})")
     return TaskResult(accuracy_metrics(records), records)
 
 

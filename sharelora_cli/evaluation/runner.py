@@ -20,8 +20,12 @@ from sharelora_cli.evaluation import gsm8k, humaneval_task, mmlu, perplexity, pr
 from sharelora_cli.evaluation.engine import Engine, context_window
 from sharelora_cli.evaluation.results import TaskResult, results_document, write_json
 
-# The flags that set one key in each task's section that has it, for the tasks being run.
-PER_TASK_FLAGS = {"num_fewshot": ("gsm8k", "mmlu"), "max_new_tokens": ("gsm8k", "humaneval")}
+# Flags that set one key in the section of each task that has it, among the tasks being run:
+# (flag, key, least value, tasks).
+PER_TASK_FLAGS = (
+    ("--num-fewshot", "num_fewshot", 0, ("gsm8k", "mmlu")),
+    ("--max-new-tokens", "max_new_tokens", 1, ("gsm8k", "humaneval")),
+)
 
 
 @dataclass
@@ -89,9 +93,9 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
     for keys, value in flags.items():
         if value is not None:
             _set(values, keys, value)
-    for key, tasks in PER_TASK_FLAGS.items():
-        value = _number(f"--{key.replace('_', '-')}", getattr(request, key), least=1 if key == "max_new_tokens" else 0)
-        for task in set(tasks) & set(values["eval"]["tasks"]) if value is not None else ():
+    for flag, key, least, tasks in PER_TASK_FLAGS:
+        value = _number(flag, getattr(request, key), least)
+        for task in [task for task in tasks if task in values["eval"]["tasks"] and value is not None]:
             _set(values, ("eval", task, key), value)
     return validate(values, source="eval")
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import CONFIG_FILE, load_adapter, save_adapter
 from sharelora_cli.adapters.inject import inject_adapter
-from sharelora_cli.config.recipe import AdapterConfig, DataConfig
+from sharelora_cli.config.recipe import AdapterConfig, DataConfig, QuantizationConfig
 from sharelora_cli.data.examples import ALPACA_PROMPT, IGNORE_INDEX, build_splits
 from sharelora_cli.evaluation import gsm8k
 from sharelora_cli.evaluation.engine import cut_at_stop
@@ -123,6 +123,40 @@ def test_base_model_comes_from_the_runs_recipe_when_the_adapter_config_lacks_it(
     (run / "recipe.yaml").unlink()
     code, _, stderr = run_main(monkeypatch, capsys, *args)
     assert_single_error(code, stderr, f"--adapter {run / 'adapter'} records no base model", "pass --model")
+
+
+@pytest.fixture(scope="module")
+def nf4_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter recorded as trained on the tiny model loaded in 4-bit NF4, as `train` records one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = inject_adapter(model, AdapterConfig(method="lora", rank=4, targets=["q_proj", "v_proj"]))
+    nf4 = QuantizationConfig(load_in_4bit=True, compute_dtype="float32").model_dump()
+    directory = tmp_path_factory.mktemp("nf4") / "adapter"
+    save_adapter(adapter, directory, base_model=str(tiny_model_dir), extra={"quantization": nf4})
+    return directory
+
+
+def test_an_adapter_trained_on_a_4bit_base_is_scored_on_that_base(
+    nf4_adapter, tiny_model_dir, documents, tmp_path, monkeypatch, capsys
+):
+    args = ["eval", "--adapter", str(nf4_adapter), "--tasks", "perplexity", "--data", str(documents)]
+    code, _, stderr = run_main(monkeypatch, capsys, *args, "--json", str(tmp_path / "recorded.json"))
+    assert code == 0, stderr
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "output_dir": str(tmp_path / "run"),
+                                  "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
+                                  "eval": {"adapter": str(nf4_adapter)}}))  # fmt: skip
+    code, _, stderr = run_main(
+        monkeypatch, capsys, *args[:1], str(recipe), *args[3:], "--json", str(tmp_path / "4bit.json")
+    )
+    assert code == 0, stderr
+    overridden = [*args, "quantization.load_in_4bit=false", "--json", str(tmp_path / "full.json")]
+    code, _, stderr = run_main(monkeypatch, capsys, *overridden)
+    assert code == 0, stderr
+    recorded, in_4bit = perplexities(tmp_path / "recorded.json"), perplexities(tmp_path / "4bit.json")
+    assert recorded == in_4bit  # the same weights, the same kernels: the same numbers
+    # NF4 rounds every weight to one of 16 levels per block: the full-precision base scores otherwise.
+    assert all(a != b for a, b in zip(recorded, perplexities(tmp_path / "full.json")))
 
 
 def test_overrides_and_shot_flags_work_without_a_recipe_and_zero_shots_need_no_train_split(

@@ -452,11 +452,12 @@ def with_required(recipe: Recipe, path: Path) -> Recipe:
     return recipe if recipe.output_dir else recipe.model_copy(update={"output_dir": f"runs/{path.stem}"})
 
 
-def defaults_with(overrides: list[str]) -> dict:
-    """The schema's defaults with key=value overrides applied and resolved, for a command run without a recipe."""
+def defaults_with(overrides: list[str], recorded: dict | None = None) -> dict:
+    """The schema's defaults, under `recorded` values (e.g. what an adapter was trained with), under key=value
+    overrides, resolved: the settings of a command run without a recipe."""
     from_overrides = _parse_overrides(overrides)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe().model_dump()), from_overrides)
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe().model_dump()), recorded or {}, from_overrides)
         return cast(dict, OmegaConf.to_container(merged, resolve=True))
     except OmegaConfBaseException as err:
         raise UserError(f"overrides: {_omegaconf_message(err)}") from None

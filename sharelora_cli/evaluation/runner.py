@@ -77,9 +77,9 @@ def resolve_recipe(request: EvalRequest) -> Recipe:
     if request.recipe:
         values = load_recipe(request.recipe, request.overrides).model_dump()
     else:
-        values = defaults_with(request.overrides)
+        values = defaults_with(request.overrides, recorded_settings(request))
     flags = {
-        ("model", "name_or_path"): request.model or recorded_base(request),
+        ("model", "name_or_path"): request.model,
         ("eval", "tasks"): [t.strip() for t in request.tasks.split(",") if t.strip()] if request.tasks else None,
         ("eval", "limit"): _number("--limit", request.limit, least=1),
         ("eval", "batch_size"): _batch_size(request.batch_size),
@@ -127,11 +127,15 @@ def _is_whole(text: str) -> bool:
     return text.isascii() and text.isdigit()  # "²" is a digit to str.isdigit, and no int
 
 
-def recorded_base(request: EvalRequest) -> str | None:
-    """Without a recipe or --model, the base model --adapter records (also with --no-adapter: its base alone)."""
-    if request.recipe or request.adapter is None:
-        return None
-    return trained_with.base_model(Path(request.adapter))
+def recorded_settings(request: EvalRequest) -> dict:
+    """Without a recipe, the base --adapter was trained on (also with --no-adapter: that base alone): its model,
+    unless --model names one, and its 4-bit quantization, so the adapter is scored on the weights it learnt with."""
+    if request.adapter is None:
+        return {}
+    adapter = Path(request.adapter)
+    model = {} if request.model else {"model": {"name_or_path": trained_with.base_model(adapter)}}
+    quantization = trained_with.quantization(adapter)
+    return {**model, **({"quantization": quantization} if quantization else {})}
 
 
 def adapter_dir(request: EvalRequest, recipe: Recipe) -> Path | None:

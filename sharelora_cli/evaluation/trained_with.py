@@ -1,7 +1,8 @@
-"""What an adapter was trained with, for evaluating it without a recipe: its base model and its data format.
+"""What an adapter was trained with, for evaluating it without a recipe: its base model (and its quantization)
+and its data format.
 
-`sharelora train` records both in the adapter's sharelora_config.json (base_model, data_format); for an
-adapter written before data_format was recorded, the recipe.yaml its run wrote beside it says the rest.
+`sharelora train` records them in the adapter's sharelora_config.json (base_model, quantization, data_format);
+for an adapter written before one was recorded, the recipe.yaml its run wrote beside it says the rest.
 """
 
 from pathlib import Path
@@ -29,6 +30,13 @@ def data_format(adapter: Path) -> str:
             "use eval.prompt_format=harness"
         )
     return fmt
+
+
+def quantization(adapter: Path) -> dict | None:
+    """The 4-bit quantization the base was loaded with in training (None: full precision)."""
+    config = read_adapter_config(adapter)
+    settings = config["quantization"] if "quantization" in config else run_recipe(adapter).get("quantization")
+    return settings if isinstance(settings, dict) and settings.get("load_in_4bit") else None
 
 
 def recorded(adapter: Path, key: str, recipe_key: tuple[str, str]) -> str | None:

@@ -572,7 +572,11 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
             optimizer_state,
             scheduler,
             rng_states,
-            extra={"base_model": recipe.model.name_or_path, "data_format": recipe.data.format},
+            extra={
+                "base_model": recipe.model.name_or_path,
+                **quantization_note(recipe),
+                "data_format": recipe.data.format,
+            },
         )
         prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -580,7 +584,7 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
 
 
 def quantization_note(recipe: Recipe) -> dict:
-    """Recorded with the adapter so merge knows the base it was trained on."""
+    """Recorded with the adapter so merge and eval know the base it was trained on."""
     return {"quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None}
 
 

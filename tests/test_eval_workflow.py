@@ -236,6 +236,7 @@ def test_mmlu_shots_are_never_fewer_than_asked_and_zero_shots_need_no_dev_split(
         (["--num-fewshot", "2.5"], "--num-fewshot must be 0 or more, got '2.5'"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got '0'"),
         (["eval.batch_size=0"], "eval.batch_size: value error, must be auto or a positive integer"),
+        (["--prompt-format", "alpaca"], "eval.prompt_format must be one of harness or train; got 'alpaca'"),
     ],
 )
 def test_bad_numbers_are_one_line_errors(args, named, tiny_model_dir, monkeypatch, capsys):
@@ -318,6 +319,13 @@ def test_prompt_format_train_asks_in_the_chat_template_without_a_second_bos(
     assert ids[0] != tokenizer.bos_token_id  # the tiny model's template writes none, and training adds none
     assert tokenizer(record["prompt"], add_special_tokens=False)["input_ids"] == ids
     assert record["output"] == greedy_output(tiny_model_dir, chat_adapter, ids, 12, gsm8k.STOP_SEQUENCES)
+
+
+def test_eval_without_any_model_says_what_to_pass(monkeypatch, capsys):
+    code, _, stderr = run_main(monkeypatch, capsys, "eval", "--tasks", "gsm8k")
+    assert_single_error(
+        code, stderr, "eval needs --model PATH_OR_ID, --adapter DIR (whose base model it uses) or a RECIPE"
+    )
 
 
 def test_prompt_format_train_without_a_known_training_format_is_one_line(tiny_model_dir, monkeypatch, capsys):

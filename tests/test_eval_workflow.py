@@ -1,5 +1,6 @@
 """`sharelora eval` in a practitioner's workflow: after `train`, with no recipe, in the format the adapter learnt."""
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from sharelora_cli.config.recipe import AdapterConfig, DataConfig, QuantizationC
 from sharelora_cli.data.examples import ALPACA_PROMPT, IGNORE_INDEX, build_splits
 from sharelora_cli.evaluation import gsm8k
 from sharelora_cli.evaluation.engine import cut_at_stop
+from sharelora_cli.evaluation.progress import TaskProgress
 from sharelora_cli.evaluation.prompt_formats import ALPACA_STOP
 
 
@@ -356,3 +358,18 @@ def test_mmlu_prints_one_plain_line_per_subject_when_not_a_terminal(tiny_model_d
         accuracy = document["mmlu"][f"subject/{subject}"]
         assert line.startswith(f"mmlu {number}/2  {subject}  acc {accuracy:.4f} ({hits}/3)  ")
         assert line.endswith(" s")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_progress_is_one_redrawn_bar_not_lines():
+    stream = Terminal()
+    with TaskProgress("mmlu", 2, "subject", stream) as progress:
+        progress.update("anatomy", "acc 0.5000 (1/2)")
+        progress.update("virology", "acc 1.0000 (2/2)")
+    text = stream.getvalue()
+    assert "mmlu: 100%" in text and "virology acc 1.0000 (2/2)" in text and "\r" in text
+    assert "mmlu 1/2" not in text and "mmlu 2/2" not in text

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def train_all(model_dir: Path, out: Path, methods: list[str], fsdp2: bool) -> No
 
     name = "fsdp2" if fsdp2 else "single"
     for method in methods:
-        path = out / method / f"{name}-recipe.{os.environ.get('RANK', '0')}.yaml"  # one file per process
+        rank = os.environ.get("RANK", "0")
+        path = out / method / f"{name}-recipe.{rank}.yaml"  # one file per process
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(recipe(method, model_dir, out / method / name, fsdp2)))
-        train(load_recipe(str(path)))
+        # The runs' progress lines go to a log beside each run, so the check prints one line per method;
+        # an error still reaches stderr, raised out of train().
+        with open(out / method / f"{name}.{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+            train(load_recipe(str(path)))
 
 
 def launch_fsdp2(model_dir: Path, out: Path, methods: list[str]) -> None:

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
+from numerics import assert_within, gamma
 from safetensors.torch import load_file
 from script_module import load_script
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sharelora_cli.adapters.adapter_io import load_adapter
+from sharelora_cli.adapters.base import AdaptedLayer
 from sharelora_cli.config.recipe import DistributedConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.training.launch import worker_command
@@ -38,6 +43,85 @@ def test_fsdp2_with_two_processes_trains_like_one_process(check, method):
     summaries = {name: json.loads((out / method / name / "summary.json").read_text()) for name in ("single", "fsdp2")}
     assert (summaries["single"]["strategy"], summaries["single"]["processes"]) == ("single", 1)
     assert (summaries["fsdp2"]["strategy"], summaries["fsdp2"]["processes"]) == ("fsdp2", 2)
+    for name, how in (("single", ("single", 1)), ("fsdp2", ("fsdp2", 2))):
+        rows = (out / method / name / "metrics.jsonl").read_text().splitlines()
+        assert {(row["strategy"], row["processes"]) for row in map(json.loads, rows)} == {how}
+
+
+def adapted_modules(model) -> dict[str, AdaptedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def module_outputs(
+    model, names, ids: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The logits and each named module's (input, output) in one forward; outputs keep their gradients."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            seen[name] = (args[0].detach(), output)
+
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    logits = model(ids).logits
+    for handle in hooks:
+        handle.remove()
+    return logits, seen
+
+
+def merge_error_bound(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
+    """|W'x − (Wx + s·B·A·x)| allowed, W' being the merged fp32 weight, both sides evaluated in float64.
+
+    merge computes s·B·A in float32 (sums of rank products, then the scaling; VeRA's diagonal scalings
+    are two more products) and adds W: each entry of W' is off by at most γ_{rank+4}·(|W| + |s|·|B|·|A|).
+    The float64 forwards add their own reordering, 2·γ_{d_in+rank+4} of the same magnitudes.
+    """
+    lora_A, lora_B, scaling = layer.low_rank()
+    magnitude = layer.base_layer.weight.abs() + abs(scaling) * (lora_B.abs() @ lora_A.abs())
+    rank = lora_A.shape[0]
+    relative = gamma(rank + 4, torch.float32) + 2 * gamma(layer.d_in + rank + 4, torch.float64)
+    return relative * (x.abs() @ magnitude.t())
+
+
+@pytest.mark.parametrize("method", ["sharea", "aslora", "vera"])
+def test_merge_of_an_fsdp2_trained_adapter_equals_base_plus_adapter(
+    check, method, tiny_model_dir, shared_data, tmp_path
+):
+    """`sharelora merge` of the adapter 2 FSDP2 processes saved (shared factors gathered; ASLoRA merged at step 5).
+
+    Compared in float64, where the only difference left is the merged weights' float32 arithmetic: each adapted
+    module on the same input within merge_error_bound, and the logits within those bounds carried to them by
+    the gradient (first order; the factor 2 covers the second-order terms, smaller by |ΔW'|/|W| ≈ 1e-7).
+    """
+    out, _ = check
+    adapter_dir = out / method / "fsdp2" / "adapter"
+    result = run_cli("merge", "--adapter", str(adapter_dir), "--out", str(tmp_path / "merged"), "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    question = json.loads((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[0])
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(question["question"], return_tensors="pt").input_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    base_logits = model(ids).logits.detach()
+    load_adapter(model, adapter_dir)
+    layers = adapted_modules(model)
+    adapted, io = module_outputs(model, layers, ids)
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
+    with torch.no_grad():
+        merged = merged_model(ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-3  # the trained adapter changes the model
+
+    (torch.sign(merged - adapted) * adapted).sum().backward()  # d‖merged − adapted‖₁ / d(module outputs)
+    carried = 0.0
+    with torch.no_grad():
+        for name, layer in layers.items():
+            x, y = io[name]
+            bound = merge_error_bound(layer, x)
+            assert_within(merged_model.get_submodule(name)(x), y, bound)
+            carried += float((y.grad.abs() * bound).sum())
+    assert float((merged - adapted.detach()).abs().sum()) <= 2 * carried
 
 
 def launch(recipe: Path, *overrides: str, processes: int = 2) -> list[str]:

@@ -230,7 +230,12 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
         optimizer,
         scheduler,
         sampler,
-        MetricsLog(output_dir, accelerator, recipe.model_dump()),
+        MetricsLog(
+            output_dir,
+            accelerator,
+            recipe.model_dump(),
+            {"strategy": distribution.strategy, "processes": distribution.processes},
+        ),
         state,
         code,
         distribution,

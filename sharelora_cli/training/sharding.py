@@ -74,6 +74,11 @@ def take_launch_request(env: MutableMapping[str, str]) -> FsdpLaunch | None:
         )
     if flag(env, "FSDP_OFFLOAD_PARAMS"):
         raise UserError("the launch asks for fsdp_offload_params, which sharelora does not do; set it to false")
+    if flag(env, "FSDP_ACTIVATION_CHECKPOINTING"):
+        raise UserError(
+            "the launch asks for fsdp_activation_checkpointing, which sharelora does not read; set it to false "
+            "and train.gradient_checkpointing=true in the recipe"
+        )
     policy = env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     if policy != "TRANSFORMER_BASED_WRAP":
         raise UserError(

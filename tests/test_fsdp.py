@@ -18,11 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.config.recipe import DistributedConfig
+from sharelora_cli.config.recipe import DistributedConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError
+from sharelora_cli.models.loading import load_model
+from sharelora_cli.models.quantization import linear4bit_modules
 from sharelora_cli.training.launch import worker_command
 from sharelora_cli.training.run_lock import LOCK_FILE, RunLock
-from sharelora_cli.training.sharding import resolve, take_launch_request
+from sharelora_cli.training.sharding import Distribution, check_fsdp2_quantization, resolve, take_launch_request
 
 fsdp_check = load_script("fsdp_check")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -267,3 +269,44 @@ def test_deepspeed_launch_stops_the_cli_in_one_line(tmp_path, tiny_model_dir):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "shard with FSDP2 instead" in result.stderr
+
+
+def test_a_4bit_base_loaded_for_fsdp2_holds_the_same_bytes_in_the_compute_dtype(tiny_model_dir):
+    """bnb_4bit_quant_storage = the compute dtype: the dtype of every other weight, so FSDP2 can shard it."""
+    quant = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    plain, sharded = (load_model(model, quant, torch.device("cpu"), sharded=s) for s in (False, True))
+    pairs = list(zip(linear4bit_modules(plain), linear4bit_modules(sharded), strict=True))
+    assert pairs
+    for one, other in pairs:
+        assert (one.weight.dtype, other.weight.dtype) == (torch.uint8, torch.float32)
+        assert torch.equal(other.weight.data.view(torch.uint8).flatten(), one.weight.data.flatten())
+    assert {p.dtype for p in sharded.parameters()} == {torch.float32}
+
+
+def test_qlora_under_fsdp2_with_two_processes_trains_like_one_process(tmp_path, tiny_model_dir):
+    """The 4-bit base sharded by FSDP2 over 2 gloo processes: the losses of one process on the same global batch."""
+    runs = {}
+    for name, fsdp2 in (("single", False), ("fsdp2", True)):
+        settings = fsdp_check.recipe("sharea", tiny_model_dir, tmp_path / name, fsdp2)
+        settings["quantization"] = {"load_in_4bit": True, "compute_dtype": "float32"}
+        settings["train"]["max_steps"] = 3
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(json.dumps(settings))
+        command = launch(recipe) if fsdp2 else [sys.executable, "-m", "sharelora_cli", "train", str(recipe)]
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, two = runs["single"], runs["fsdp2"]
+    assert [(row["strategy"], row["processes"]) for row in two] == [("fsdp2", 2)] * 3
+    tokens = one[0]["tokens"]
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= fsdp_check.mean_loss_bound(a["step"], tokens, a["loss"])
+
+
+def test_fsdp2_bf16_over_a_4bit_base_needs_a_bf16_compute_dtype():
+    quant = QuantizationConfig(load_in_4bit=True, compute_dtype="float32")
+    with pytest.raises(UserError, match="set quantization.compute_dtype=bfloat16"):
+        check_fsdp2_quantization(quant, "bf16", Distribution("fsdp2", 2))
+    check_fsdp2_quantization(quant, "no", Distribution("fsdp2", 2))
+    check_fsdp2_quantization(quant, "bf16", Distribution("ddp", 2))

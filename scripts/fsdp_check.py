@@ -17,7 +17,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from safetensors.torch import load_file
 
 from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.models.tiny_model import build_tiny_model
+from sharelora_cli.training.launch import worker_command
 
 METHODS = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
 STEPS = 10
@@ -89,21 +89,8 @@ def train_all(model_dir: Path, out: Path, methods: list[str], fsdp2: bool) -> No
 
 def launch_fsdp2(model_dir: Path, out: Path, methods: list[str]) -> None:
     """All methods under FSDP2 in one launch of 2 processes (one start-up for all of them)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        "--worker",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--methods",
-        ",".join(methods),
-    ]
+    arguments = ["--worker", "--model", str(model_dir), "--out", str(out), "--methods", ",".join(methods)]
+    command = worker_command(2, arguments, program=(__file__,))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode != 0:

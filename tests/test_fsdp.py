@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.adapters.base import AdaptedLayer
-from sharelora_cli.config.recipe import DistributedConfig, ModelConfig, QuantizationConfig
+from sharelora_cli.adapters.inject import inject_adapter
+from sharelora_cli.config.recipe import AdapterConfig, DistributedConfig, ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.models.loading import load_model
 from sharelora_cli.models.quantization import linear4bit_modules
@@ -27,6 +28,7 @@ from sharelora_cli.training.run_lock import LOCK_FILE, RunLock
 from sharelora_cli.training.sharding import Distribution, check_fsdp2_quantization, resolve, take_launch_request
 
 fsdp_check = load_script("fsdp_check")
+fsdp_memory = load_script("fsdp_memory")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -310,3 +312,20 @@ def test_fsdp2_bf16_over_a_4bit_base_needs_a_bf16_compute_dtype():
         check_fsdp2_quantization(quant, "bf16", Distribution("fsdp2", 2))
     check_fsdp2_quantization(quant, "no", Distribution("fsdp2", 2))
     check_fsdp2_quantization(quant, "bf16", Distribution("ddp", 2))
+
+
+def test_fsdp2_leaves_each_process_half_of_the_frozen_base_and_of_the_adapter(tmp_path, tiny_model_dir):
+    """Counted from each process's local shards after a step (scripts/fsdp_memory.py): every dimension of the
+    tiny Llama is even, so each of 2 processes holds exactly half of every tensor, its gradient and Adam state."""
+    rows = fsdp_memory.run_strategy(tiny_model_dir, tmp_path, "fsdp2", steps=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base = sum(p.numel() * p.element_size() for p in model.parameters())
+    adapter = inject_adapter(
+        model, AdapterConfig(**fsdp_memory.recipe(tiny_model_dir, tmp_path, "fsdp2", 1)["adapter"])
+    )
+    trainable = 4 * adapter.num_trainable()  # float32
+    for row in rows:
+        assert (row["strategy"], row["processes"]) == ("fsdp2", 2)
+        assert 2 * row["base_param_bytes"] == base
+        assert 2 * row["adapter_param_bytes"] == 2 * row["grad_bytes"] == trainable
+        assert 2 * row["optimizer_state_bytes"] == 2 * trainable + 2 * 4 * len(adapter.parameters())  # m, v; steps

@@ -36,9 +36,11 @@ def local_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def recipe(model_dir: Path, output_dir: Path, strategy: str, steps: int) -> dict:
+def recipe(model_dir: Path, output_dir: Path, strategy: str, steps: int, load_in_4bit: bool = False) -> dict:
+    """load_in_4bit: an NF4 base with float32 compute (bitsandbytes' CPU kernels), its packed bytes held as float32."""
     return {
         "model": {"name_or_path": str(model_dir)},
+        "quantization": {"load_in_4bit": load_in_4bit, "compute_dtype": "float32"},
         "adapter": {"method": "lora", "rank": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
         "data": {"max_length": 256, "overlength": "drop", "max_examples": 200, "validation_fraction": 0.05},
         "train": {
@@ -101,9 +103,9 @@ def measure(recipe_file: Path, result_file: Path) -> None:
     lock.release()
 
 
-def run_strategy(model_dir: Path, out: Path, strategy: str, steps: int) -> list[dict]:
+def run_strategy(model_dir: Path, out: Path, strategy: str, steps: int, load_in_4bit: bool = False) -> list[dict]:
     recipe_file = out / f"{strategy}.json"
-    recipe_file.write_text(json.dumps(recipe(model_dir, out / strategy, strategy, steps)))
+    recipe_file.write_text(json.dumps(recipe(model_dir, out / strategy, strategy, steps, load_in_4bit)))
     command = worker_command(2, ["--worker", str(recipe_file), str(out)], program=(__file__,))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)

@@ -314,15 +314,17 @@ def test_fsdp2_bf16_over_a_4bit_base_needs_a_bf16_compute_dtype():
     check_fsdp2_quantization(quant, "bf16", Distribution("ddp", 2))
 
 
-def test_fsdp2_leaves_each_process_half_of_the_frozen_base_and_of_the_adapter(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32-base", "4bit-base"])
+def test_fsdp2_leaves_each_process_half_of_the_frozen_base_and_of_the_adapter(tmp_path, tiny_model_dir, load_in_4bit):
     """Counted from each process's local shards after a step (scripts/fsdp_memory.py): every dimension of the
-    tiny Llama is even, so each of 2 processes holds exactly half of every tensor, its gradient and Adam state."""
-    rows = fsdp_memory.run_strategy(tiny_model_dir, tmp_path, "fsdp2", steps=1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tiny Llama is even, so each of 2 processes holds exactly half of every tensor, its gradient and Adam state;
+    a 4-bit base's packed weights too (held as float32 for FSDP2)."""
+    rows = fsdp_memory.run_strategy(tiny_model_dir, tmp_path, "fsdp2", 1, load_in_4bit)
+    quant = QuantizationConfig(load_in_4bit=load_in_4bit, compute_dtype="float32")
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), quant, torch.device("cpu"), sharded=True)
     base = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapter = inject_adapter(
-        model, AdapterConfig(**fsdp_memory.recipe(tiny_model_dir, tmp_path, "fsdp2", 1)["adapter"])
-    )
+    settings = fsdp_memory.recipe(tiny_model_dir, tmp_path, "fsdp2", 1, load_in_4bit)
+    adapter = inject_adapter(model, AdapterConfig(**settings["adapter"]))
     trainable = 4 * adapter.num_trainable()  # float32
     for row in rows:
         assert (row["strategy"], row["processes"]) == ("fsdp2", 2)

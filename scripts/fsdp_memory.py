@@ -1,6 +1,7 @@
 """Per-process memory under FSDP2 against DDP: 2 gloo processes, the same model, adapter and steps.
 
-    python scripts/fsdp_memory.py [--out DIR] [--layers 8] [--hidden 512] [--steps 3] [--doc docs/distributed.md]
+    python scripts/fsdp_memory.py [--out DIR] [--layers 8] [--hidden 512] [--steps 3] [--load-in-4bit]
+                                  [--doc docs/distributed.md]
 
 The model is a Llama built from a config (random weights, the GSM8K-trained tokenizer) big enough that its
 frozen base dominates; the adapter is LoRA rank 8 on q_proj and v_proj. Each process trains through the
@@ -8,7 +9,7 @@ training loop's own set-up and steps, then counts from its local tensors (under 
 the frozen base's parameter bytes, the adapter's, the gradients' (at the optimizer step, before they are
 cleared) and the optimizer state's; and reads its RSS from /proc: after imports, after the last step, and the
 peak (VmHWM). Prints one table row per strategy and rank; --doc writes the table into that page between its
-`fsdp-memory` markers.
+`fsdp-memory` markers (`fsdp-memory-4bit` with --load-in-4bit).
 """
 
 import argparse
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--load-in-4bit", action="store_true", help="an NF4 base (float32 compute)")
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this page's fsdp-memory section")
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -152,12 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(scratch)
         out.mkdir(parents=True, exist_ok=True)
         model_dir = build_tiny_model(out / "model", hidden=args.hidden, layers=args.layers)
-        rows = [row for strategy in STRATEGIES for row in run_strategy(model_dir, out, strategy, args.steps)]
+        rows = [
+            row
+            for strategy in STRATEGIES
+            for row in run_strategy(model_dir, out, strategy, args.steps, args.load_in_4bit)
+        ]
     text = table(rows)
     print(text)
     if args.doc:
-        command = f"python scripts/fsdp_memory.py --layers {args.layers} --hidden {args.hidden} --steps {args.steps}"
-        replace_section(args.doc, "fsdp-memory", f"`{command}`\n\n{text}", "Distributed training")
+        nf4 = " --load-in-4bit" if args.load_in_4bit else ""
+        command = (
+            f"python scripts/fsdp_memory.py --layers {args.layers} --hidden {args.hidden} --steps {args.steps}{nf4}"
+        )
+        section = "fsdp-memory-4bit" if args.load_in_4bit else "fsdp-memory"
+        replace_section(args.doc, section, f"`{command}`\n\n{text}", "Distributed training")
     return 0
 
 

@@ -56,6 +56,7 @@ from sharelora_cli.training.progress import Progress
 from sharelora_cli.training.run_lock import RunLock
 from sharelora_cli.training.sharding import (
     Distribution,
+    check_fsdp2_quantization,
     check_fsdp2_settings,
     gathered,
     gathered_optimizer_state,
@@ -170,6 +171,7 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     distribution = resolve(cfg.distributed, launch, accelerator.num_processes)
     accelerator.print(distribution.describe())
     check_fsdp2_settings(cfg, distribution)
+    check_fsdp2_quantization(recipe.quantization, accelerator.mixed_precision, distribution)
     if cfg.liger_kernel:
         require_liger_kernel(accelerator.device)
     resume_from = prepare_output_dir(recipe, accelerator, lock)
@@ -183,7 +185,7 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     accelerator.print(data_line(splits.stats, recipe.data, cfg.max_steps, global_batch, len(splits.train)))
     sampler = make_sampler(splits, recipe, accelerator)  # before the model loads: a batch larger than the data
-    model = load_model(recipe.model, recipe.quantization, accelerator.device)
+    model = load_model(recipe.model, recipe.quantization, accelerator.device, distribution.strategy == "fsdp2")
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
     if start is not None:
@@ -230,7 +232,12 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
         optimizer,
         scheduler,
         sampler,
-        MetricsLog(output_dir, accelerator, recipe.model_dump()),
+        MetricsLog(
+            output_dir,
+            accelerator,
+            recipe.model_dump(),
+            {"strategy": distribution.strategy, "processes": distribution.processes},
+        ),
         state,
         code,
         distribution,

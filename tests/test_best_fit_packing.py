@@ -10,7 +10,8 @@ import torch
 from cli_runner import assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packing import gsm8k_config, pieces
+from script_module import load_script
+from test_packing import gsm8k_config, numbered, pieces
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.config.recipe import load_recipe
@@ -201,3 +202,17 @@ def test_best_fit_packing_that_leaves_no_target_is_a_user_error(tokenizer, share
     """One-token pieces: each starts at position 0, so none is a target."""
     with pytest.raises(UserError, match="data.max_length=1 leaves no packed block"):
         build_splits(gsm8k_config(shared_data, max_examples=5, packing="best_fit", max_length=1), tokenizer, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(2, 40).flatmap(lambda n: st.tuples(st.just(n), st.lists(st.integers(2, 90), min_size=1, max_size=20)))
+)
+def test_the_studys_count_of_examples_cut_by_stream_packing_is_packs(case):
+    """scripts/packing_blocks.py counts cuts from lengths alone; pack's blocks say which examples it cut."""
+    max_length, lengths = case
+    examples = numbered(lengths)
+    blocks = pack(examples, max_length)
+    whole = {tuple(piece.input_ids) for block in blocks for piece in pieces(block)}
+    cut = sum(tuple(ex.input_ids) not in whole for ex in examples)
+    assert load_script("packing_blocks").cut_by_stream(lengths, max_length) == cut

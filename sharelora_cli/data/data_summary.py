@@ -43,7 +43,9 @@ def data_line(stats: DataStats, data: DataConfig, steps: int, global_batch: int,
     )
     split = f"{stats.train_examples} train / {stats.validation_examples} validation"
     if data.packing:
-        split += f", packed into {train_units} training blocks of up to {data.max_length} tokens"
+        split += (
+            f", packed ({data.packing_mode()}) into {train_units} training blocks of up to {data.max_length} tokens"
+        )
     unit = "blocks" if data.packing else "examples"
     epochs = steps * global_batch / train_units
     return f"data: {made}; {split}; {steps} steps x {global_batch} {unit} = {epochs:.2f} epochs"

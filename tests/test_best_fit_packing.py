@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.core.errors import UserError
+from sharelora_cli.data.data_summary import data_line
 from sharelora_cli.data.examples import IGNORE_INDEX, Example, best_fit, build_splits, collate, pack, pack_best_fit
 from sharelora_cli.training.loop import token_loss_sum
 
@@ -216,3 +217,18 @@ def test_the_studys_count_of_examples_cut_by_stream_packing_is_packs(case):
     whole = {tuple(piece.input_ids) for block in blocks for piece in pieces(block)}
     cut = sum(tuple(ex.input_ids) not in whole for ex in examples)
     assert load_script("packing_blocks").cut_by_stream(lengths, max_length) == cut
+
+
+def test_the_data_line_counts_the_examples_packing_split(tokenizer, shared_data):
+    common = {"max_examples": 1000, "mask_prompt": False}
+    unpacked = build_splits(gsm8k_config(shared_data, max_length=10_000, **common), tokenizer, 0).train
+    longer = sorted(n for n in (len(ex.input_ids) for ex in unpacked) if n > 512)
+    assert longer  # GSM8K's first 1,000 rows hold a few over 512 tiny-tokenizer tokens
+    config = gsm8k_config(shared_data, packing=True, max_length=512, **common)
+    splits = build_splits(config, tokenizer, 0)
+    assert sorted(splits.stats.split_lengths) == longer
+    line = data_line(splits.stats, config, 10, 4, len(splits.train))
+    assert (
+        f"({len(longer)} split across blocks: longer than data.max_length=512, {longer[0]}-{longer[-1]} tokens)" in line
+    )
+    assert f"packed (best_fit) into {len(splits.train)} training blocks" in line

@@ -23,9 +23,13 @@ def resolved_steps(cfg: TrainConfig, train_units: int, processes: int) -> int:
 
 
 def length_losses(stats: DataStats, max_length: int) -> list[str]:
-    """The rows dropped or cut for length, with their token lengths."""
+    """The rows dropped, cut or (packed) split for length, with their token lengths."""
     parts = []
-    for lengths, what in ((stats.dropped_lengths, "dropped"), (stats.truncated_lengths, "truncated")):
+    for lengths, what in (
+        (stats.dropped_lengths, "dropped"),
+        (stats.truncated_lengths, "truncated"),
+        (stats.split_lengths, "split across blocks"),
+    ):
         if lengths:
             parts.append(
                 f"{len(lengths)} {what}: longer than data.max_length={max_length}, {min(lengths)}-{max(lengths)} tokens"

@@ -43,12 +43,14 @@ class Example:
 
 @dataclass
 class DataStats:
-    """What the rows became: read, dropped or truncated for length (and how long they were), split."""
+    """What the rows became: read, dropped, truncated or split across blocks for length (and how long they were)."""
 
     rows: int = 0
     # Token lengths of the rows data.overlength=drop left out, and of the rows it cut to max_length.
     dropped_lengths: list[int] = field(default_factory=list)
     truncated_lengths: list[int] = field(default_factory=list)
+    # With packing (and data.overlength=error): the token lengths of the rows longer than a block, split across blocks.
+    split_lengths: list[int] = field(default_factory=list)
     # Rows left without a trained token (an answer that data.overlength=truncate cut off entirely).
     no_target: int = 0
     examples: int = 0
@@ -172,7 +174,10 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataSt
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     # Packing splits a long example across blocks instead, unless data.overlength asks to truncate or drop it.
-    if len(input_ids) > cfg.max_length and not (cfg.packing and cfg.overlength == "error"):
+    split = bool(cfg.packing) and cfg.overlength == "error"
+    if len(input_ids) > cfg.max_length and split:
+        stats.split_lengths.append(len(input_ids))
+    if len(input_ids) > cfg.max_length and not split:
         if cfg.overlength == "error":
             raise UserError(
                 f"data.path {cfg.path}: row {index + 1} has {len(input_ids)} tokens, more than "

@@ -314,8 +314,8 @@ def _pieces(example: Example, max_length: int) -> list[Example]:
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins of item indices: longest item first, each into the fullest bin with room for it, else a new bin.
 
-    Uses at most 11/9 of the fewest bins possible, plus one (Dósa, 2007). The free spaces are kept sorted
-    with the bins that have each, so an item finds its bin by bisection, not by a scan of every bin.
+    Uses at most 11/9 of the fewest bins possible, plus 4 (Johnson et al., 1974). The free spaces are kept
+    sorted with the bins that have each, so an item finds its bin by bisection, not by a scan of every bin.
     """
     bins: list[list[int]] = []
     spaces: list[int] = []  # the distinct free spaces of open bins, sorted

@@ -551,7 +551,8 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}{_did_you_mean(key, _section_model(loc))}"
     if error["type"] == "literal_error":
-        allowed = error["ctx"]["expected"].replace("'", "")
+        # Literal members as YAML spells them (data.packing's True and False are true and false there).
+        allowed = error["ctx"]["expected"].replace("'", "").replace("True", "true").replace("False", "false")
         return f"{key} must be one of {allowed}; got {got!r}"
     return f"{key}: {error['msg'].lower()}; got {got!r}"
 

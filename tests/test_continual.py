@@ -159,6 +159,7 @@ def test_stages_continue_each_other_and_write_the_matrix(tmp_path, tiny_model_di
     assert len(summary["matrix"]) == 2 and all(len(row) == 2 for row in summary["matrix"])
     (first, _), second = summary["matrix"]
     assert summary["average_accuracy_seen"] == pytest.approx([first, sum(second) / 2])
+    assert f"average accuracy {summary['average_accuracy']:.4f} (seen tasks {sum(second) / 2:.4f})" in result.stdout
     assert "after second" in result.stdout and "forgetting: first" in result.stdout
     config = json.loads((run / "stage-2" / "adapter" / "sharelora_config.json").read_text())
     assert config["adapter"]["init_from"] == str(run / "stage-1" / "adapter")

@@ -218,7 +218,7 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, tiny_model_dir):
         tmp_path,
         tiny_model_dir,
         adapter={"targets": ["q_proj", "k_proj", "v_proj", "down_proj"]},
-        data={"max_length": 128, "packing": True, "max_examples": 64, "validation_fraction": 0.0},
+        data={"max_length": 128, "packing": "stream", "max_examples": 64, "validation_fraction": 0.0},
         train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 100},
     )
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'eager'}"]))

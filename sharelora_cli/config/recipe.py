@@ -49,6 +49,16 @@ TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 DEFAULT_TRACKERS: tuple[Tracker, ...] = ("tensorboard",)
 DEFAULT_TASKS: tuple[TaskName, ...] = ("gsm8k", "mmlu")
+DataFormat = Literal["gsm8k", "alpaca", "chat", "text"]
+PackingMode = Literal["best_fit", "stream"]
+# What `data.packing: true` means: instruction data (a prompt, then its answer) is packed whole, so no block
+# starts an answer without its prompt; plain text has no such boundary and is cut as one stream.
+PACKING_DEFAULT: dict[str, PackingMode] = {
+    "gsm8k": "best_fit",
+    "alpaca": "best_fit",
+    "chat": "best_fit",
+    "text": "stream",
+}
 TiedFactor = Literal["A", "B", "u", "v"]
 TIED_FACTORS: tuple[TiedFactor, ...] = ("A", "B", "u", "v")
 
@@ -193,7 +203,7 @@ class AdapterConfig(Section):
 class DataConfig(Section):
     # Local json/jsonl/csv/parquet file, or a hub dataset id.
     path: str = "${data:gsm8k/train.jsonl}"
-    format: Literal["gsm8k", "alpaca", "chat", "text"] = "gsm8k"
+    format: DataFormat = "gsm8k"
     split: str = "train"
     # A hub dataset's configuration (e.g. main for openai/gsm8k); None for local files and single-config datasets.
     subset: str | None = None
@@ -201,9 +211,17 @@ class DataConfig(Section):
     # What to do with an example longer than max_length.
     overlength: Literal["error", "truncate", "drop"] = "error"
     mask_prompt: bool = True
-    packing: bool = False
+    # best_fit: whole examples placed into max_length blocks; stream: the examples' concatenation cut every
+    # max_length tokens (an example may straddle two blocks); true: the format's PACKING_DEFAULT; false: none.
+    packing: Literal[True, False, "best_fit", "stream"] = False
     validation_fraction: float = Field(0.05, ge=0, lt=1)
     max_examples: int | None = Field(None, gt=0)
+
+    def packing_mode(self) -> PackingMode | None:
+        """How examples are packed (None: not at all), `packing: true` resolved for the format."""
+        if self.packing is True:
+            return PACKING_DEFAULT[self.format]
+        return self.packing or None
 
 
 class DistributedConfig(Section):
@@ -557,7 +575,8 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}{_did_you_mean(key, _section_model(loc))}"
     if error["type"] == "literal_error":
-        allowed = error["ctx"]["expected"].replace("'", "")
+        # Literal members as YAML spells them (data.packing's True and False are true and false there).
+        allowed = error["ctx"]["expected"].replace("'", "").replace("True", "true").replace("False", "false")
         return f"{key} must be one of {allowed}; got {got!r}"
     return f"{key}: {error['msg'].lower()}; got {got!r}"
 

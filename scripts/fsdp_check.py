@@ -17,8 +17,8 @@ import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from sharelora_cli.config.recipe import load_recipe
 from sharelora_cli.models.tiny_model import build_tiny_model
+from sharelora_cli.training.launch import worker_command
 
 METHODS = ("lora", "sharea", "shareb", "shareab", "aslora", "miss", "vera", "tied-lora", "vblora")
 STEPS = 10
@@ -76,29 +77,20 @@ def train_all(model_dir: Path, out: Path, methods: list[str], fsdp2: bool) -> No
 
     name = "fsdp2" if fsdp2 else "single"
     for method in methods:
-        path = out / method / f"{name}-recipe.{os.environ.get('RANK', '0')}.yaml"  # one file per process
+        rank = os.environ.get("RANK", "0")
+        path = out / method / f"{name}-recipe.{rank}.yaml"  # one file per process
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(recipe(method, model_dir, out / method / name, fsdp2)))
-        train(load_recipe(str(path)))
+        # The runs' progress lines go to a log beside each run, so the check prints one line per method;
+        # an error still reaches stderr, raised out of train().
+        with open(out / method / f"{name}.{rank}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+            train(load_recipe(str(path)))
 
 
 def launch_fsdp2(model_dir: Path, out: Path, methods: list[str]) -> None:
     """All methods under FSDP2 in one launch of 2 processes (one start-up for all of them)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        "--worker",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--methods",
-        ",".join(methods),
-    ]
+    arguments = ["--worker", "--model", str(model_dir), "--out", str(out), "--methods", ",".join(methods)]
+    command = worker_command(2, arguments, program=(__file__,))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode != 0:

@@ -253,9 +253,15 @@ def eval_command(
     recipe_option: str | None = typer.Option(None, "--recipe", help="the recipe, as an option"),
     model: str | None = typer.Option(None, "--model", help="model directory or hub id"),
     adapter: str | None = typer.Option(None, "--adapter", help="adapter directory written by sharelora"),
-    no_adapter: bool = typer.Option(False, "--no-adapter", help="evaluate the recipe's base model without its adapter"),
+    no_adapter: bool = typer.Option(
+        False,
+        "--no-adapter",
+        help="evaluate the base model alone: the recipe's, or the one --adapter was trained on",
+    ),
     tasks: str | None = typer.Option(None, "--tasks", help="comma-separated: gsm8k,mmlu,humaneval,perplexity"),
-    limit: int | None = typer.Option(None, "--limit", help="first N examples per task (per subject for MMLU)"),
+    limit: str | None = typer.Option(
+        None, "--limit", metavar="N", help="first N examples per task (per subject for MMLU)"
+    ),
     batch_size: str | None = typer.Option(None, "--batch-size", help="auto or a number"),
     gsm8k_path: str | None = typer.Option(
         None,
@@ -267,21 +273,41 @@ def eval_command(
     ),
     text_field: str | None = typer.Option(None, "--text-field", help="perplexity: the field holding the text"),
     samples: str | None = typer.Option(None, "--samples", help="score pre-generated HumanEval completions (JSONL)"),
-    results_file: str | None = typer.Option(None, "--json", help="results file (default OUTPUT_DIR/eval.json)"),
+    results_file: str | None = typer.Option(
+        None,
+        "--json",
+        help="results file (default: eval.json with an adapter, eval-base.json without, in the recipe's OUTPUT_DIR "
+        "or else beside the --adapter directory; with neither, ./eval-MODEL.json)",
+    ),
+    num_fewshot: str | None = typer.Option(
+        None, "--num-fewshot", metavar="N", help="gsm8k and mmlu: examples shown before each question"
+    ),
+    max_new_tokens: str | None = typer.Option(
+        None, "--max-new-tokens", metavar="N", help="gsm8k and humaneval: tokens generated at most"
+    ),
+    prompt_format: str | None = typer.Option(
+        None,
+        "--prompt-format",
+        help="gsm8k: harness (lm-eval's Question/Answer prompt) or train (the adapter's training data format, "
+        "alpaca or chat); default: eval.prompt_format, harness",
+    ),
     allow_code_execution: bool = AllowCodeExecution,
     allow_weak_sandbox: bool = AllowWeakSandbox,
 ) -> None:
-    """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON."""
-    from sharelora_cli.evaluation.results import format_table
-    from sharelora_cli.evaluation.runner import EvalRequest, run_eval
+    """Evaluate a model (plus adapter) on GSM8K, MMLU, HumanEval or perplexity; prints a table, writes JSON.
 
-    if recipe and recipe_option:
-        raise UserError("give the recipe once: as RECIPE or as --recipe")
+    Without --model or a RECIPE, the model is the base the --adapter was trained on.
+    """
+    from sharelora_cli.evaluation.results import format_table
+    from sharelora_cli.evaluation.runner import EvalRequest, recipe_and_overrides, run_eval
+
+    recipe, overrides = recipe_and_overrides(recipe, recipe_option, overrides or [])
     report = run_eval(
         EvalRequest(
-            recipe=recipe or recipe_option, overrides=overrides or [], model=model, adapter=adapter, no_adapter=no_adapter,
+            recipe=recipe, overrides=overrides, model=model, adapter=adapter, no_adapter=no_adapter,
             tasks=tasks, limit=limit, batch_size=batch_size, gsm8k_path=gsm8k_path, data=data, text_field=text_field, samples=samples,
-            results_file=results_file, allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
+            results_file=results_file, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, prompt_format=prompt_format,
+            allow_code_execution=allow_code_execution, allow_weak_sandbox=allow_weak_sandbox,
         )
     )  # fmt: skip
     typer.echo(format_table(report.results))

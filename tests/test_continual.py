@@ -19,7 +19,7 @@ from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.config.recipe import Tracker, load_recipe
 from sharelora_cli.data.examples import IGNORE_INDEX, StepSampler, build_splits, collate
 from sharelora_cli.evaluation.runner import CodeExecution
-from sharelora_cli.training.continual_metrics import ContinualTask, summarize
+from sharelora_cli.training.continual_metrics import ContinualTask, format_table, summarize
 from sharelora_cli.training.loop import set_up, token_loss_sum, train
 from sharelora_cli.training.metrics_log import PIP_NAMES
 from sharelora_cli.training.run_lock import RunLock
@@ -157,6 +157,9 @@ def test_stages_continue_each_other_and_write_the_matrix(tmp_path, tiny_model_di
     summary = json.loads((run / "continual.json").read_text())
     assert summary["tasks"] == ["first", "second"] and summary["stages_done"] == 2
     assert len(summary["matrix"]) == 2 and all(len(row) == 2 for row in summary["matrix"])
+    (first, _), second = summary["matrix"]
+    assert summary["average_accuracy_seen"] == pytest.approx([first, sum(second) / 2])
+    assert f"average accuracy {summary['average_accuracy']:.4f} (seen tasks {sum(second) / 2:.4f})" in result.stdout
     assert "after second" in result.stdout and "forgetting: first" in result.stdout
     config = json.loads((run / "stage-2" / "adapter" / "sharelora_config.json").read_text())
     assert config["adapter"]["init_from"] == str(run / "stage-1" / "adapter")
@@ -212,6 +215,24 @@ def test_the_continual_summaries_of_a_hand_made_matrix():
     assert summary["backward_transfer"] == pytest.approx(-0.25)
     assert summary["forward_transfer"] == pytest.approx(0.15)
     assert summary["matrix"] == rows and summary["tasks"] == ["a", "b", "c"]
+    # A_k over the k tasks trained: 0.8; (0.6 + 0.9) / 2; the whole last row, which is average_accuracy.
+    assert summary["average_accuracy_seen"] == pytest.approx([0.8, 0.75, 0.7])
+
+
+def test_after_the_first_of_three_stages_the_seen_average_leaves_the_unseen_tasks_out():
+    """The issue's example: [0.9, 0, 0] after stage 1 of 3 is A_1 = 0.9, where the mean of the row says 0.3."""
+    columns = [ContinualTask(name, k, "gsm8k") for k, name in enumerate("abc")]
+    summary = summarize(columns, [[0.9, 0.0, 0.0]], [0.0, 0.0, 0.0])
+    assert summary["average_accuracy"] == pytest.approx(0.3)
+    assert summary["average_accuracy_seen"] == pytest.approx([0.9])
+    assert "average accuracy 0.3000 (seen tasks 0.9000)" in format_table(summary, ["a", "b", "c"])
+
+
+def test_a_stage_scored_by_two_tasks_counts_both_as_seen():
+    columns = [ContinualTask("a-gsm8k", 0, "gsm8k"), ContinualTask("a-mmlu", 0, "mmlu"), ContinualTask("b", 1, "gsm8k")]
+    summary = summarize(columns, [[0.6, 0.4, 0.1], [0.5, 0.3, 0.7]], [0.0, 0.0, 0.0])
+    assert summary["average_accuracy_seen"] == pytest.approx([0.5, 0.5])
+    assert summary["average_accuracy"] == pytest.approx(0.5)
 
 
 def test_summaries_after_the_first_stage_only():

@@ -93,7 +93,7 @@ def test_packing_fills_blocks_of_max_length(tokenizer, shared_data):
         path=str(shared_data / "gsm8k" / "train.jsonl"),
         max_examples=40,
         validation_fraction=0.0,
-        packing=True,
+        packing="stream",
         max_length=128,
     )
     splits = build_splits(cfg, tokenizer, 0)

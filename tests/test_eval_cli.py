@@ -269,7 +269,7 @@ def test_gsm8k_path_scores_other_problems_in_gsm8k_format(tmp_path, tiny_model_d
     task = write_task(tmp_path / "story", "story", train_size=3, test_size=4, seed=0)
     results = tmp_path / "results.json"
     code, _, stderr = run_main(monkeypatch, capsys, "eval", "--model", str(tiny_model_dir), "--tasks", "gsm8k",
-                               "--gsm8k-path", str(task), "--json", str(results))  # fmt: skip
+                               "--gsm8k-path", str(task), "--num-fewshot", "3", "--json", str(results))  # fmt: skip
     assert code == 0, stderr
     document = json.loads(results.read_text())
     shots = gsm8k.load_split(str(task), "train")

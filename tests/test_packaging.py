@@ -17,5 +17,6 @@ def test_data_files_ship_every_recipe_and_model_config():
         if target == "share/sharelora/" + str(path.parent.relative_to(PROJECT_ROOT))
     }
     recipes = PROJECT_ROOT / "recipes"
-    expected = set(recipes.glob("*.yaml")) | {path for path in (recipes / "models").glob("*/*") if path.is_file()}
+    expected = set(recipes.glob("*.yaml")) | set((recipes / "accelerate").glob("*.yaml"))
+    expected |= {path for path in (recipes / "models").glob("*/*") if path.is_file()}
     assert expected and shipped == expected

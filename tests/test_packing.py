@@ -1,4 +1,4 @@
-"""Packing: every token kept, no block without targets, validation bounded, and packed examples isolated."""
+"""Stream packing (`data.packing: stream`): every token kept, no block without targets, validation bounded, and packed examples isolated."""
 
 import itertools
 import json
@@ -62,7 +62,7 @@ def test_packing_keeps_every_token_of_real_data(tokenizer, shared_data):
     unpacked = build_splits(
         gsm8k_config(shared_data, mask_prompt=False, overlength="truncate", max_length=10_000), tokenizer, 0
     )
-    packed = build_splits(gsm8k_config(shared_data, mask_prompt=False, packing=True, max_length=128), tokenizer, 0)
+    packed = build_splits(gsm8k_config(shared_data, mask_prompt=False, packing="stream", max_length=128), tokenizer, 0)
     assert [t for b in packed.train for t in b.input_ids] == [t for ex in unpacked.train for t in ex.input_ids]
     assert all(len(b.input_ids) == 128 for b in packed.train[:-1]) and 0 < len(packed.train[-1].input_ids) <= 128
 
@@ -72,7 +72,7 @@ def test_blocks_without_targets_are_dropped_and_no_target_is_lost(tokenizer, sha
     examples = build_splits(gsm8k_config(shared_data, max_length=10_000), tokenizer, 0).train
     labels = [label for ex in examples for label in ex.labels]
     assert any(all(label == IGNORE_INDEX for label in labels[i : i + 16]) for i in range(0, len(labels), 16))
-    blocks = build_splits(gsm8k_config(shared_data, packing=True, max_length=16), tokenizer, 0).train
+    blocks = build_splits(gsm8k_config(shared_data, packing="stream", max_length=16), tokenizer, 0).train
     assert all(any(label != IGNORE_INDEX for label in block.labels) for block in blocks)
     # Every target survives except where a piece starts (an example's first token, or a block's first).
     starts = {0}
@@ -85,12 +85,12 @@ def test_blocks_without_targets_are_dropped_and_no_target_is_lost(tokenizer, sha
 def test_packing_that_leaves_no_target_is_a_user_error(tokenizer, shared_data):
     """One-token blocks: each token starts a piece of its own, so none is a target."""
     with pytest.raises(UserError, match="data.max_length=1 leaves no packed block"):
-        build_splits(gsm8k_config(shared_data, max_examples=5, packing=True, max_length=1), tokenizer, 0)
+        build_splits(gsm8k_config(shared_data, max_examples=5, packing="stream", max_length=1), tokenizer, 0)
 
 
 def test_validation_is_packed_within_max_length(tokenizer, shared_data):
     common = {"max_examples": 200, "validation_fraction": 0.2, "mask_prompt": False}
-    splits = build_splits(gsm8k_config(shared_data, packing=True, max_length=64, **common), tokenizer, 0)
+    splits = build_splits(gsm8k_config(shared_data, packing="stream", max_length=64, **common), tokenizer, 0)
     unpacked = build_splits(gsm8k_config(shared_data, max_length=10_000, **common), tokenizer, 0)
     assert max(len(ex.input_ids) for ex in unpacked.validation) > 64
     assert splits.validation and max(len(b.input_ids) for b in splits.validation) <= 64

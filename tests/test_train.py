@@ -197,6 +197,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert {(m["strategy"], m["processes"]) for m in one} == {("single", 1)}  # every row says how it ran
+    assert {(m["strategy"], m["processes"]) for m in two} == {("ddp", 2)}
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], abs=1e-4)
     assert [m["val_loss"] for m in one if "val_loss" in m] == pytest.approx(
         [m["val_loss"] for m in two if "val_loss" in m], abs=1e-4
@@ -216,7 +218,7 @@ def test_compiled_training_gives_the_eager_losses(tmp_path, tiny_model_dir):
         tmp_path,
         tiny_model_dir,
         adapter={"targets": ["q_proj", "k_proj", "v_proj", "down_proj"]},
-        data={"max_length": 128, "packing": True, "max_examples": 64, "validation_fraction": 0.0},
+        data={"max_length": 128, "packing": "stream", "max_examples": 64, "validation_fraction": 0.0},
         train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 100},
     )
     train(load_recipe(str(path), [f"output_dir={tmp_path / 'eager'}"]))

@@ -6,7 +6,7 @@ UserError whose message names the key and what is allowed.
 
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -49,6 +49,16 @@ TaskName = Literal["gsm8k", "mmlu", "humaneval", "perplexity"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 DEFAULT_TRACKERS: tuple[Tracker, ...] = ("tensorboard",)
 DEFAULT_TASKS: tuple[TaskName, ...] = ("gsm8k", "mmlu")
+DataFormat = Literal["gsm8k", "alpaca", "chat", "text"]
+PackingMode = Literal["best_fit", "stream"]
+# What `data.packing: true` means: instruction data (a prompt, then its answer) is packed whole, so no block
+# starts an answer without its prompt; plain text has no such boundary and is cut as one stream.
+PACKING_DEFAULT: dict[str, PackingMode] = {
+    "gsm8k": "best_fit",
+    "alpaca": "best_fit",
+    "chat": "best_fit",
+    "text": "stream",
+}
 TiedFactor = Literal["A", "B", "u", "v"]
 TIED_FACTORS: tuple[TiedFactor, ...] = ("A", "B", "u", "v")
 
@@ -193,7 +203,7 @@ class AdapterConfig(Section):
 class DataConfig(Section):
     # Local json/jsonl/csv/parquet file, or a hub dataset id.
     path: str = "${data:gsm8k/train.jsonl}"
-    format: Literal["gsm8k", "alpaca", "chat", "text"] = "gsm8k"
+    format: DataFormat = "gsm8k"
     split: str = "train"
     # A hub dataset's configuration (e.g. main for openai/gsm8k); None for local files and single-config datasets.
     subset: str | None = None
@@ -201,9 +211,17 @@ class DataConfig(Section):
     # What to do with an example longer than max_length.
     overlength: Literal["error", "truncate", "drop"] = "error"
     mask_prompt: bool = True
-    packing: bool = False
+    # best_fit: whole examples placed into max_length blocks; stream: the examples' concatenation cut every
+    # max_length tokens (an example may straddle two blocks); true: the format's PACKING_DEFAULT; false: none.
+    packing: Literal[True, False, "best_fit", "stream"] = False
     validation_fraction: float = Field(0.05, ge=0, lt=1)
     max_examples: int | None = Field(None, gt=0)
+
+    def packing_mode(self) -> PackingMode | None:
+        """How examples are packed (None: not at all), `packing: true` resolved for the format."""
+        if self.packing is True:
+            return PACKING_DEFAULT[self.format]
+        return self.packing or None
 
 
 class DistributedConfig(Section):
@@ -302,13 +320,24 @@ class EvalConfig(Section):
     max_length: int | None = Field(None, gt=0)
     # Adapter directory; None: OUTPUT_DIR/adapter when a recipe is evaluated, no adapter otherwise.
     adapter: str | None = None
-    # None: OUTPUT_DIR/eval.json when a recipe is evaluated, eval_results.json otherwise.
+    # None: named by what was evaluated (README, Evaluation): eval.json with an adapter, eval-base.json without,
+    # in OUTPUT_DIR (or the folder holding --adapter); eval-<model>.json for a bare --model.
     results_file: str | None = None
+    # harness: lm-evaluation-harness's prompts ("Question: ...\nAnswer:"); train: GSM8K questions in the prompt
+    # format the adapter was trained on (its data.format: alpaca, chat or gsm8k), shots as earlier turns.
+    prompt_format: Literal["harness", "train"] = "harness"
     seed: int = 1234
     gsm8k: GSM8KTaskConfig = Field(default_factory=GSM8KTaskConfig)
     mmlu: MMLUTaskConfig = Field(default_factory=MMLUTaskConfig)
     humaneval: HumanEvalTaskConfig = Field(default_factory=HumanEvalTaskConfig)
     perplexity: PerplexityTaskConfig = Field(default_factory=PerplexityTaskConfig)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be auto or a positive integer")
+        return value
 
 
 class StageConfig(Section):
@@ -441,6 +470,19 @@ def with_required(recipe: Recipe, path: Path) -> Recipe:
     return recipe if recipe.output_dir else recipe.model_copy(update={"output_dir": f"runs/{path.stem}"})
 
 
+def defaults_with(overrides: list[str], recorded: dict | None = None) -> dict:
+    """The schema's defaults, under `recorded` values (e.g. what an adapter was trained with), under key=value
+    overrides, resolved: the settings of a command run without a recipe."""
+    from_overrides = _parse_overrides(overrides)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe().model_dump()), recorded or {}, from_overrides)
+        return cast(dict, OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as err:
+        raise UserError(f"overrides: {_omegaconf_message(err)}") from None
+    except LOADER_ERRORS as err:
+        raise UserError(f"overrides: cannot use them ({type(err).__name__}: {first_line(err)})") from None
+
+
 def validate(values: object, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(values)
@@ -533,7 +575,8 @@ def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}{_did_you_mean(key, _section_model(loc))}"
     if error["type"] == "literal_error":
-        allowed = error["ctx"]["expected"].replace("'", "")
+        # Literal members as YAML spells them (data.packing's True and False are true and false there).
+        allowed = error["ctx"]["expected"].replace("'", "").replace("True", "true").replace("False", "false")
         return f"{key} must be one of {allowed}; got {got!r}"
     return f"{key}: {error['msg'].lower()}; got {got!r}"
 

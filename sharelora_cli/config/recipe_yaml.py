@@ -70,7 +70,7 @@ def field_at(schema: type[BaseModel], key: str) -> Any:
 
 def _resolve(word: Word, annotation: Any) -> Any:
     members = _members(annotation)
-    if any(m is type(word.yaml_value) for m in members):
+    if any(m is type(word.yaml_value) or m is word.yaml_value for m in members):  # a bool, or True as a Literal
         return word.yaml_value
     if any(m is str or isinstance(m, str) for m in members):
         return str(word)

@@ -23,9 +23,13 @@ def resolved_steps(cfg: TrainConfig, train_units: int, processes: int) -> int:
 
 
 def length_losses(stats: DataStats, max_length: int) -> list[str]:
-    """The rows dropped or cut for length, with their token lengths."""
+    """The rows dropped, cut or (packed) split for length, with their token lengths."""
     parts = []
-    for lengths, what in ((stats.dropped_lengths, "dropped"), (stats.truncated_lengths, "truncated")):
+    for lengths, what in (
+        (stats.dropped_lengths, "dropped"),
+        (stats.truncated_lengths, "truncated"),
+        (stats.split_lengths, "split across blocks"),
+    ):
         if lengths:
             parts.append(
                 f"{len(lengths)} {what}: longer than data.max_length={max_length}, {min(lengths)}-{max(lengths)} tokens"
@@ -43,7 +47,9 @@ def data_line(stats: DataStats, data: DataConfig, steps: int, global_batch: int,
     )
     split = f"{stats.train_examples} train / {stats.validation_examples} validation"
     if data.packing:
-        split += f", packed into {train_units} training blocks of up to {data.max_length} tokens"
+        split += (
+            f", packed ({data.packing_mode()}) into {train_units} training blocks of up to {data.max_length} tokens"
+        )
     unit = "blocks" if data.packing else "examples"
     epochs = steps * global_batch / train_units
     return f"data: {made}; {split}; {steps} steps x {global_batch} {unit} = {epochs:.2f} epochs"

@@ -9,6 +9,7 @@ than the whole text does (SentencePiece adds a word-start marker to the answer's
 training would teach tokens the model never sees when it generates.
 """
 
+import bisect
 import json
 import random
 from dataclasses import dataclass, field
@@ -42,12 +43,14 @@ class Example:
 
 @dataclass
 class DataStats:
-    """What the rows became: read, dropped or truncated for length (and how long they were), split."""
+    """What the rows became: read, dropped, truncated or split across blocks for length (and how long they were)."""
 
     rows: int = 0
     # Token lengths of the rows data.overlength=drop left out, and of the rows it cut to max_length.
     dropped_lengths: list[int] = field(default_factory=list)
     truncated_lengths: list[int] = field(default_factory=list)
+    # With packing (and data.overlength=error): the token lengths of the rows longer than a block, split across blocks.
+    split_lengths: list[int] = field(default_factory=list)
     # Rows left without a trained token (an answer that data.overlength=truncate cut off entirely).
     no_target: int = 0
     examples: int = 0
@@ -81,9 +84,10 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
     train = [examples[i] for i in order[n_val:]]
     validation = [examples[i] for i in order[:n_val]]
     stats.examples, stats.train_examples, stats.validation_examples = len(examples), len(train), len(validation)
-    if cfg.packing:
+    if mode := cfg.packing_mode():
+        packer = pack_best_fit if mode == "best_fit" else pack
         # Validation is packed like training, so it too stays within max_length and the positions trained on.
-        train, validation = pack(train, cfg.max_length), pack(validation, cfg.max_length)
+        train, validation = packer(train, cfg.max_length), packer(validation, cfg.max_length)
         if not train:
             raise UserError(
                 f"data.max_length={cfg.max_length} leaves no packed block with a trained token; raise data.max_length"
@@ -169,8 +173,11 @@ def _to_example(row: dict, index: int, cfg: DataConfig, tokenizer, stats: DataSt
     if cfg.format != "chat":
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    # Packing cuts long examples into max_length blocks instead.
-    if len(input_ids) > cfg.max_length and not cfg.packing:
+    # Packing splits a long example across blocks instead, unless data.overlength asks to truncate or drop it.
+    split = bool(cfg.packing) and cfg.overlength == "error"
+    if len(input_ids) > cfg.max_length and split:
+        stats.split_lengths.append(len(input_ids))
+    if len(input_ids) > cfg.max_length and not split:
         if cfg.overlength == "error":
             raise UserError(
                 f"data.path {cfg.path}: row {index + 1} has {len(input_ids)} tokens, more than "
@@ -297,6 +304,69 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
         _block(ids[i : i + max_length], labels[i : i + max_length], owners[i : i + max_length], examples) for i in cuts
     ]
     return [block for block in blocks if any(label != IGNORE_INDEX for label in block.labels)]
+
+
+def pack_best_fit(examples: list[Example], max_length: int) -> list[Example]:
+    """Place whole examples into max_length blocks (best fit decreasing); only an example longer than a block is split.
+
+    Unlike `pack`, no block starts in the middle of an example, so no answer is trained without its prompt.
+    Each example is a piece of its block with position ids restarting at 0, as in `pack`; a longer one is
+    split into pieces (`_pieces`) placed like examples. A piece without a target (cut from a long masked
+    prompt) is left out.
+    """
+    pieces = [piece for ex in examples for piece in _pieces(ex, max_length)]
+    pieces = [piece for piece in pieces if any(label != IGNORE_INDEX for label in piece.labels[1:])]
+    blocks = []
+    for members in best_fit([len(piece.input_ids) for piece in pieces], max_length):
+        ids = [token for k in members for token in pieces[k].input_ids]
+        labels = [label for k in members for label in pieces[k].labels]
+        owners = [k for k in members for _ in pieces[k].input_ids]
+        blocks.append(_block(ids, labels, owners, pieces))
+    return blocks
+
+
+def _pieces(example: Example, max_length: int) -> list[Example]:
+    """The example, or if longer than max_length, max_length pieces of it overlapping by one token.
+
+    A piece's first token is no target (its position restarts at 0): starting each piece at the previous
+    one's last token, where it was a target, trains every target of the example exactly once.
+    """
+    n = len(example.input_ids)
+    if n <= max_length:
+        return [example]
+    step = max(max_length - 1, 1)
+    return [
+        Example(example.input_ids[i : i + max_length], example.labels[i : i + max_length], example.row)
+        for i in range(0, n - 1, step)
+    ]
+
+
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: longest item first, each into the fullest bin with room for it, else a new bin.
+
+    Uses at most 11/9 of the fewest bins possible, plus 4 (Johnson et al., 1974). The free spaces are kept
+    sorted with the bins that have each, so an item finds its bin by bisection, not by a scan of every bin.
+    """
+    bins: list[list[int]] = []
+    spaces: list[int] = []  # the distinct free spaces of open bins, sorted
+    bins_with: dict[int, list[int]] = {}  # free space -> the bins that have it
+    for item in sorted(range(len(lengths)), key=lambda k: -lengths[k]):  # stable: ties keep the data order
+        at = bisect.bisect_left(spaces, lengths[item])
+        if at < len(spaces):
+            space = spaces[at]
+            target = bins_with[space].pop()
+            if not bins_with[space]:
+                del bins_with[space], spaces[at]
+        else:
+            space, target = capacity, len(bins)
+            bins.append([])
+        bins[target].append(item)
+        left = space - lengths[item]
+        if left:
+            if left not in bins_with:
+                bisect.insort(spaces, left)
+            bins_with.setdefault(left, []).append(target)
+    return bins
 
 
 def _block(ids: list[int], labels: list[int], owners: list[int], examples: list[Example]) -> Example:

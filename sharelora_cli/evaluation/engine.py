@@ -59,9 +59,10 @@ class Engine:
         self.max_length = max_length
         self.device = next(model.parameters()).device
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids as the tokenizer adds them by default (BOS for Llama-style tokenizers)."""
-        return self.tokenizer(text)["input_ids"]
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids, with the special tokens the tokenizer adds by default (BOS for Llama-style tokenizers)
+        unless special_tokens is False: a chat template writes its own, as training tokenizes chat text."""
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation ids, split from the encoding of the whole text.
@@ -100,16 +101,22 @@ class Engine:
         return scores
 
     def generate(
-        self, prompts: Sequence[str], until: Sequence[str], max_new_tokens: int, sampling: Sampling | None = None
+        self,
+        prompts: Sequence[str],
+        until: Sequence[str],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        special_tokens: bool = True,
     ) -> list[str]:
-        """Completions of each prompt, cut at the first stop string or EOS; greedy unless sampling is given."""
+        """Completions of each prompt, cut at the first stop string or EOS; greedy unless sampling is given.
+        special_tokens: whether encoding adds the tokenizer's (see encode)."""
         until = [*until, *([self.tokenizer.eos_token] if self.tokenizer.eos_token else [])]
         keep = self.max_length - max_new_tokens
         if keep <= 0:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_length={self.max_length}"
             )
-        rows = [tuple(self.encode(prompt)[-keep:]) for prompt in prompts]
+        rows = [tuple(self.encode(prompt, special_tokens)[-keep:]) for prompt in prompts]
 
         def run(batch: list[tuple[int, ...]]) -> list[str]:
             return self._generate_batch(batch, list(until), max_new_tokens, sampling)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from sharelora_cli.adapters.adapter_io import load_adapter, read_adapter_config
+from sharelora_cli.adapters.adapter_io import load_adapter
 from sharelora_cli.config.recipe import ModelConfig, QuantizationConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.data.examples import adds_special_tokens, prompt_in_format
+from sharelora_cli.evaluation import trained_with
 from sharelora_cli.models.loading import load_model, load_tokenizer
 
 RAW_FORMAT = "text"  # a text example has no prompt template: the prompt goes as it is
@@ -37,18 +37,16 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What the model is given: its base, the adapter config (None: no adapter), the prompt as text and as ids."""
+    """What the model is given: its base and how it loads, the prompt as text and as token ids."""
 
     base: str
-    config: dict | None
+    quantization: QuantizationConfig
     tokenizer: Any
     text: str
     input_ids: list[int]
 
 
 def check_request(request: GenerateRequest) -> None:
-    if request.adapter is None and request.model is None:
-        raise UserError("generate needs --adapter RUN_DIR/adapter (its base and prompt format) or --model PATH_OR_ID")
     if request.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be a positive integer, got {request.max_new_tokens}")
     if request.temperature < 0:
@@ -57,29 +55,29 @@ def check_request(request: GenerateRequest) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {request.top_p}")
 
 
-def training_format(adapter_dir: Path, config: dict) -> str:
-    """The data.format the adapter was trained on: recorded in its config, or (older runs) in the run's recipe.yaml."""
-    if "data_format" in config:
-        return config["data_format"]
-    recipe_file = adapter_dir.parent / "recipe.yaml"
-    recorded = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
-    if isinstance(recorded, dict) and isinstance(recorded.get("data"), dict) and "format" in recorded["data"]:
-        return recorded["data"]["format"]
-    raise UserError(f"{adapter_dir} records no training data format: pass --raw to send the prompt as it is")
+def training_format(adapter: Path) -> str:
+    """The data.format the adapter was trained on (its config's record, or its run's recipe.yaml)."""
+    fmt = trained_with.recorded(adapter, "data_format", ("data", "format"))
+    if not fmt:
+        raise UserError(f"{adapter} records no training data format: pass --raw to send the prompt as it is")
+    return fmt
 
 
 def prepare(request: GenerateRequest) -> Prepared:
-    """Read the adapter config, find the base, render the prompt in the training format and tokenize it."""
-    config = read_adapter_config(request.adapter) if request.adapter is not None else None
-    base = request.model or (config or {}).get("base_model")
-    if not base:
-        raise UserError(f"{request.adapter} records no base model: pass --model PATH_OR_ID")
-    source = "--model" if request.model else f"the base_model recorded in {request.adapter} (or pass --model)"
+    """Find the base (and how training loaded it), render the prompt in the training format and tokenize it."""
+    adapter = request.adapter
+    if request.model:
+        base, source = request.model, "--model"
+    elif adapter is not None:
+        base, source = trained_with.base_model(adapter), f"the base_model recorded in {adapter} (or pass --model)"
+    else:
+        raise UserError("generate needs --adapter RUN_DIR/adapter (its base and prompt format) or --model PATH_OR_ID")
     tokenizer = load_tokenizer(base, key=source)
-    fmt = RAW_FORMAT if request.raw or request.adapter is None else training_format(request.adapter, config or {})
+    quantization = QuantizationConfig.model_validate(trained_with.quantization(adapter) or {}) if adapter else None
+    fmt = RAW_FORMAT if request.raw or adapter is None else training_format(adapter)
     text = prompt_in_format(request.prompt, fmt, tokenizer)
     input_ids = tokenizer(text, add_special_tokens=adds_special_tokens(fmt))["input_ids"]
-    return Prepared(base, config, tokenizer, text, input_ids)
+    return Prepared(base, quantization or QuantizationConfig(), tokenizer, text, input_ids)
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def generate(request: GenerateRequest) -> Completion:
     check_request(request)
     prepared = prepare(request)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(ModelConfig(name_or_path=prepared.base), trained_quantization(prepared.config), device)
+    model = load_model(ModelConfig(name_or_path=prepared.base), prepared.quantization, device)
     if request.adapter is not None and not request.no_adapter:
         load_adapter(model, request.adapter)
     model = model.eval()
@@ -117,9 +115,3 @@ def generate(request: GenerateRequest) -> Completion:
     new_ids = output[0, input_ids.shape[1] :].tolist()
     text = prepared.tokenizer.decode(new_ids, skip_special_tokens=True)
     return Completion(prepared.text, prepared.input_ids, text, new_ids)
-
-
-def trained_quantization(config: dict | None) -> QuantizationConfig:
-    """The base loads as the adapter was trained on it: 4-bit when its config records that, else full precision."""
-    recorded = (config or {}).get("quantization")
-    return QuantizationConfig.model_validate(recorded) if recorded else QuantizationConfig()

@@ -15,6 +15,8 @@ existing results files keep their key; papers quote one of the harness's two.
 """
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from sharelora_cli.config.recipe import GSM8KTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
 from sharelora_cli.evaluation.results import TaskResult
-from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
+from sharelora_cli.evaluation.sources import first_rows, is_local, read_hub, read_local
 
 STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>"]
 INVALID = "[invalid]"
@@ -51,6 +53,19 @@ def format_question(question: str) -> str:
 def build_prompt(question: str, shots: list[dict]) -> str:
     examples = "".join(f"{format_question(shot['question'])} {shot['answer']}\n\n" for shot in shots)
     return examples + format_question(question)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions are put to the model: the prompt from a question and the shots, and where generation stops."""
+
+    render: Callable[[str, list[dict]], str]
+    stop: list[str]
+    # False for a chat template's text, which holds its own special tokens (as training tokenizes it).
+    special_tokens: bool = True
+
+
+HARNESS = PromptFormat(build_prompt, STOP_SEQUENCES)
 
 
 def extract(output: str, metric: str) -> str:
@@ -94,11 +109,11 @@ def score(output: str, reference: str) -> dict:
     return record
 
 
-def evaluate(engine: Engine, cfg: GSM8KTaskConfig, limit: int | None) -> TaskResult:
-    shots = load_split(cfg.path, "train")[: cfg.num_fewshot]
+def evaluate(engine: Engine, cfg: GSM8KTaskConfig, limit: int | None, prompt: PromptFormat = HARNESS) -> TaskResult:
+    shots = few_shot(cfg)
     docs = load_split(cfg.path, "test")[:limit]
-    prompts = [build_prompt(doc["question"], shots) for doc in docs]
-    outputs = engine.generate(prompts, STOP_SEQUENCES, cfg.max_new_tokens)
+    prompts = [prompt.render(doc["question"], shots) for doc in docs]
+    outputs = engine.generate(prompts, prompt.stop, cfg.max_new_tokens, special_tokens=prompt.special_tokens)
     records = [
         {"prompt": prompt, "output": output, "target": normalize(doc["answer"]), **score(output, doc["answer"])}
         for doc, prompt, output in zip(docs, prompts, outputs)
@@ -106,6 +121,14 @@ def evaluate(engine: Engine, cfg: GSM8KTaskConfig, limit: int | None) -> TaskRes
     metrics = {metric: accuracy([r[metric]["correct"] for r in records]) for metric in FILTERS}
     metrics["exact_match"] = accuracy([r["correct"] for r in records])
     return TaskResult({**metrics, "num_samples": len(records)}, records)
+
+
+def few_shot(cfg: GSM8KTaskConfig) -> list[dict]:
+    """The first num_fewshot rows of the train split; 0-shot reads no train split, so a folder may lack one."""
+    if cfg.num_fewshot == 0:
+        return []
+    source = f"{Path(cfg.path) / 'train.jsonl'}" if is_local(cfg.path) else f"dataset {cfg.path} (train split)"
+    return first_rows(load_split(cfg.path, "train"), cfg.num_fewshot, source, "eval.gsm8k.num_fewshot")
 
 
 def accuracy(verdicts: list[bool]) -> float:

@@ -11,8 +11,9 @@ from pathlib import Path
 from sharelora_cli.config.recipe import MMLUTaskConfig
 from sharelora_cli.core.errors import UserError
 from sharelora_cli.evaluation.engine import Engine
+from sharelora_cli.evaluation.progress import TaskProgress
 from sharelora_cli.evaluation.results import TaskResult
-from sharelora_cli.evaluation.sources import is_local, read_hub, read_local
+from sharelora_cli.evaluation.sources import first_rows, is_local, read_hub, read_local
 
 LETTERS = ["A", "B", "C", "D"]
 CATEGORIES = {
@@ -85,25 +86,43 @@ def build_prompt(subject: str, shots: list[dict], doc: dict) -> str:
 def evaluate(engine: Engine, cfg: MMLUTaskConfig, limit: int | None) -> TaskResult:
     subjects = check_subjects(cfg.subjects)
     records = []
-    for subject in subjects:
-        shots = load_subject(cfg.path, subject, "dev")[: cfg.num_fewshot]
-        docs = load_subject(cfg.path, subject, "test")[:limit]
-        prompts = [build_prompt(subject, shots, doc) for doc in docs]
-        scores = engine.loglikelihood([(prompt, f" {letter}") for prompt in prompts for letter in LETTERS])
-        for index, (doc, prompt) in enumerate(zip(docs, prompts)):
-            logprobs = [score.logprob for score in scores[4 * index : 4 * index + 4]]
-            chosen = max(range(4), key=logprobs.__getitem__)
-            records.append(
-                {
-                    "subject": subject,
-                    "prompt": prompt,
-                    "logprobs": logprobs,
-                    "extracted": LETTERS[chosen],
-                    "target": LETTERS[doc["answer"]],
-                    "correct": chosen == doc["answer"],
-                }
-            )
+    with TaskProgress("mmlu", len(subjects), "subject") as progress:
+        for subject in subjects:
+            scored = evaluate_subject(engine, cfg, subject, limit)
+            records.extend(scored)
+            verdicts = [record["correct"] for record in scored]
+            progress.update(subject, f"acc {_mean(verdicts):.4f} ({sum(verdicts)}/{len(verdicts)})")
     return TaskResult(accuracy_metrics(records), records)
+
+
+def evaluate_subject(engine: Engine, cfg: MMLUTaskConfig, subject: str, limit: int | None) -> list[dict]:
+    """One record per test question of the subject."""
+    shots = few_shot(cfg, subject) if cfg.num_fewshot else []
+    docs = load_subject(cfg.path, subject, "test")[:limit]
+    prompts = [build_prompt(subject, shots, doc) for doc in docs]
+    scores = engine.loglikelihood([(prompt, f" {letter}") for prompt in prompts for letter in LETTERS])
+    records = []
+    for index, (doc, prompt) in enumerate(zip(docs, prompts)):
+        logprobs = [score.logprob for score in scores[4 * index : 4 * index + 4]]
+        chosen = max(range(4), key=logprobs.__getitem__)
+        records.append(
+            {
+                "subject": subject,
+                "prompt": prompt,
+                "logprobs": logprobs,
+                "extracted": LETTERS[chosen],
+                "target": LETTERS[doc["answer"]],
+                "correct": chosen == doc["answer"],
+            }
+        )
+    return records
+
+
+def few_shot(cfg: MMLUTaskConfig, subject: str) -> list[dict]:
+    """The subject's first num_fewshot dev questions."""
+    local = Path(cfg.path) / "dev" / f"{subject}_dev.csv"
+    source = str(local) if is_local(cfg.path) else f"dataset {cfg.path} ({subject}, dev split)"
+    return first_rows(load_subject(cfg.path, subject, "dev"), cfg.num_fewshot, source, "eval.mmlu.num_fewshot")
 
 
 def check_subjects(subjects: list[str] | None) -> list[str]:

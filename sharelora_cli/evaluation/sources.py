@@ -41,6 +41,16 @@ def read_local(path: Path) -> list[dict]:
     raise UserError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
+def first_rows(rows: list[dict], count: int, source: str, key: str) -> list[dict]:
+    """The first `count` rows (few-shot examples): fewer than asked is refused, never silently used."""
+    if len(rows) < count:
+        raise UserError(
+            f"{key}={count} but {source} has only {len(rows)} rows: pass --num-fewshot {len(rows)} "
+            f"(or {key}={len(rows)}), or add rows to it"
+        )
+    return rows[:count]
+
+
 def read_hub(dataset_id: str, split: str, name: str | None = None, data_files: str | None = None) -> list[dict]:
     """One split of a dataset loaded with `datasets` (from its cache when offline)."""
     import datasets

@@ -88,8 +88,10 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.device) -> PreTrainedModel:
-    """The base model, frozen, on device; 4-bit NF4 with double quantisation when asked and on CUDA."""
+def load_model(
+    model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.device, sharded: bool = False
+) -> PreTrainedModel:
+    """The base model, frozen, on device; 4-bit NF4 with double quantisation when asked (stored for FSDP2 when sharded)."""
     path = resolve_model_path(model_cfg.name_or_path)
     kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
     use_4bit = quant.load_in_4bit
@@ -99,7 +101,7 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, device: torch.
             device,
         )
     if use_4bit:
-        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["quantization_config"] = bnb_config(quant, sharded)
         kwargs["device_map"] = {"": device}
     kwargs["dtype"] = DTYPES[quant.compute_dtype] if use_4bit else resolve_dtype(model_cfg.dtype, device.type)
     try:

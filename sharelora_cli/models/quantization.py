@@ -40,16 +40,24 @@ def bitsandbytes() -> ModuleType:
     return bnb
 
 
-def bnb_config(quant: QuantizationConfig):
-    """transformers' quantization_config for a QLoRA-style 4-bit base (imports bitsandbytes quietly first)."""
+def bnb_config(quant: QuantizationConfig, sharded: bool = False):
+    """transformers' quantization_config for a QLoRA-style 4-bit base (imports bitsandbytes quietly first).
+
+    sharded (FSDP2): the packed 4-bit bytes are stored as the compute dtype (bnb_4bit_quant_storage), the dtype
+    of every other weight, so FSDP2 shards them like the rest of their layer; the default uint8 storage would be
+    a second dtype in the layer's group (Answer.AI's fsdp_qlora: quant_storage must equal FSDP's param dtype).
+    The bytes are the same either way: only the tensor that holds them changes type.
+    """
     bitsandbytes()
     from transformers import BitsAndBytesConfig
 
+    compute = getattr(torch, quant.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if sharded else torch.uint8,
     )
 
 

@@ -1,6 +1,9 @@
 """The continual-learning summaries of an accuracy matrix: matrix[i][j] is task j's accuracy after stage i.
 
-- average_accuracy: the mean of the last row.
+- average_accuracy: the mean of the last row (over every task, those of stages not yet trained included).
+- average_accuracy_seen[i]: A_i, the mean of row i over the tasks of stages 0..i, the ones trained so far
+  (Chaudhry et al., 2018): one entry per stage done, the last one the current A_k; after the final stage
+  it equals average_accuracy.
 - forgetting[task]: the best accuracy the task had from its own stage until the stage before the last,
   minus its final accuracy (Chaudhry et al., 2018); tasks of the last stage are not yet forgettable.
 - backward_transfer: the mean, over those same tasks, of final accuracy minus the accuracy right after
@@ -37,10 +40,17 @@ def summarize(columns: list[ContinualTask], rows: list[list[float]], initial: li
         "initial": initial,
         "matrix": rows,
         "average_accuracy": fmean(final),
+        "average_accuracy_seen": [seen_average(columns, row, i) for i, row in enumerate(rows)],
         "forgetting": forgetting,
         "backward_transfer": fmean(transfer_back) if transfer_back else None,
         "forward_transfer": fmean(transfer_forward) if transfer_forward else None,
     }
+
+
+def seen_average(columns: list[ContinualTask], row: list[float], stage: int) -> float | None:
+    """The mean of a row (the accuracies after `stage`) over the tasks of the stages trained by then (None: no such task)."""
+    seen = [value for value, column in zip(row, columns) if column.stage <= stage]
+    return fmean(seen) if seen else None
 
 
 def format_table(summary: dict, stage_names: list[str]) -> str:
@@ -53,12 +63,18 @@ def format_table(summary: dict, stage_names: list[str]) -> str:
         for label, row in zip(labels, [summary["initial"], *summary["matrix"]])
     ]
     lines.append(
-        f"average accuracy {summary['average_accuracy']:.4f}; backward transfer "
+        f"average accuracy {summary['average_accuracy']:.4f} (seen tasks {_seen(summary)}); "
+        f"backward transfer "
         f"{_number(summary['backward_transfer'])}; forward transfer {_number(summary['forward_transfer'])}"
     )
     if summary["forgetting"]:
         lines.append("forgetting: " + ", ".join(f"{name} {value:.4f}" for name, value in summary["forgetting"].items()))
     return "\n".join(lines)
+
+
+def _seen(summary: dict) -> str:
+    value = summary["average_accuracy_seen"][-1]
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _number(value: float | None) -> str:

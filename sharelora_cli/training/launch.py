@@ -35,16 +35,16 @@ def _num_processes(argv: list[str]) -> int:
     return 1
 
 
-def worker_command(processes: int, argv: list[str]) -> list[str]:
-    """`sharelora ARGV` as `processes` workers on this machine (torchrun, standalone rendezvous)."""
+def worker_command(processes: int, argv: list[str], program: tuple[str, ...] = ("-m", "sharelora_cli")) -> list[str]:
+    """`sharelora ARGV` (or another program: a script's path) as `processes` workers on this machine (torchrun,
+    standalone rendezvous)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
-        "-m",
-        "sharelora_cli",
+        *program,
         *argv,
     ]
 

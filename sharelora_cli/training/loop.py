@@ -56,6 +56,7 @@ from sharelora_cli.training.progress import Progress
 from sharelora_cli.training.run_lock import RunLock
 from sharelora_cli.training.sharding import (
     Distribution,
+    check_fsdp2_quantization,
     check_fsdp2_settings,
     gathered,
     gathered_optimizer_state,
@@ -170,6 +171,7 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     distribution = resolve(cfg.distributed, launch, accelerator.num_processes)
     accelerator.print(distribution.describe())
     check_fsdp2_settings(cfg, distribution)
+    check_fsdp2_quantization(recipe.quantization, accelerator.mixed_precision, distribution)
     if cfg.liger_kernel:
         require_liger_kernel(accelerator.device)
     resume_from = prepare_output_dir(recipe, accelerator, lock)
@@ -180,7 +182,7 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
     data = plan_data(recipe, accelerator.num_processes, accelerator.process_index, accelerator.print)
     recipe, tokenizer, splits, sampler = data.recipe, data.tokenizer, data.splits, data.sampler
     cfg = recipe.train
-    model = load_model(recipe.model, recipe.quantization, accelerator.device)
+    model = load_model(recipe.model, recipe.quantization, accelerator.device, distribution.strategy == "fsdp2")
     plan = checkpoint_plan(resume_from, recipe.adapter) if resume_from else start.plan if start else None
     adapter = inject_adapter(model, recipe.adapter, plan=plan)
     if start is not None:
@@ -227,7 +229,12 @@ def set_up(recipe: Recipe, code: CodeExecution, lock: RunLock) -> Session:
         optimizer,
         scheduler,
         sampler,
-        MetricsLog(output_dir, accelerator, recipe.model_dump()),
+        MetricsLog(
+            output_dir,
+            accelerator,
+            recipe.model_dump(),
+            {"strategy": distribution.strategy, "processes": distribution.processes},
+        ),
         state,
         code,
         distribution,
@@ -308,7 +315,7 @@ def evaluate_during_training(run: Session) -> dict[str, Metric]:
         engine = Engine(model, run.tokenizer, cfg.batch_size, context_window(model, cfg.max_length))
         with preserved_rng():
             for task in tasks:
-                scores = run_task(task, engine, cfg, run.code).metrics
+                scores = run_task(task, engine, cfg, run.code, data_format=run.recipe.data.format).metrics
                 metrics.update(
                     {f"{task}/{name}": value for name, value in scores.items() if not name.startswith("subject/")}
                 )
@@ -337,11 +344,12 @@ def finish(run: Session, loss: float, val_loss: float | None) -> RunSummary:
     )
     whole = gathered(run.adapter)
     if accelerator.is_main_process:
+        # data_format: `eval` (eval.prompt_format=train) puts questions to the adapter in the format it learnt.
         save_adapter(
             whole,
             output_dir / "adapter",
             base_model=run.recipe.model.name_or_path,
-            extra=adapter_note(run.recipe),
+            extra={**quantization_note(run.recipe), "data_format": run.recipe.data.format},
         )
         run.tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / SUMMARY_FILE).write_text(json.dumps(strict_json(summary.__dict__), indent=2) + "\n")
@@ -550,20 +558,20 @@ def write_checkpoint(output_dir, state, adapter, optimizer, scheduler, accelerat
             optimizer_state,
             scheduler,
             rng_states,
-            extra={"base_model": recipe.model.name_or_path, **adapter_note(recipe)},
+            extra={
+                "base_model": recipe.model.name_or_path,
+                **quantization_note(recipe),
+                "data_format": recipe.data.format,
+            },
         )
         prune_checkpoints(output_dir, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return target
 
 
-def adapter_note(recipe: Recipe) -> dict:
-    """Recorded with the adapter: the base's quantization, so merge knows the base it was trained on, and the
-    data format, so generate renders a prompt as the training examples were."""
-    return {
-        "quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None,
-        "data_format": recipe.data.format,
-    }
+def quantization_note(recipe: Recipe) -> dict:
+    """Recorded with the adapter so merge and eval know the base it was trained on."""
+    return {"quantization": recipe.quantization.model_dump() if recipe.quantization.load_in_4bit else None}
 
 
 def peak_memory(device: torch.device) -> int:

@@ -57,10 +57,15 @@ def flat_config(values: dict, prefix: str = "") -> dict[str, str | int | float |
 
 
 class MetricsLog:
-    """metrics.jsonl and the trackers the accelerator was built with (trackers()), main process only."""
+    """metrics.jsonl and the trackers the accelerator was built with (trackers()), main process only.
 
-    def __init__(self, output_dir: Path, accelerator: Accelerator, config: dict):
+    run_fields (how the run is distributed: strategy, processes) go into every metrics.jsonl row, so a row
+    read alone says how it was made; they are constants of the run, not series, so trackers do not get them.
+    """
+
+    def __init__(self, output_dir: Path, accelerator: Accelerator, config: dict, run_fields: dict | None = None):
         self.accelerator, self.output_dir = accelerator, output_dir
+        self.run_fields = run_fields or {}
         self.enabled = accelerator.is_main_process
         if self.enabled:
             # Unbuffered: a failed write raises here, not again when the file is closed at exit.
@@ -71,7 +76,7 @@ class MetricsLog:
         if not self.enabled:
             return
         try:
-            self.file.write((json.dumps(strict_json(record)) + "\n").encode())
+            self.file.write((json.dumps(strict_json({**record, **self.run_fields})) + "\n").encode())
         except OSError as err:  # written every step, so a full disk usually shows here first
             raise write_failure(Path(self.file.name), err.strerror or str(err), self.output_dir) from None
         scalars = {tracker_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

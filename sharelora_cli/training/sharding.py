@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from sharelora_cli.adapters.plan import Adapter
 from sharelora_cli.adapters.root_owned import follow_store, move_to_root
 from sharelora_cli.adapters.sharded_values import full_value, placed_like
-from sharelora_cli.config.recipe import DistributedConfig, TrainConfig
+from sharelora_cli.config.recipe import DistributedConfig, QuantizationConfig, TrainConfig
 from sharelora_cli.core.errors import UserError
 
 Strategy = Literal["single", "ddp", "fsdp2"]
@@ -74,6 +74,11 @@ def take_launch_request(env: MutableMapping[str, str]) -> FsdpLaunch | None:
         )
     if flag(env, "FSDP_OFFLOAD_PARAMS"):
         raise UserError("the launch asks for fsdp_offload_params, which sharelora does not do; set it to false")
+    if flag(env, "FSDP_ACTIVATION_CHECKPOINTING"):
+        raise UserError(
+            "the launch asks for fsdp_activation_checkpointing, which sharelora does not read; set it to false "
+            "and train.gradient_checkpointing=true in the recipe"
+        )
     policy = env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     if policy != "TRANSFORMER_BASED_WRAP":
         raise UserError(
@@ -121,6 +126,16 @@ def check_fsdp2_settings(cfg: TrainConfig, plan: Distribution) -> None:
         raise UserError("train.compile is not supported with FSDP2; set train.compile=false")
     if cfg.optimizer != "adamw":
         raise UserError(f"train.optimizer={cfg.optimizer} is not supported with FSDP2; use train.optimizer=adamw")
+
+
+def check_fsdp2_quantization(quant: QuantizationConfig, precision: str, plan: Distribution) -> None:
+    """A 4-bit base under FSDP2 keeps its packed bytes in the compute dtype (models/quantization.bnb_config):
+    FSDP2's bf16 mixed precision would cast them as numbers, so it needs that dtype to be bf16 already."""
+    if plan.strategy == "fsdp2" and quant.load_in_4bit and precision == "bf16" and quant.compute_dtype != "bfloat16":
+        raise UserError(
+            f"quantization.compute_dtype={quant.compute_dtype} with train.mixed_precision=bf16 under FSDP2 would "
+            "cast the packed 4-bit weights; set quantization.compute_dtype=bfloat16"
+        )
 
 
 def decoder_layers(model: nn.Module, classes: tuple[str, ...]) -> list[nn.Module]:

@@ -123,8 +123,8 @@ def scores(
     engine = build_engine(recipe, adapter)
     results: dict[str, TaskResult] = {}
     for column in columns:
-        settings = stage_recipe(recipe, column.stage).eval
-        results[column.name] = run_task(column.task, engine, settings, code)
+        stage = stage_recipe(recipe, column.stage)
+        results[column.name] = run_task(column.task, engine, stage.eval, code, data_format=stage.data.format)
     config = {
         "model": recipe.model.name_or_path,
         "adapter": str(adapter) if adapter else None,

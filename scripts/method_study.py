@@ -446,9 +446,15 @@ def write_validation_split(tasks: str, out: Path, size: int) -> Path:
         raise SystemExit(f"error: --validation-size {size} leaves no training rows of the {len(rows)} in {tasks}")
     folder = out / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.jsonl").write_text("".join(rows[:-size]))
-    (folder / "test.jsonl").write_text("".join(rows[-size:]))
+    write_if_changed(folder / "train.jsonl", "".join(rows[:-size]))
+    write_if_changed(folder / "test.jsonl", "".join(rows[-size:]))
     return folder
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Studies of other budgets may run beside this one on the same --out: never rewrite a file they may be reading."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def depth_recipe(run: DepthRun, settings: Settings) -> Recipe:

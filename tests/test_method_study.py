@@ -116,6 +116,9 @@ def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seed
     assert "<!-- method-study-deep:begin -->" in markdown and "| shareab | rank 3 |" in markdown
     assert ("pip install -e .[plots]" in capsys.readouterr().out) != (tmp_path / "deep.png").is_file()
 
+    written = {path.name: path.stat().st_mtime_ns for path in validation.iterdir()}
     with single_thread():
         method_study.main([*args[:-6], "--json", str(tmp_path / "again.json"), *args[-4:]])
     assert json.loads((tmp_path / "again.json").read_text()) == rows  # every run and score reused
+    # Unchanged, so a study of other budgets on the same --out never finds them half rewritten.
+    assert {path.name: path.stat().st_mtime_ns for path in validation.iterdir()} == written

@@ -27,7 +27,9 @@ the test problems. Step time and peak memory (RSS high-water mark over training 
 before it; on CUDA the allocator's peak) come from the runs at the chosen lr.
 
 A finished run leaves row.json in its folder under --out and is reused when the study is run again, so an
-interrupted study continues where it stopped. Writes --json (one row per run), the Markdown tables between
+interrupted study continues where it stopped. Studies of disjoint --methods or --budgets may run side by side
+on the same --out; --finished-only then writes the tables of every (method, budget) whose runs have all
+finished, training nothing, and names the ones left out. Writes --json (one row per run), the Markdown tables between
 the study markers of --markdown, and --plot (needs matplotlib: pip install -e .[plots]).
 """
 
@@ -56,7 +58,7 @@ from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, val
 from sharelora_cli.core.doc_sections import replace_section
 from sharelora_cli.core.lr_schedule import make_scheduler
 from sharelora_cli.core.peak_memory import PeakMeter
-from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers
+from sharelora_cli.core.study_runs import ROW_FILE, finished_or_run, run_all, whole_numbers
 from sharelora_cli.data.examples import StepSampler, build_splits, collate
 from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL
 from sharelora_cli.evaluation import gsm8k
@@ -505,6 +507,23 @@ def tested(run: DepthRun, settings: Settings, swept_row: DepthRow | None) -> tup
     return DepthRow(**{**asdict(swept_row), **test}), trained_before and scored_before
 
 
+def finished_cells(cells: list[Cell], settings: Settings, lrs: list[float], seeds: list[int]) -> list[Cell]:
+    """The cells whose sweep and every seed at the chosen lr have finished under settings.out (--finished-only)."""
+
+    def finished(run: DepthRun, scored: bool) -> bool:
+        folder = settings.out / run.name
+        return (folder / ROW_FILE).is_file() and (not scored or (folder / "test" / ROW_FILE).is_file())
+
+    def complete(cell: Cell) -> bool:
+        sweep = [DepthRun(cell, lr, seeds[0]) for lr in lrs]
+        if not all(finished(run, False) for run in sweep):
+            return False
+        lr = chosen_lr([DepthRow(**json.loads((settings.out / run.name / ROW_FILE).read_text())) for run in sweep])
+        return all(finished(DepthRun(cell, lr, seed), True) for seed in seeds)
+
+    return [cell for cell in cells if complete(cell)]
+
+
 def chosen_lr(sweep: list[DepthRow]) -> float:
     """The lr with the best validation accuracy (the smaller lr on a tie)."""
     return max(sweep, key=lambda row: (row.validation_accuracy, -row.lr)).lr
@@ -625,6 +644,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     depth.add_argument(
         "--validation-size", type=int, default=200, help="training problems held out to choose the lr on"
     )
+    depth.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: the tables of the (method, budget) pairs whose runs have all finished under --out, "
+        "the others named as left out (a study cut short, or run in parts beside each other)",
+    )
     parser.add_argument("--base", help=f"built by scripts/make_tiny_model.py --pretrain [{BASE} or {DEEP_BASE}]")
     parser.add_argument(
         "--tasks", default="artifacts/synthetic-tasks", help=f"folder holding {FINE_TUNING_SKILL}/{{train,test}}.jsonl"
@@ -719,12 +744,19 @@ def depth_main(args: argparse.Namespace, model, vector_length: int, command: str
     settings = Settings(
         args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length, train_file
     )
-    cells = plan_cells(model, vector_length, args.methods, args.budgets)
+    planned = plan_cells(model, vector_length, args.methods, args.budgets)
+    cells = finished_cells(planned, settings, args.lrs, args.seeds) if args.finished_only else planned
+    if not cells:
+        print(
+            f"error: --finished-only: no (method, budget) has finished all its runs under {args.out}", file=sys.stderr
+        )
+        sys.exit(2)
     rows, timing = run_depth_study(cells, settings, args.lrs, args.seeds, validation)
     write_json(args.json, [asdict(row) for row in rows])
     summary = summarise_depth(rows, cells, args.seeds)
     base = base_accuracy(settings)
     setup = describe_depth_setup(settings, args, timing, (load_start, os.getloadavg()[0]))
+    setup += left_out([cell for cell in planned if cell not in cells])
     plotted = write_plot(args.plot, summary, base)
     write_markdown(
         args.markdown, DEPTH_SECTION, depth_markdown(summary, base, command, setup), args.plot if plotted else None
@@ -741,6 +773,17 @@ def describe_depth_setup(settings: Settings, args: argparse.Namespace, timing: s
         f"{args.validation_size} held-out training problems over lrs {', '.join(f'{lr:g}' for lr in args.lrs)} "
         f"(seed {args.seeds[0]}); then seeds {seeds} at that lr, scored on the test problems. "
         f"{describe_machine(timing, load)}"
+    )
+
+
+def left_out(cells: list[Cell]) -> str:
+    """The planned cells that --finished-only left out, by budget."""
+    budgets = sorted({cell.lora_rank for cell in cells})
+    return "".join(
+        f" Not finished, so not in the tables (--finished-only), at LoRA r={rank}'s budget: "
+        + ", ".join(cell.method for cell in cells if cell.lora_rank == rank)
+        + "."
+        for rank in budgets
     )
 
 

@@ -122,3 +122,15 @@ def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seed
     assert json.loads((tmp_path / "again.json").read_text()) == rows  # every run and score reused
     # Unchanged, so a study of other budgets on the same --out never finds them half rewritten.
     assert {path.name: path.stat().st_mtime_ns for path in validation.iterdir()} == written
+
+    # --finished-only trains nothing: the finished (method, budget) pairs as before, MiSS named as left out.
+    finished = [*args[:6], "lora,shareab,vblora,miss", *args[7:-6], "--json", str(tmp_path / "finished.json")]
+    with single_thread():
+        method_study.main([*finished, *args[-4:], "--finished-only"])
+    assert json.loads((tmp_path / "finished.json").read_text()) == rows
+    assert "at LoRA r=1's budget: miss." in (tmp_path / "study.md").read_text()
+    assert not any(path.name.startswith("miss-") for path in (tmp_path / "runs").iterdir())
+    empty = [*finished[:-4], "--out", str(tmp_path / "empty"), *finished[-2:], *args[-4:], "--finished-only"]
+    with pytest.raises(SystemExit) as exit_info:
+        method_study.main(empty)
+    assert exit_info.value.code == 2 and "no (method, budget) has finished" in capsys.readouterr().err

@@ -21,7 +21,7 @@ registry is already one.
 
 Every method of sharelora's registry is held to LoRA's trainable count at each --budgets rank by turning its
 size knob (adapters/size_knobs.py) to the value nearest it; a method more than 10% off says so in the table.
-Each (method, budget) sweeps --lrs on the first seed, scored on the last --validation-size training problems
+Each (method, budget) sweeps --lrs (or that budget's --lrs-at) on the first seed, scored on the last --validation-size training problems
 (which no run trains on), keeps the lr with the best validation accuracy, and runs every seed at it, scored on
 the test problems. Step time and peak memory (RSS high-water mark over training above the process's RSS
 before it; on CUDA the allocator's peak) come from the runs at the chosen lr.
@@ -367,6 +367,8 @@ def describe_machine(timing: str, load: tuple[float, float]) -> str:
 # ---------------------------------------------------------------- the depth study (--depth-study)
 
 DEPTH_SECTION = "method-study-deep"
+# LoRA rank (the budget) -> the lr grid every method is swept over at that budget.
+Grids = dict[int, list[float]]
 # A method's count within this share of LoRA's is "at LoRA's budget" (the 3-layer study's equal-budget rule).
 NEAR_BUDGET = 0.1
 
@@ -507,7 +509,7 @@ def tested(run: DepthRun, settings: Settings, swept_row: DepthRow | None) -> tup
     return DepthRow(**{**asdict(swept_row), **test}), trained_before and scored_before
 
 
-def finished_cells(cells: list[Cell], settings: Settings, lrs: list[float], seeds: list[int]) -> list[Cell]:
+def finished_cells(cells: list[Cell], settings: Settings, grids: Grids, seeds: list[int]) -> list[Cell]:
     """The cells whose sweep and every seed at the chosen lr have finished under settings.out (--finished-only)."""
 
     def finished(run: DepthRun, scored: bool) -> bool:
@@ -515,7 +517,7 @@ def finished_cells(cells: list[Cell], settings: Settings, lrs: list[float], seed
         return (folder / ROW_FILE).is_file() and (not scored or (folder / "test" / ROW_FILE).is_file())
 
     def complete(cell: Cell) -> bool:
-        sweep = [DepthRun(cell, lr, seeds[0]) for lr in lrs]
+        sweep = [DepthRun(cell, lr, seeds[0]) for lr in grids[cell.lora_rank]]
         if not all(finished(run, False) for run in sweep):
             return False
         lr = chosen_lr([DepthRow(**json.loads((settings.out / run.name / ROW_FILE).read_text())) for run in sweep])
@@ -529,17 +531,17 @@ def chosen_lr(sweep: list[DepthRow]) -> float:
     return max(sweep, key=lambda row: (row.validation_accuracy, -row.lr)).lr
 
 
-def run_depth_study(cells: list[Cell], settings: Settings, lrs: list[float], seeds: list[int], validation: Path):
+def run_depth_study(cells: list[Cell], settings: Settings, grids: Grids, seeds: list[int], validation: Path):
     """The lr sweep of every cell on the first seed, then every seed at each cell's chosen lr."""
 
     def describe(row: DepthRow) -> str:
         scores = f"validation {row.validation_accuracy:.3f}" if row.accuracy is None else f"test {row.accuracy:.3f}"
         return f"{scores}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step"
 
-    sweep_runs = [DepthRun(cell, lr, seeds[0]) for cell in cells for lr in lrs]
+    sweep_runs = [DepthRun(cell, lr, seeds[0]) for cell in cells for lr in grids[cell.lora_rank]]
     sweep, sweep_timing = run_all(sweep_runs, lambda run: swept(run, settings, validation), describe)
     by_run = dict(zip(sweep_runs, sweep))
-    lr_of = {cell: chosen_lr([by_run[DepthRun(cell, lr, seeds[0])] for lr in lrs]) for cell in cells}
+    lr_of = {cell: chosen_lr([by_run[DepthRun(cell, lr, seeds[0])] for lr in grids[cell.lora_rank]]) for cell in cells}
     final_runs = [DepthRun(cell, lr_of[cell], seed) for cell in cells for seed in seeds]
     final, final_timing = run_all(final_runs, lambda run: tested(run, settings, by_run.get(run)), describe)
     chosen = set(final_runs)
@@ -642,6 +644,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2,1e-1", help="the grid every method is swept over"
     )
     depth.add_argument(
+        "--lrs-at",
+        type=budget_grid,
+        action="append",
+        default=[],
+        metavar="RANK=LRS",
+        help="another grid at one budget, every method alike there: 8=3e-3,1e-2 (repeatable)",
+    )
+    depth.add_argument(
         "--validation-size", type=int, default=200, help="training problems held out to choose the lr on"
     )
     depth.add_argument(
@@ -671,6 +681,14 @@ def learning_rates(text: str) -> list[float]:
     return values
 
 
+def budget_grid(text: str) -> tuple[int, list[float]]:
+    """--lrs-at: "8=3e-3,1e-2" -> (8, [0.003, 0.01])."""
+    rank, sep, lrs = text.partition("=")
+    if not sep or not rank.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected RANK=LR,LR,... (a budget's grid), got {text!r}")
+    return int(rank), learning_rates(lrs)
+
+
 def fill_defaults(args: argparse.Namespace) -> None:
     """The defaults that differ between the 3-layer study and the depth study."""
     deep = args.depth_study
@@ -691,6 +709,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.validation_size <= 0:
         parser.error(f"--validation-size must be a positive integer, got {args.validation_size}")
     args.match_lora_ranks = [r for r in args.match_lora_ranks if r > 0]
+    stray = sorted({rank for rank, _ in args.lrs_at} - set(args.budgets))
+    if stray:
+        parser.error(f"--lrs-at: LoRA r={stray[0]} is not one of --budgets {','.join(map(str, args.budgets))}")
+    # Each budget's lr grid: its --lrs-at, else --lrs.
+    args.grids = {rank: dict(args.lrs_at).get(rank, args.lrs) for rank in args.budgets}
     layers = "" if args.base != DEEP_BASE else f" {DEEP_BASE} --layers 12 --hidden 64"
     if not (Path(args.base) / "pretraining.json").is_file():
         parser.error(
@@ -745,13 +768,13 @@ def depth_main(args: argparse.Namespace, model, vector_length: int, command: str
         args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length, train_file
     )
     planned = plan_cells(model, vector_length, args.methods, args.budgets)
-    cells = finished_cells(planned, settings, args.lrs, args.seeds) if args.finished_only else planned
+    cells = finished_cells(planned, settings, args.grids, args.seeds) if args.finished_only else planned
     if not cells:
         print(
             f"error: --finished-only: no (method, budget) has finished all its runs under {args.out}", file=sys.stderr
         )
         sys.exit(2)
-    rows, timing = run_depth_study(cells, settings, args.lrs, args.seeds, validation)
+    rows, timing = run_depth_study(cells, settings, args.grids, args.seeds, validation)
     write_json(args.json, [asdict(row) for row in rows])
     summary = summarise_depth(rows, cells, args.seeds)
     base = base_accuracy(settings)
@@ -770,10 +793,20 @@ def describe_depth_setup(settings: Settings, args: argparse.Namespace, timing: s
         f"{describe_base(settings.base)} Each run: {settings.steps} steps of batch {settings.batch_size}, cosine "
         f"schedule, alpha = 2 x rank, all seven projections, on the skill's training problems less the last "
         f"{args.validation_size}. The lr of each method at each budget: the best accuracy on those "
-        f"{args.validation_size} held-out training problems over lrs {', '.join(f'{lr:g}' for lr in args.lrs)} "
+        f"{args.validation_size} held-out training problems over lrs {grid_text(args.lrs)}{other_grids(args)} "
         f"(seed {args.seeds[0]}); then seeds {seeds} at that lr, scored on the test problems. "
         f"{describe_machine(timing, load)}"
     )
+
+
+def grid_text(lrs: list[float]) -> str:
+    return ", ".join(f"{lr:g}" for lr in lrs)
+
+
+def other_grids(args: argparse.Namespace) -> str:
+    """The budgets swept over another grid (--lrs-at), every method alike."""
+    others = [f"at LoRA r={rank}'s budget over {grid_text(lrs)}" for rank, lrs in sorted(args.lrs_at)]
+    return f" ({'; '.join(others)}, every method alike)" if others else ""
 
 
 def left_out(cells: list[Cell]) -> str:

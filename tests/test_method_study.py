@@ -61,6 +61,8 @@ def test_method_study_smoke_writes_rows_and_tables_and_reuses_finished_runs(meth
         (["--ranks", "0"], "--ranks"),
         (["--methods", "lora,dora"], "dora"),
         (["--base", "nowhere"], "--base"),
+        (["--depth-study", "--lrs-at", "8:1e-3"], "--lrs-at"),
+        (["--depth-study", "--budgets", "1", "--lrs-at", "8=1e-3"], "--lrs-at"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(method_study, args, named, capsys):
@@ -124,11 +126,15 @@ def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seed
     assert {path.name: path.stat().st_mtime_ns for path in validation.iterdir()} == written
 
     # --finished-only trains nothing: the finished (method, budget) pairs as before, MiSS named as left out.
+    # No run has lr 0.05: only --lrs-at's grid at r=1, the one they ran, finds them.
     finished = [*args[:6], "lora,shareab,vblora,miss", *args[7:-6], "--json", str(tmp_path / "finished.json")]
+    grids = ["--lrs", "5e-2", "--lrs-at", "1=1e-3,1e-2"]
     with single_thread():
-        method_study.main([*finished, *args[-4:], "--finished-only"])
+        method_study.main([*finished, *args[-4:], *grids, "--finished-only"])
     assert json.loads((tmp_path / "finished.json").read_text()) == rows
-    assert "at LoRA r=1's budget: miss." in (tmp_path / "study.md").read_text()
+    markdown = (tmp_path / "study.md").read_text()
+    assert "at LoRA r=1's budget: miss." in markdown
+    assert "over lrs 0.05 (at LoRA r=1's budget over 0.001, 0.01, every method alike)" in markdown
     assert not any(path.name.startswith("miss-") for path in (tmp_path / "runs").iterdir())
     empty = [*finished[:-4], "--out", str(tmp_path / "empty"), *finished[-2:], *args[-4:], "--finished-only"]
     with pytest.raises(SystemExit) as exit_info:

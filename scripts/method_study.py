@@ -558,7 +558,7 @@ def summarise_depth(rows: list[DepthRow], cells: list[Cell], seeds: list[int]) -
         tested_scores = [r.accuracy for r in final if r.accuracy is not None]
         summary.append({
             **asdict(cell), "near": cell.near, "label": f"{cell.knob.rsplit('.', 1)[-1]} {cell.value}",
-            "validation": {r.lr: r.validation_accuracy for r in mine if r.seed == seeds[0]},
+            "validation": dict(sorted((r.lr, r.validation_accuracy) for r in mine if r.seed == seeds[0])),
             "lr": final[0].lr, "seeds": len(final), "mean": statistics.mean(tested_scores),
             "std": statistics.stdev(tested_scores) if len(final) > 1 else 0.0,
             "step_time_s": statistics.mean(r.step_time_s for r in final),

@@ -116,6 +116,7 @@ def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seed
     assert counts["vblora"] == ("vblora.num_vectors", 14, 121 * 14)
     markdown = (tmp_path / "study.md").read_text()
     assert "<!-- method-study-deep:begin -->" in markdown and "| shareab | rank 3 |" in markdown
+    assert markdown.count("(0.001: ") == 3  # each method's validation scores in lr order
     assert ("pip install -e .[plots]" in capsys.readouterr().out) != (tmp_path / "deep.png").is_file()
 
     written = {path.name: path.stat().st_mtime_ns for path in validation.iterdir()}

@@ -309,8 +309,11 @@ def write_markdown(path: Path, name: str, section: str, plot: Path | None) -> No
     replace_section(path, name, section, "Method study")
 
 
-def write_plot(path: Path, summary: list[dict], base: float) -> bool:
-    """Accuracy against trainable parameters (log x), one line per method through its sizes, std as error bars."""
+def write_plot(path: Path, summary: list[dict], base: float, annotate: bool = True) -> bool:
+    """Accuracy against trainable parameters (log x), one line per method through its sizes, std as error bars.
+
+    annotate labels each point with its size (the depth study's points crowd at each budget: its tables say them).
+    """
     try:
         import matplotlib
 
@@ -319,12 +322,16 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in dict.fromkeys(s["method"] for s in summary):
+    # A colour and a marker each, so that thirteen methods stay apart (the default cycle has ten colours).
+    pairs = plt.get_cmap("tab20").colors  # (dark, light) pairs: the ten dark colours first
+    colours, markers = [*pairs[0::2], *pairs[1::2]], "osD^vP*Xh<>p8"
+    for i, method in enumerate(dict.fromkeys(s["method"] for s in summary)):
         points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["trainable_params"])
         x = [s["trainable_params"] for s in points]
         y, spread = [100 * s["mean"] for s in points], [100 * s["std"] for s in points]
-        ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
-        for s, xy in zip(points, zip(x, y)):
+        style = {"marker": markers[i % len(markers)], "color": colours[i % len(colours)]}
+        ax.errorbar(x, y, yerr=spread, capsize=3, label=method, **style)
+        for s, xy in zip(points, zip(x, y) if annotate else ()):
             ax.annotate(s["label"], xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
     # The base scores far below every adapter; drawing it would squeeze the differences into a sliver.
     lowest = min(100 * (s["mean"] - s["std"]) for s in summary)
@@ -332,7 +339,7 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out accuracy (%)", ylim=(max(0, lowest - 5), 100))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -780,7 +787,7 @@ def depth_main(args: argparse.Namespace, model, vector_length: int, command: str
     base = base_accuracy(settings)
     setup = describe_depth_setup(settings, args, timing, (load_start, os.getloadavg()[0]))
     setup += left_out([cell for cell in planned if cell not in cells])
-    plotted = write_plot(args.plot, summary, base)
+    plotted = write_plot(args.plot, summary, base, annotate=False)
     write_markdown(
         args.markdown, DEPTH_SECTION, depth_markdown(summary, base, command, setup), args.plot if plotted else None
     )

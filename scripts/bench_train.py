@@ -3,11 +3,12 @@
 One run of this script compares, on the same random-weight Llama, batch and seed:
 floor (the frozen base alone; its input embeddings require grad so backward still runs through
 every layer), peft-lora, lora, sharea, shareb, shareab, miss, peft-miss, aslora, vera, peft-vera,
-tied-lora, vblora, peft-vblora, lily, peft-lily, unilora and peft-unilora (sharelora's rows when the
-registry has the method), all adapters on the seven projections with the same rank. VeRA, VB-LoRA, Lily
-and UniLoRA keep PEFT's defaults otherwise (VB-LoRA: 256 vectors, top-2, vector length 256 or the largest
-divisor of every width below it); PEFT's VB-LoRA, Lily and UniLoRA cannot wrap 4-bit layers, so their
-rows are left out of the nf4 presets.
+tied-lora, vblora, peft-vblora, lily, peft-lily, unilora, peft-unilora, tinylora, peft-tinylora, randlora
+and peft-randlora (sharelora's rows when the registry has the method), all adapters on the seven projections
+with the same rank. VeRA, VB-LoRA, Lily, UniLoRA and TinyLoRA keep PEFT's defaults otherwise (VB-LoRA: 256
+vectors, top-2, vector length 256 or the largest divisor of every width below it; TinyLoRA: u = 64, no
+tying); RandLoRA's scale is alpha = 2 x rank, as LoRA's. PEFT's VB-LoRA, Lily, UniLoRA and TinyLoRA cannot
+wrap 4-bit layers, so their rows are left out of the nf4 presets.
 
 Timing: every configuration lives in this process at once (they share the frozen base weights;
 only module trees and adapters are separate) and is timed round-robin: each round runs
@@ -43,7 +44,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LilyConfig, LoraConfig, MissConfig, UniLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
+from peft import (
+    LilyConfig,
+    LoraConfig,
+    MissConfig,
+    RandLoraConfig,
+    TinyLoraConfig,
+    UniLoraConfig,
+    VBLoRAConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -77,9 +88,13 @@ ALL_NAMES = [
     "peft-lily",
     "unilora",
     "peft-unilora",
+    "tinylora",
+    "peft-tinylora",
+    "randlora",
+    "peft-randlora",
 ]
 # PEFT configurations that cannot wrap a 4-bit layer, left out of the nf4 presets.
-NOT_ON_4BIT = {"peft-vblora": "VB-LoRA", "peft-lily": "Lily", "peft-unilora": "UniLoRA"}
+NOT_ON_4BIT = {"peft-vblora": "VB-LoRA", "peft-lily": "Lily", "peft-unilora": "UniLoRA", "peft-tinylora": "TinyLoRA"}
 NAMES = [name for name in ALL_NAMES if name == "floor" or name.startswith("peft-") or name in METHODS]
 # A ~30M-parameter Llama (GQA, 8 layers): a step takes about a second on two CPU cores.
 CPU_MODEL = {
@@ -209,6 +224,10 @@ def configure(name: str, model: nn.Module, rank: int) -> nn.Module:
         return get_peft_model(model, LilyConfig(r=rank, target_modules=TARGETS))
     if name == "peft-unilora":
         return get_peft_model(model, UniLoraConfig(r=rank, target_modules=TARGETS))
+    if name == "peft-tinylora":
+        return get_peft_model(model, TinyLoraConfig(r=rank, target_modules=TARGETS))
+    if name == "peft-randlora":
+        return get_peft_model(model, RandLoraConfig(r=rank, randlora_alpha=2 * rank, target_modules=TARGETS))
     inject_adapter(
         model, AdapterConfig(method=name, rank=rank, alpha=2 * rank, dropout=0.0, targets=TARGETS, vblora=bank)
     )

@@ -21,13 +21,16 @@ registry is already one.
 
 Every method of sharelora's registry is held to LoRA's trainable count at each --budgets rank by turning its
 size knob (adapters/size_knobs.py) to the value nearest it; a method more than 10% off says so in the table.
-Each (method, budget) sweeps --lrs on the first seed, scored on the last --validation-size training problems
-(which no run trains on), keeps the lr with the best validation accuracy, and runs every seed at it, scored on
-the test problems. Step time and peak memory (RSS high-water mark over training above the process's RSS
-before it; on CUDA the allocator's peak) come from the runs at the chosen lr.
+Each (method, budget) sweeps --lrs (or that budget's --lrs-at) on the first seed, scored on the last
+--validation-size training problems (which no run trains on), keeps the lr with the best validation accuracy,
+and runs every seed at it, scored on the test problems. Step time (mean) and peak memory (median; RSS
+high-water mark over training above the process's RSS before it; on CUDA the allocator's peak) come from the
+runs at the chosen lr.
 
 A finished run leaves row.json in its folder under --out and is reused when the study is run again, so an
-interrupted study continues where it stopped. Writes --json (one row per run), the Markdown tables between
+interrupted study continues where it stopped. Studies of disjoint --methods or --budgets may run side by side
+on the same --out; --finished-only then writes the tables of every (method, budget) whose runs have all
+finished, training nothing, and names the ones left out. Writes --json (one row per run), the Markdown tables between
 the study markers of --markdown, and --plot (needs matplotlib: pip install -e .[plots]).
 """
 
@@ -56,7 +59,7 @@ from sharelora_cli.config.recipe import METHOD_NAMES, AdapterConfig, Recipe, val
 from sharelora_cli.core.doc_sections import replace_section
 from sharelora_cli.core.lr_schedule import make_scheduler
 from sharelora_cli.core.peak_memory import PeakMeter
-from sharelora_cli.core.study_runs import finished_or_run, run_all, whole_numbers
+from sharelora_cli.core.study_runs import ROW_FILE, finished_or_run, run_all, whole_numbers
 from sharelora_cli.data.examples import StepSampler, build_splits, collate
 from sharelora_cli.data.synthetic_tasks import FINE_TUNING_SKILL
 from sharelora_cli.evaluation import gsm8k
@@ -307,8 +310,11 @@ def write_markdown(path: Path, name: str, section: str, plot: Path | None) -> No
     replace_section(path, name, section, "Method study")
 
 
-def write_plot(path: Path, summary: list[dict], base: float) -> bool:
-    """Accuracy against trainable parameters (log x), one line per method through its sizes, std as error bars."""
+def write_plot(path: Path, summary: list[dict], base: float, annotate: bool = True) -> bool:
+    """Accuracy against trainable parameters (log x), one line per method through its sizes, std as error bars.
+
+    annotate labels each point with its size (the depth study's points crowd at each budget: its tables say them).
+    """
     try:
         import matplotlib
 
@@ -317,12 +323,16 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in dict.fromkeys(s["method"] for s in summary):
+    # A colour and a marker each, so that thirteen methods stay apart (the default cycle has ten colours).
+    pairs = plt.get_cmap("tab20").colors  # (dark, light) pairs: the ten dark colours first
+    colours, markers = [*pairs[0::2], *pairs[1::2]], "osD^vP*Xh<>p8"
+    for i, method in enumerate(dict.fromkeys(s["method"] for s in summary)):
         points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["trainable_params"])
         x = [s["trainable_params"] for s in points]
         y, spread = [100 * s["mean"] for s in points], [100 * s["std"] for s in points]
-        ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=method)
-        for s, xy in zip(points, zip(x, y)):
+        style = {"marker": markers[i % len(markers)], "color": colours[i % len(colours)]}
+        ax.errorbar(x, y, yerr=spread, capsize=3, label=method, **style)
+        for s, xy in zip(points, zip(x, y) if annotate else ()):
             ax.annotate(s["label"], xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
     # The base scores far below every adapter; drawing it would squeeze the differences into a sliver.
     lowest = min(100 * (s["mean"] - s["std"]) for s in summary)
@@ -330,7 +340,7 @@ def write_plot(path: Path, summary: list[dict], base: float) -> bool:
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out accuracy (%)", ylim=(max(0, lowest - 5), 100))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -365,6 +375,8 @@ def describe_machine(timing: str, load: tuple[float, float]) -> str:
 # ---------------------------------------------------------------- the depth study (--depth-study)
 
 DEPTH_SECTION = "method-study-deep"
+# LoRA rank (the budget) -> the lr grid every method is swept over at that budget.
+Grids = dict[int, list[float]]
 # A method's count within this share of LoRA's is "at LoRA's budget" (the 3-layer study's equal-budget rule).
 NEAR_BUDGET = 0.1
 
@@ -446,9 +458,15 @@ def write_validation_split(tasks: str, out: Path, size: int) -> Path:
         raise SystemExit(f"error: --validation-size {size} leaves no training rows of the {len(rows)} in {tasks}")
     folder = out / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.jsonl").write_text("".join(rows[:-size]))
-    (folder / "test.jsonl").write_text("".join(rows[-size:]))
+    write_if_changed(folder / "train.jsonl", "".join(rows[:-size]))
+    write_if_changed(folder / "test.jsonl", "".join(rows[-size:]))
     return folder
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Studies of other budgets may run beside this one on the same --out: never rewrite a file they may be reading."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def depth_recipe(run: DepthRun, settings: Settings) -> Recipe:
@@ -499,22 +517,39 @@ def tested(run: DepthRun, settings: Settings, swept_row: DepthRow | None) -> tup
     return DepthRow(**{**asdict(swept_row), **test}), trained_before and scored_before
 
 
+def finished_cells(cells: list[Cell], settings: Settings, grids: Grids, seeds: list[int]) -> list[Cell]:
+    """The cells whose sweep and every seed at the chosen lr have finished under settings.out (--finished-only)."""
+
+    def finished(run: DepthRun, scored: bool) -> bool:
+        folder = settings.out / run.name
+        return (folder / ROW_FILE).is_file() and (not scored or (folder / "test" / ROW_FILE).is_file())
+
+    def complete(cell: Cell) -> bool:
+        sweep = [DepthRun(cell, lr, seeds[0]) for lr in grids[cell.lora_rank]]
+        if not all(finished(run, False) for run in sweep):
+            return False
+        lr = chosen_lr([DepthRow(**json.loads((settings.out / run.name / ROW_FILE).read_text())) for run in sweep])
+        return all(finished(DepthRun(cell, lr, seed), True) for seed in seeds)
+
+    return [cell for cell in cells if complete(cell)]
+
+
 def chosen_lr(sweep: list[DepthRow]) -> float:
     """The lr with the best validation accuracy (the smaller lr on a tie)."""
     return max(sweep, key=lambda row: (row.validation_accuracy, -row.lr)).lr
 
 
-def run_depth_study(cells: list[Cell], settings: Settings, lrs: list[float], seeds: list[int], validation: Path):
+def run_depth_study(cells: list[Cell], settings: Settings, grids: Grids, seeds: list[int], validation: Path):
     """The lr sweep of every cell on the first seed, then every seed at each cell's chosen lr."""
 
     def describe(row: DepthRow) -> str:
         scores = f"validation {row.validation_accuracy:.3f}" if row.accuracy is None else f"test {row.accuracy:.3f}"
         return f"{scores}, {row.trainable_params:,} trainable, {row.step_time_s:.3f} s/step"
 
-    sweep_runs = [DepthRun(cell, lr, seeds[0]) for cell in cells for lr in lrs]
+    sweep_runs = [DepthRun(cell, lr, seeds[0]) for cell in cells for lr in grids[cell.lora_rank]]
     sweep, sweep_timing = run_all(sweep_runs, lambda run: swept(run, settings, validation), describe)
     by_run = dict(zip(sweep_runs, sweep))
-    lr_of = {cell: chosen_lr([by_run[DepthRun(cell, lr, seeds[0])] for lr in lrs]) for cell in cells}
+    lr_of = {cell: chosen_lr([by_run[DepthRun(cell, lr, seeds[0])] for lr in grids[cell.lora_rank]]) for cell in cells}
     final_runs = [DepthRun(cell, lr_of[cell], seed) for cell in cells for seed in seeds]
     final, final_timing = run_all(final_runs, lambda run: tested(run, settings, by_run.get(run)), describe)
     chosen = set(final_runs)
@@ -531,11 +566,12 @@ def summarise_depth(rows: list[DepthRow], cells: list[Cell], seeds: list[int]) -
         tested_scores = [r.accuracy for r in final if r.accuracy is not None]
         summary.append({
             **asdict(cell), "near": cell.near, "label": f"{cell.knob.rsplit('.', 1)[-1]} {cell.value}",
-            "validation": {r.lr: r.validation_accuracy for r in mine if r.seed == seeds[0]},
+            "validation": dict(sorted((r.lr, r.validation_accuracy) for r in mine if r.seed == seeds[0])),
             "lr": final[0].lr, "seeds": len(final), "mean": statistics.mean(tested_scores),
             "std": statistics.stdev(tested_scores) if len(final) > 1 else 0.0,
             "step_time_s": statistics.mean(r.step_time_s for r in final),
-            "peak_memory_bytes": max(r.peak_memory_bytes for r in final),
+            # The median: the first run of a process also pays one-off allocations (about 120 MiB on the deep base).
+            "peak_memory_bytes": int(statistics.median(r.peak_memory_bytes for r in final)),
         })  # fmt: skip
     return summary
 
@@ -617,7 +653,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2,1e-1", help="the grid every method is swept over"
     )
     depth.add_argument(
+        "--lrs-at",
+        type=budget_grid,
+        action="append",
+        default=[],
+        metavar="RANK=LRS",
+        help="another grid at one budget, every method alike there: 8=3e-3,1e-2 (repeatable)",
+    )
+    depth.add_argument(
         "--validation-size", type=int, default=200, help="training problems held out to choose the lr on"
+    )
+    depth.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: the tables of the (method, budget) pairs whose runs have all finished under --out, "
+        "the others named as left out (a study cut short, or run in parts beside each other)",
     )
     parser.add_argument("--base", help=f"built by scripts/make_tiny_model.py --pretrain [{BASE} or {DEEP_BASE}]")
     parser.add_argument(
@@ -640,6 +690,14 @@ def learning_rates(text: str) -> list[float]:
     return values
 
 
+def budget_grid(text: str) -> tuple[int, list[float]]:
+    """--lrs-at: "8=3e-3,1e-2" -> (8, [0.003, 0.01])."""
+    rank, sep, lrs = text.partition("=")
+    if not sep or not rank.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected RANK=LR,LR,... (a budget's grid), got {text!r}")
+    return int(rank), learning_rates(lrs)
+
+
 def fill_defaults(args: argparse.Namespace) -> None:
     """The defaults that differ between the 3-layer study and the depth study."""
     deep = args.depth_study
@@ -660,6 +718,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.validation_size <= 0:
         parser.error(f"--validation-size must be a positive integer, got {args.validation_size}")
     args.match_lora_ranks = [r for r in args.match_lora_ranks if r > 0]
+    stray = sorted({rank for rank, _ in args.lrs_at} - set(args.budgets))
+    if stray:
+        parser.error(f"--lrs-at: LoRA r={stray[0]} is not one of --budgets {','.join(map(str, args.budgets))}")
+    # Each budget's lr grid: its --lrs-at, else --lrs.
+    args.grids = {rank: dict(args.lrs_at).get(rank, args.lrs) for rank in args.budgets}
     layers = "" if args.base != DEEP_BASE else f" {DEEP_BASE} --layers 12 --hidden 64"
     if not (Path(args.base) / "pretraining.json").is_file():
         parser.error(
@@ -713,13 +776,20 @@ def depth_main(args: argparse.Namespace, model, vector_length: int, command: str
     settings = Settings(
         args.base, args.tasks, args.steps, args.batch_size, args.lr, args.out, vector_length, train_file
     )
-    cells = plan_cells(model, vector_length, args.methods, args.budgets)
-    rows, timing = run_depth_study(cells, settings, args.lrs, args.seeds, validation)
+    planned = plan_cells(model, vector_length, args.methods, args.budgets)
+    cells = finished_cells(planned, settings, args.grids, args.seeds) if args.finished_only else planned
+    if not cells:
+        print(
+            f"error: --finished-only: no (method, budget) has finished all its runs under {args.out}", file=sys.stderr
+        )
+        sys.exit(2)
+    rows, timing = run_depth_study(cells, settings, args.grids, args.seeds, validation)
     write_json(args.json, [asdict(row) for row in rows])
     summary = summarise_depth(rows, cells, args.seeds)
     base = base_accuracy(settings)
     setup = describe_depth_setup(settings, args, timing, (load_start, os.getloadavg()[0]))
-    plotted = write_plot(args.plot, summary, base)
+    setup += left_out([cell for cell in planned if cell not in cells])
+    plotted = write_plot(args.plot, summary, base, annotate=False)
     write_markdown(
         args.markdown, DEPTH_SECTION, depth_markdown(summary, base, command, setup), args.plot if plotted else None
     )
@@ -732,9 +802,30 @@ def describe_depth_setup(settings: Settings, args: argparse.Namespace, timing: s
         f"{describe_base(settings.base)} Each run: {settings.steps} steps of batch {settings.batch_size}, cosine "
         f"schedule, alpha = 2 x rank, all seven projections, on the skill's training problems less the last "
         f"{args.validation_size}. The lr of each method at each budget: the best accuracy on those "
-        f"{args.validation_size} held-out training problems over lrs {', '.join(f'{lr:g}' for lr in args.lrs)} "
+        f"{args.validation_size} held-out training problems over lrs {grid_text(args.lrs)}{other_grids(args)} "
         f"(seed {args.seeds[0]}); then seeds {seeds} at that lr, scored on the test problems. "
         f"{describe_machine(timing, load)}"
+    )
+
+
+def grid_text(lrs: list[float]) -> str:
+    return ", ".join(f"{lr:g}" for lr in lrs)
+
+
+def other_grids(args: argparse.Namespace) -> str:
+    """The budgets swept over another grid (--lrs-at), every method alike."""
+    others = [f"at LoRA r={rank}'s budget over {grid_text(lrs)}" for rank, lrs in sorted(args.lrs_at)]
+    return f" ({'; '.join(others)}, every method alike)" if others else ""
+
+
+def left_out(cells: list[Cell]) -> str:
+    """The planned cells that --finished-only left out, by budget."""
+    budgets = sorted({cell.lora_rank for cell in cells})
+    return "".join(
+        f" Not finished, so not in the tables (--finished-only), at LoRA r={rank}'s budget: "
+        + ", ".join(cell.method for cell in cells if cell.lora_rank == rank)
+        + "."
+        for rank in budgets
     )
 
 

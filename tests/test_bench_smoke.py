@@ -36,6 +36,10 @@ NAMES = [
     "peft-lily",
     "unilora",
     "peft-unilora",
+    "tinylora",
+    "peft-tinylora",
+    "randlora",
+    "peft-randlora",
 ]
 
 
@@ -71,6 +75,11 @@ def test_bench_train_smoke_writes_every_row(tmp_path: Path):
     assert rows["vblora"]["trainable_params"] == rows["peft-vblora"]["trainable_params"]
     assert rows["lily"]["trainable_params"] == rows["peft-lily"]["trainable_params"]
     assert rows["unilora"]["trainable_params"] == rows["peft-unilora"]["trainable_params"] == 256
+    # TinyLoRA: one v of u = 64 per adapted module, 7 projections × 2 layers.
+    assert rows["tinylora"]["trainable_params"] == rows["peft-tinylora"]["trainable_params"] == 64 * 7 * 2
+    # RandLoRA at r = 4: n = m/4 bases per projection of smaller side m, each training λ (4 × n) and γ (n × m).
+    # Smaller sides: q, o, gate, up, down 64 (n = 16), k, v 32 (n = 8): per layer 5·16·68 + 2·8·36 = 6,016.
+    assert rows["randlora"]["trainable_params"] == rows["peft-randlora"]["trainable_params"] == 2 * 6_016
     assert rows["vera"]["trainable_params"] < rows["tied-lora"]["trainable_params"] < rows["lora"]["trainable_params"]
     assert rows["shareab"]["trainable_params"] < rows["sharea"]["trainable_params"] < rows["lora"]["trainable_params"]
     # AdamW keeps two float32 moments per trainable parameter (plus a step counter per tensor).

@@ -61,6 +61,8 @@ def test_method_study_smoke_writes_rows_and_tables_and_reuses_finished_runs(meth
         (["--ranks", "0"], "--ranks"),
         (["--methods", "lora,dora"], "dora"),
         (["--base", "nowhere"], "--base"),
+        (["--depth-study", "--lrs-at", "8:1e-3"], "--lrs-at"),
+        (["--depth-study", "--budgets", "1", "--lrs-at", "8=1e-3"], "--lrs-at"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(method_study, args, named, capsys):
@@ -114,8 +116,28 @@ def test_depth_study_smoke_chooses_the_lr_on_validation_rows_and_scores_the_seed
     assert counts["vblora"] == ("vblora.num_vectors", 14, 121 * 14)
     markdown = (tmp_path / "study.md").read_text()
     assert "<!-- method-study-deep:begin -->" in markdown and "| shareab | rank 3 |" in markdown
+    assert markdown.count("(0.001: ") == 3  # each method's validation scores in lr order
     assert ("pip install -e .[plots]" in capsys.readouterr().out) != (tmp_path / "deep.png").is_file()
 
+    written = {path.name: path.stat().st_mtime_ns for path in validation.iterdir()}
     with single_thread():
         method_study.main([*args[:-6], "--json", str(tmp_path / "again.json"), *args[-4:]])
     assert json.loads((tmp_path / "again.json").read_text()) == rows  # every run and score reused
+    # Unchanged, so a study of other budgets on the same --out never finds them half rewritten.
+    assert {path.name: path.stat().st_mtime_ns for path in validation.iterdir()} == written
+
+    # --finished-only trains nothing: the finished (method, budget) pairs as before, MiSS named as left out.
+    # No run has lr 0.05: only --lrs-at's grid at r=1, the one they ran, finds them.
+    finished = [*args[:6], "lora,shareab,vblora,miss", *args[7:-6], "--json", str(tmp_path / "finished.json")]
+    grids = ["--lrs", "5e-2", "--lrs-at", "1=1e-3,1e-2"]
+    with single_thread():
+        method_study.main([*finished, *args[-4:], *grids, "--finished-only"])
+    assert json.loads((tmp_path / "finished.json").read_text()) == rows
+    markdown = (tmp_path / "study.md").read_text()
+    assert "at LoRA r=1's budget: miss." in markdown
+    assert "over lrs 0.05 (at LoRA r=1's budget over 0.001, 0.01, every method alike)" in markdown
+    assert not any(path.name.startswith("miss-") for path in (tmp_path / "runs").iterdir())
+    empty = [*finished[:-4], "--out", str(tmp_path / "empty"), *finished[-2:], *args[-4:], "--finished-only"]
+    with pytest.raises(SystemExit) as exit_info:
+        method_study.main(empty)
+    assert exit_info.value.code == 2 and "no (method, budget) has finished" in capsys.readouterr().err

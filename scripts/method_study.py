@@ -639,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run each method at the rank closest to LoRA r=N's parameter count, for each N; 0: none",
     )
     parser.add_argument("--seeds", type=whole_numbers, default="0,1,2", help="comma-separated")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, help="training steps per run [200; depth study: 100]")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)
     depth = parser.add_argument_group("depth study")
@@ -704,6 +704,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.out = args.out or Path("runs/method-study-deep" if deep else "runs/method-study")
     args.plot = args.plot or Path("docs/method_study_deep.png" if deep else "docs/method_study.png")
     args.base = args.base or (DEEP_BASE if deep else BASE)
+    # The depth study's grid is 234 runs: 100 steps keep it to a few core-hours on a CPU.
+    if args.steps is None:
+        args.steps = 100 if deep else 200
     methods = args.methods or ",".join(METHODS if deep else DEFAULT_METHODS)
     args.methods = [m.strip() for m in methods.split(",") if m.strip()]
 

@@ -8,4 +8,4 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check sharelora_cli tests scripts
 .venv/bin/mypy
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -n 2 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --durations=20 "$@"

@@ -340,7 +340,8 @@ def write_plot(path: Path, summary: list[dict], base: float, annotate: bool = Tr
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out accuracy (%)", ylim=(max(0, lowest - 5), 100))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    # Beside the axes: inside, it hides whichever points fall under it.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -650,7 +651,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LoRA ranks whose trainable counts every method is held to",
     )
     depth.add_argument(
-        "--lrs", type=learning_rates, default="3e-3,1e-2,3e-2,1e-1", help="the grid every method is swept over"
+        "--lrs",
+        type=learning_rates,
+        default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1",
+        help="the grid every method is swept over",
     )
     depth.add_argument(
         "--lrs-at",
@@ -704,7 +708,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.out = args.out or Path("runs/method-study-deep" if deep else "runs/method-study")
     args.plot = args.plot or Path("docs/method_study_deep.png" if deep else "docs/method_study.png")
     args.base = args.base or (DEEP_BASE if deep else BASE)
-    # The depth study's grid is 234 runs: 100 steps keep it to a few core-hours on a CPU.
+    # The depth study's grid is 390 runs: 100 steps keep it to a few core-hours on a CPU.
     if args.steps is None:
         args.steps = 100 if deep else 200
     methods = args.methods or ",".join(METHODS if deep else DEFAULT_METHODS)

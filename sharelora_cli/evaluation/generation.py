@@ -55,14 +55,6 @@ def check_request(request: GenerateRequest) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {request.top_p}")
 
 
-def training_format(adapter: Path) -> str:
-    """The data.format the adapter was trained on (its config's record, or its run's recipe.yaml)."""
-    fmt = trained_with.recorded(adapter, "data_format", ("data", "format"))
-    if not fmt:
-        raise UserError(f"{adapter} records no training data format: pass --raw to send the prompt as it is")
-    return fmt
-
-
 def prepare(request: GenerateRequest) -> Prepared:
     """Find the base (and how training loaded it), render the prompt in the training format and tokenize it."""
     adapter = request.adapter
@@ -74,7 +66,11 @@ def prepare(request: GenerateRequest) -> Prepared:
         raise UserError("generate needs --adapter RUN_DIR/adapter (its base and prompt format) or --model PATH_OR_ID")
     tokenizer = load_tokenizer(base, key=source)
     quantization = QuantizationConfig.model_validate(trained_with.quantization(adapter) or {}) if adapter else None
-    fmt = RAW_FORMAT if request.raw or adapter is None else training_format(adapter)
+    fmt = (
+        RAW_FORMAT
+        if request.raw or adapter is None
+        else trained_with.data_format(adapter, "pass --raw to send the prompt as it is")
+    )
     text = prompt_in_format(request.prompt, fmt, tokenizer)
     input_ids = tokenizer(text, add_special_tokens=adds_special_tokens(fmt))["input_ids"]
     return Prepared(base, quantization or QuantizationConfig(), tokenizer, text, input_ids)

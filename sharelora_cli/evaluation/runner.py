@@ -175,7 +175,7 @@ def trained_format(request: EvalRequest, recipe: Recipe, adapter: Path | None) -
     """The data.format the evaluated adapter (or, with --no-adapter, the one named) was trained on, if known."""
     named = adapter or (Path(recipe.eval.adapter) if recipe.eval.adapter else None)
     if named is not None:
-        return trained_with.data_format(named)
+        return trained_with.data_format(named, "use eval.prompt_format=harness")
     return recipe.data.format if request.recipe else None
 
 

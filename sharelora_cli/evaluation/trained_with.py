@@ -21,14 +21,11 @@ def base_model(adapter: Path) -> str:
     return name
 
 
-def data_format(adapter: Path) -> str:
-    """The data.format the adapter was trained on (gsm8k, alpaca, chat or text)."""
+def data_format(adapter: Path, remedy: str) -> str:
+    """The data.format the adapter was trained on (gsm8k, alpaca, chat or text); remedy: what to do without one."""
     fmt = recorded(adapter, "data_format", ("data", "format"))
     if not fmt:
-        raise UserError(
-            f"{adapter} records no training data format, nor is there a recipe.yaml beside it: "
-            "use eval.prompt_format=harness"
-        )
+        raise UserError(f"{adapter} records no training data format, nor is there a recipe.yaml beside it: {remedy}")
     return fmt
 
 

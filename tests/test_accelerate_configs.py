@@ -6,6 +6,7 @@ with one line saying what to do; it never falls back to DDP.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,18 @@ def recipe(tmp_path: Path, model_dir: Path) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A port free now. Every launch would otherwise rendezvous on Accelerate's default, 29500, and two launches
+    on parallel test workers would meet there: one of them then dies mid-start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def accelerate_launch(tmp_path: Path, model_dir: Path, *options: str) -> tuple[subprocess.CompletedProcess, Path]:
     run = tmp_path / "run"
-    command = [ACCELERATE, "launch", *options, "-m", "sharelora_cli", "train", str(recipe(tmp_path, model_dir))]
+    port = ("--main_process_port", str(free_port()))
+    command = [ACCELERATE, "launch", *options, *port, "-m", "sharelora_cli", "train", str(recipe(tmp_path, model_dir))]
     result = subprocess.run([*command, f"output_dir={run}"], capture_output=True, text=True, env=ENV, timeout=600)
     return result, run
 
